@@ -1,0 +1,38 @@
+"""The ``bk-sim`` command line: parse, call one function, map errors to exit codes.
+
+Exit codes: 0 every check passed, 1 a check failed, 2 the run could not be made.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from bk_sim import __version__
+from bk_sim.errors import BkSimError
+
+
+class _Group(click.Group):
+    """Turns every ``BkSimError`` into a one-line reason and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BkSimError as exc:
+            click.echo(f"bk-sim: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="bk-sim")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """bk-sim: federated simulation, load and chaos testing for BranchKey."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

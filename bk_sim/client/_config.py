@@ -1,0 +1,131 @@
+"""Typed settings of the leaf client (PROTOCOL.md sections 1, 5 and 6).
+
+Defaults are the published client's. All are frozen dataclasses: a client's settings do
+not change under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bk_sim.errors import ClientConfigError
+
+DEFAULT_HOST = "https://app.branchkey.com"
+DEFAULT_OUTPUT_DIR = "./aggregated_output"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A leaf's six credential strings; ``session_token`` is a secret and never shown."""
+
+    id: str
+    name: str
+    session_token: str = field(repr=False)
+    owner_id: str
+    tree_id: str
+    branch_id: str
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str) or not value:
+                raise ClientConfigError(
+                    f"credentials.{f.name} must be a non-empty string, got {value!r}"
+                    if f.name != "session_token"
+                    else "credentials.session_token must be a non-empty string"
+                )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Credentials:
+        """Build from the dict form of the seed README; names missing or unknown keys."""
+        if not isinstance(data, Mapping):
+            raise ClientConfigError(f"credentials must be a mapping, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ClientConfigError(f"credentials are missing: {', '.join(missing)}")
+        return cls(**{n: data[n] for n in names})
+
+    def to_dict(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    """Where the platform's HTTP API is and how to reach it."""
+
+    host: str = DEFAULT_HOST
+    ssl: bool = True
+    proxies: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class RabbitMQConfig:
+    """The AMQP notification transport (PROTOCOL.md 4a).
+
+    ``host`` None means the API host's hostname. Reconnect waits are
+    ``min(reconnect_backoff_factor ** attempt, reconnect_max_delay)``;
+    ``max_reconnect_attempts`` 0 means never give up.
+    """
+
+    host: str | None = None
+    port: int = 5671
+    ssl: bool = True
+    max_reconnect_attempts: int = 10
+    reconnect_backoff_factor: float = 2.0
+    reconnect_max_delay: float = 60.0
+    heartbeat: int = 30
+
+
+@dataclass(frozen=True)
+class WebSocketConfig:
+    """The WebSocket notification transport (PROTOCOL.md 4b); same backoff rule as AMQP."""
+
+    max_reconnect_attempts: int = 10
+    reconnect_backoff_factor: float = 2.0
+    reconnect_max_delay: float = 60.0
+    open_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Whether an upload waits for the run to start, and how often it checks."""
+
+    wait_for_run: bool = False
+    check_interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """HTTP retry policy (PROTOCOL.md section 5).
+
+    Unlike urllib3's ``Retry`` (0 s, 2 s, 4 s for factor 1.0), this client waits exactly
+    the documented ``backoff_factor * 2 ** (n - 1)`` before retry n: 1 s, 2 s, 4 s.
+    ``Retry-After`` on 429/503 replaces the computed wait (capped by ``max_backoff``).
+    """
+
+    max_retries: int = 3
+    backoff_factor: float = 1.0
+    total_timeout: float = 30.0
+    status_forcelist: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
+    allowed_methods: tuple[str, ...] = ("GET", "POST", "PUT")
+    max_backoff: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ClientConfigError(f"retry_config.max_retries must be >= 0, got {self.max_retries}")
+        if self.backoff_factor < 0:
+            raise ClientConfigError(
+                f"retry_config.backoff_factor must be >= 0, got {self.backoff_factor}"
+            )
+        if self.total_timeout <= 0:
+            raise ClientConfigError(
+                f"retry_config.total_timeout must be > 0, got {self.total_timeout}"
+            )
+
+    def backoff(self, retry_number: int) -> float:
+        """Seconds to wait before retry ``retry_number`` (1-based)."""
+        return min(self.backoff_factor * 2 ** (retry_number - 1), self.max_backoff)
