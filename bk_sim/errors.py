@@ -13,6 +13,7 @@
     │       ├── AuthError            401 / 403
     │       └── NotFoundError        404
     ├── PlatformError                the reference platform could not start or serve
+    │   └── AggregationError         uploads that cannot be aggregated together
     ├── ScenarioError                a scenario file or override that is wrong
     ├── BrokerError                  no usable RabbitMQ where one was needed
     └── CheckFailed                  a validation check failed (exit code 1)
@@ -79,6 +80,10 @@ class NotFoundError(ApiError):
 
 class PlatformError(BkSimError):
     """The reference platform could not start, or a call to it failed."""
+
+
+class AggregationError(PlatformError, ValueError):
+    """A round's uploads cannot be aggregated: none, mismatched layers, or a bad strategy."""
 
 
 class ScenarioError(BkSimError, ValueError):
