@@ -88,9 +88,7 @@ def encode_weights(
     return _encode(arrays, compression)
 
 
-def encode_layers(
-    layers: Sequence[np.ndarray], *, compression: Compression = "faithful"
-) -> bytes:
+def encode_layers(layers: Sequence[np.ndarray], *, compression: Compression = "faithful") -> bytes:
     """An aggregate archive (layers only) as bytes."""
     return _encode(_layer_dict(layers), compression)
 

@@ -28,7 +28,9 @@ def _port_open(host: str, port: int) -> bool:
 def management() -> Iterator[ManagementAPI]:
     """The real broker's management API; skips (saying why) when it is not reachable."""
     if not _port_open(AMQP_HOST, AMQP_PORT):
-        pytest.skip("RabbitMQ is not listening on 127.0.0.1:5672 (start: rabbitmq-server -detached)")
+        pytest.skip(
+            "RabbitMQ is not listening on 127.0.0.1:5672 (start: rabbitmq-server -detached)"
+        )
     api = ManagementAPI(MANAGEMENT_URL)
     try:
         api.overview()

@@ -114,9 +114,7 @@ class ManagementAPI:
         )
 
     def declare_queue(self, vhost: str, name: str) -> None:
-        self._call(
-            "PUT", f"queues/{_q(vhost)}/{_q(name)}", {"durable": True, "auto_delete": False}
-        )
+        self._call("PUT", f"queues/{_q(vhost)}/{_q(name)}", {"durable": True, "auto_delete": False})
 
     def delete_queue(self, vhost: str, name: str) -> None:
         self._call("DELETE", f"queues/{_q(vhost)}/{_q(name)}", ok=(404,))

@@ -116,7 +116,9 @@ class RetryConfig:
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
-            raise ClientConfigError(f"retry_config.max_retries must be >= 0, got {self.max_retries}")
+            raise ClientConfigError(
+                f"retry_config.max_retries must be >= 0, got {self.max_retries}"
+            )
         if self.backoff_factor < 0:
             raise ClientConfigError(
                 f"retry_config.backoff_factor must be >= 0, got {self.backoff_factor}"
