@@ -229,6 +229,97 @@ def read_layers(source: Source, *, max_decompressed_bytes: int | None = None) ->
     return [arrays[k] for k in keys]
 
 
+def read_weights_fast(
+    source: str | Path, *, max_decompressed_bytes: int | None = None
+) -> tuple[float, list[np.ndarray]]:
+    """``read_weights`` with members inflated by ISA-L (about 2x zlib); arrays are read-only.
+
+    Same strict validation and errors as ``read_weights``; the platform's aggregation reads
+    every upload of a round, so inflate speed is its floor. Archives this reader does not
+    handle (ZIP64, encryption, other methods, .npy format 3.0) go through ``read_weights``.
+    """
+    where = str(source)
+    path = Path(source)
+    if not path.is_file():
+        raise WeightsFormatError(f"{where}: no such file")
+    raw = path.read_bytes()
+    try:
+        arrays = _fast_members(raw, where, max_decompressed_bytes)
+    except WeightsFormatError:
+        raise
+    except zipfile.BadZipFile as exc:
+        raise WeightsFormatError(f"{where}: not an .npz (ZIP) archive: {exc}") from exc
+    except (ValueError, EOFError, isal_zlib.error, struct.error) as exc:
+        raise WeightsFormatError(f"{where}: truncated or corrupt archive: {exc}") from exc
+    if arrays is None:
+        return read_weights(path, max_decompressed_bytes=max_decompressed_bytes)
+    info = _check(arrays, require_weighting=True, strict=True)
+    assert info.weighting is not None
+    return info.weighting, [arrays[k] for k in sorted_layer_keys(list(arrays))]
+
+
+def _fast_members(
+    raw: bytes, where: str, max_decompressed_bytes: int | None
+) -> dict[str, np.ndarray] | None:
+    """Every member of a plain stored/deflated ZIP of .npy files; None if not plain."""
+    view = memoryview(raw)
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        infos = zf.infolist()
+    if max_decompressed_bytes is not None:
+        total = sum(i.file_size for i in infos)
+        if total > max_decompressed_bytes:
+            raise WeightsFormatError(
+                f"{where}: decompresses to {total} bytes, over the limit of "
+                f"{max_decompressed_bytes}"
+            )
+    arrays: dict[str, np.ndarray] = {}
+    for info in infos:
+        if not info.filename.endswith(".npy"):
+            raise WeightsFormatError(f"{where}: member {info.filename!r} is not .npy")
+        plain = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+        if info.flag_bits & 1 or not plain:
+            return None
+        off = info.header_offset
+        if max(off, info.compress_size, info.file_size) >= _ZIP32_LIMIT:
+            return None
+        sig, name_len, extra_len = struct.unpack_from("<I22xHH", raw, off)
+        if sig != 0x04034B50:
+            raise WeightsFormatError(f"{where}: member {info.filename!r} has a bad local header")
+        start = off + 30 + name_len + extra_len
+        data = view[start : start + info.compress_size]
+        if info.compress_type == zipfile.ZIP_DEFLATED:
+            body: bytes | memoryview = isal_zlib.decompress(data, -15, max(info.file_size, 1))
+        else:
+            body = data
+        if len(body) != info.file_size or isal_zlib.crc32(body) != info.CRC:
+            raise WeightsFormatError(f"{where}: member {info.filename!r} is corrupt (size or CRC)")
+        arr = _npy_from_buffer(body, where, info.filename)
+        if arr is None:
+            return None
+        arrays[info.filename[: -len(".npy")]] = arr
+    return arrays
+
+
+def _npy_from_buffer(body: bytes | memoryview, where: str, name: str) -> np.ndarray | None:
+    """The array a .npy buffer holds, without copying; None for header versions >= 3."""
+    head = io.BytesIO(body[: min(len(body), 65536 + 16)])
+    version = np.lib.format.read_magic(head)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+    else:
+        return None
+    if dtype.hasobject:
+        raise WeightsFormatError(f"{where}: member {name!r} cannot load without pickle")
+    count = math.prod(shape)
+    offset = head.tell()
+    if len(body) - offset != count * dtype.itemsize:
+        raise WeightsFormatError(f"{where}: member {name!r} holds the wrong number of bytes")
+    arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
 def validate_weights(
     source: Source,
     *,
