@@ -1,0 +1,427 @@
+"""``bk-sim bench aggregate``: how fast the platform aggregates, and against what.
+
+Two measurements from one run, side by side:
+
+1. The aggregation step alone, on decoded arrays: our streaming FedAvg (arrays handed over
+   one upload at a time, float64 accumulators) against the form most frameworks use (all N
+   clients' arrays in memory, each multiplied by its weight, ``functools.reduce(np.add)``,
+   divided by the total). Time comes from a run without tracing; peak memory from a
+   second run under ``tracemalloc`` (numpy reports its buffers to it), counting only what
+   the step allocates. The arrays a approach must hold before it starts (one upload for a
+   stream, all N for the naive form) are listed apart.
+2. End to end, stored ``.npz`` uploads to the stored aggregate (``aggregate`` +
+   ``save_layers``), beside the time to only decode the same files with the same reader
+   (the floor). Peak memory here is the growth of the process's RSS, sampled.
+
+Uploads are built from a pool of at most 8 distinct random models (generating 1,000
+distinct 4 MB models would dominate the run); every upload is its own file.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import psutil
+
+from bk_sim.errors import PlatformError
+from bk_sim.platform._aggregate import Upload, aggregate, streaming_average
+from bk_sim.weights import (
+    COMPRESSIONS,
+    Compression,
+    encode_weights,
+    read_weights,
+    read_weights_fast,
+    save_layers,
+)
+
+_POOL = 8
+_RSS_INTERVAL_S = 0.005
+_MiB = 2**20
+#: Share of available memory the naive form may plan to use before it is skipped.
+_NAIVE_MEMORY_SHARE = 0.85
+#: Targets from the issue.
+STEP_SPEEDUP_TARGET = 5.0
+END_TO_END_TARGET = 1.25
+
+Layers = list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The aggregation step for N uploads: ours and the naive form."""
+
+    n: int
+    model_bytes: int
+    ours_s: float
+    ours_peak: int
+    naive_s: float | None
+    naive_peak: int | None
+    naive_skipped: str
+    max_diff: float | None
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.naive_s is None else self.naive_s / self.ours_s
+
+
+@dataclass(frozen=True)
+class EndToEndResult:
+    """Stored uploads to stored aggregate for N uploads, beside decode-only floors."""
+
+    n: int
+    upload_bytes: int
+    decode_s: float
+    decode_2threads_s: float
+    decode_zlib_s: float
+    e2e_s: float
+    e2e_rss_peak: int
+
+    @property
+    def ratio(self) -> float:
+        return self.e2e_s / self.decode_s
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _pool(params: int, layers: int, data: str, k: int, seed: int = 0) -> list[Layers]:
+    """k distinct float32 models of ``params`` values split into ``layers`` layers."""
+    rng = np.random.default_rng(seed)
+    sizes = [params // layers] * layers
+    sizes[-1] += params - sum(sizes)
+    out = []
+    for _ in range(k):
+        model = [(rng.standard_normal(s, dtype=np.float32) * np.float32(0.05)) for s in sizes]
+        if data == "rounded":  # "trained-like": fewer distinct values, compresses ~2x
+            model = [np.round(x, 3) for x in model]
+        out.append(model)
+    return out
+
+
+def _weights(n: int) -> np.ndarray:
+    return np.arange(1, n + 1, dtype=np.float64) % 97 + 1.0
+
+
+def _naive_fedavg(clients: Sequence[tuple[float, Layers]]) -> Layers:
+    """The common form: every client's weighted layers in memory, reduce(np.add), divide."""
+    total = sum(w for w, _ in clients)
+    weighted = [[layer * w for layer in layers] for w, layers in clients]
+    by_layer = zip(*weighted, strict=True)
+    return [functools.reduce(np.add, layer_updates) / total for layer_updates in by_layer]
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    gc.collect()
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def _traced_peak(fn: Callable[[], object]) -> int:
+    """Bytes allocated at the peak of ``fn`` (numpy buffers included), beyond the start."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@contextmanager
+def _rss_peak() -> Iterator[list[int]]:
+    """Samples this process's RSS on a thread; yields [growth of the peak over the start]."""
+    proc = psutil.Process()
+    start = proc.memory_info().rss
+    peak = [start]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(_RSS_INTERVAL_S):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, name="bk-bench-rss", daemon=True)
+    thread.start()
+    result = [0]
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        result[0] = peak[0] - start
+
+
+# --------------------------------------------------------------------------- step
+
+
+def measure_step(pool: Sequence[Layers], n: int, *, force_naive: bool = False) -> StepResult:
+    """Ours (streamed from the pool, no copies) against the naive form (N distinct copies)."""
+    weights = _weights(n)
+    model_bytes = sum(x.nbytes for x in pool[0])
+
+    def stream() -> Iterator[tuple[float, Layers]]:
+        return ((float(weights[i]), pool[i % len(pool)]) for i in range(n))
+
+    ours_s, ours = _timed(lambda: streaming_average(stream()))
+    ours_peak = _traced_peak(lambda: streaming_average(stream()))
+    need = 2 * n * model_bytes + 64 * _MiB
+    available = psutil.virtual_memory().available
+    if need > _NAIVE_MEMORY_SHARE * available and not force_naive:
+        reason = (
+            f"skipped: needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available "
+            "(--force-naive runs it anyway)"
+        )
+        return StepResult(n, model_bytes, ours_s, ours_peak, None, None, reason, None)
+    clients = [(float(weights[i]), [x.copy() for x in pool[i % len(pool)]]) for i in range(n)]
+    naive_s, naive = _timed(lambda: _naive_fedavg(clients))
+    naive_peak = _traced_peak(lambda: _naive_fedavg(clients))
+    assert isinstance(ours, list) and isinstance(naive, list)
+    diff = max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(ours, naive, strict=True))
+    return StepResult(n, model_bytes, ours_s, ours_peak, naive_s, naive_peak, "", diff)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _write_uploads(
+    folder: Path, pool: Sequence[Layers], n: int, compression: Compression
+) -> list[Upload]:
+    """N upload files, upload i holding pool model i % len(pool) (encoded once per model)."""
+    archives = [
+        encode_weights(float(k + 1), model, compression=compression)
+        for k, model in enumerate(pool)
+    ]
+    uploads = []
+    for i in range(n):
+        path = folder / f"upload_{i:05d}.npz"
+        path.write_bytes(archives[i % len(pool)])
+        uploads.append(Upload(f"leaf{i:05d}", path, float(i % len(pool) + 1)))
+    return uploads
+
+
+def measure_end_to_end(
+    uploads: Sequence[Upload], out: Path, compression: Compression
+) -> EndToEndResult:
+    """Decode-only floors (1 and 2 threads, ISA-L; zlib) beside aggregate + store."""
+    paths = [u.path for u in uploads]
+
+    def decode(reader: Callable[[Path], object]) -> None:
+        for p in paths:
+            reader(p)
+
+    def decode_2threads() -> None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for _ in pool.map(read_weights_fast, paths):
+                pass
+
+    def end_to_end() -> None:
+        save_layers(out, aggregate(uploads, "fedavg"), compression=compression)
+
+    decode_s, _ = _timed(lambda: decode(read_weights_fast))
+    decode_2threads_s, _ = _timed(decode_2threads)
+    decode_zlib_s, _ = _timed(lambda: decode(read_weights))
+    gc.collect()
+    with _rss_peak() as peak:
+        e2e_s, _ = _timed(end_to_end)
+    return EndToEndResult(
+        n=len(uploads),
+        upload_bytes=sum(p.stat().st_size for p in paths),
+        decode_s=decode_s,
+        decode_2threads_s=decode_2threads_s,
+        decode_zlib_s=decode_zlib_s,
+        e2e_s=e2e_s,
+        e2e_rss_peak=peak[0],
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _machine() -> str:
+    vm = psutil.virtual_memory()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"machine: {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"{vm.total / 2**30:.1f} GiB RAM ({vm.available / 2**30:.1f} GiB available), "
+        f"load average {load}; Python {sys.version.split()[0]}, numpy {np.__version__}"
+    )
+
+
+def _mib(x: int | None) -> str:
+    return "-" if x is None else f"{x / _MiB:,.1f}"
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return lines
+
+
+def render_step(results: Sequence[StepResult]) -> list[str]:
+    rows = []
+    for r in results:
+        gbs = r.n * r.model_bytes / 1e9
+        rows.append([
+            f"{r.n:,}",
+            _s(r.ours_s), f"{gbs / r.ours_s:.2f}", _mib(r.ours_peak), _mib(r.model_bytes),
+            _s(r.naive_s), "-" if r.naive_s is None else f"{gbs / r.naive_s:.2f}",
+            _mib(r.naive_peak), _mib(r.n * r.model_bytes),
+            "-" if r.speedup is None else f"{r.speedup:.1f}x",
+            "-" if r.naive_peak is None else f"{r.naive_peak / r.ours_peak:.0f}x",
+            "-" if r.max_diff is None else f"{r.max_diff:.1e}",
+        ])
+    lines = _table(
+        ["N", "ours s", "GB/s", "peak MiB", "held MiB", "naive s", "GB/s", "peak MiB",
+         "held MiB", "speedup", "mem ratio", "max|diff|"],
+        rows,
+    )
+    lines += [f"  N={r.n:,}: naive {r.naive_skipped}" for r in results if r.naive_skipped]
+    speedups = [r.speedup for r in results if r.speedup is not None]
+    fast = bool(speedups) and min(speedups) >= STEP_SPEEDUP_TARGET
+    peaks = [r.ours_peak for r in results]
+    flat = max(peaks) <= min(peaks) * 1.1 + _MiB
+    lines.append(
+        f"target: >= {STEP_SPEEDUP_TARGET:g}x faster than naive: "
+        + ("MET" if fast else "NOT MET" if speedups else "NOT MEASURED")
+        + (f" (min {min(speedups):.1f}x)" if speedups else "")
+        + "; peak memory flat in N: "
+        + ("MET" if flat else "NOT MET")
+        + f" ({_mib(min(peaks))} to {_mib(max(peaks))} MiB)"
+    )
+    return lines
+
+
+def render_end_to_end(results: Sequence[EndToEndResult]) -> list[str]:
+    rows = [
+        [
+            f"{r.n:,}", f"{r.upload_bytes / 1e6:,.0f}",
+            _s(r.decode_s), f"{r.upload_bytes / 1e6 / r.decode_s:,.0f}",
+            _s(r.e2e_s), f"{r.upload_bytes / 1e6 / r.e2e_s:,.0f}", f"{r.ratio:.2f}x",
+            _mib(r.e2e_rss_peak), _s(r.decode_2threads_s), _s(r.decode_zlib_s),
+        ]
+        for r in results
+    ]
+    lines = _table(
+        ["N", "upload MB", "decode s", "MB/s", "e2e s", "MB/s", "e2e/decode", "RSS peak MiB",
+         "decode 2thr s", "decode zlib s"],
+        rows,
+    )
+    worst = max(r.ratio for r in results)
+    lines.append(
+        f"target: end to end within {END_TO_END_TARGET:g}x of decode-only: "
+        + ("MET" if worst <= END_TO_END_TARGET else "NOT MET")
+        + f" (worst {worst:.2f}x)"
+    )
+    return lines
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        counts = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected positive integers separated by commas, got {value!r}")
+    return sorted(set(counts))
+
+
+@click.group("bench")
+def bench() -> None:
+    """Benchmarks of the reference platform."""
+
+
+@bench.command("aggregate")
+@click.option("--params", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Parameters per model (float32).")
+@click.option("--uploads", "counts", default="10,100,1000", show_default=True,
+              callback=_parse_counts, help="Upload counts N to measure, comma-separated.")
+@click.option("--layers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Layers the parameters are split into.")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="fast",
+              show_default=True, help="How the uploads (and the aggregate) are stored.")
+@click.option("--data", type=click.Choice(["random", "rounded"]), default="random",
+              show_default=True, help="random float32, or rounded (trained-like, compresses ~2x).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the upload files go (a temporary folder inside, removed after).")
+@click.option("--force-naive", is_flag=True,
+              help="Run the naive form even when it would not fit in available memory.")
+def bench_aggregate(
+    params: int,
+    counts: list[int],
+    layers: int,
+    compression: Compression,
+    data: str,
+    workdir: Path | None,
+    force_naive: bool,
+) -> None:
+    """Aggregation step and end to end FedAvg, against the naive form and the decode floor."""
+    if layers > params:
+        raise click.BadParameter(
+            f"{layers} layers need at least as many params", param_hint="--layers"
+        )
+    click.echo(
+        f"bk-sim bench aggregate: {params:,} float32 params in {layers} layers, "
+        f"uploads {','.join(map(str, counts))}, compression {compression}, data {data}"
+    )
+    click.echo(_machine())
+    pool = _pool(params, layers, data, min(_POOL, max(counts)))
+    step = []
+    for n in counts:
+        step.append(measure_step(pool, n, force_naive=force_naive))
+    click.echo("")
+    click.echo(
+        "1. Aggregation step on decoded arrays, FedAvg. Time: one untraced run. Peak: "
+        "tracemalloc (numpy buffers) of what the step allocates; held: the inputs it "
+        "needs in memory at once (one upload streamed / all N)."
+    )
+    for line in render_step(step):
+        click.echo(line)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="bk-bench-aggregate-", dir=workdir))
+    try:
+        probe = len(encode_weights(1.0, pool[0], compression=compression))
+        free = shutil.disk_usage(folder).free
+        if probe * max(counts) > 0.9 * free:
+            raise PlatformError(
+                f"{folder}: {max(counts)} uploads need ~{probe * max(counts) / 1e9:.1f} GB, "
+                f"{free / 1e9:.1f} GB free; pass --workdir on a larger disk or fewer --uploads"
+            )
+        uploads = _write_uploads(folder, pool, max(counts), compression)
+        e2e = [measure_end_to_end(uploads[:n], folder / "aggregate.npz", compression)
+               for n in counts]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    click.echo("")
+    click.echo(
+        "2. End to end, stored uploads -> stored aggregate (aggregate + save_layers, FedAvg), "
+        "files in the page cache. decode: read_weights_fast over the same files, one thread "
+        "(the floor); MB/s of upload files; RSS peak: growth, sampled every 5 ms."
+    )
+    for line in render_end_to_end(e2e):
+        click.echo(line)
