@@ -34,5 +34,9 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+from bk_sim.platform._bench import bench  # noqa: E402
+
+main.add_command(bench)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
