@@ -1,5 +1,23 @@
 """Where a run's RabbitMQ comes from, and how bk-sim talks to its management API."""
 
 from bk_sim.broker._management import ManagementAPI
+from bk_sim.broker._provider import (
+    PROVIDERS,
+    BrokerEndpoints,
+    check_socket_capacity,
+    mask_url,
+    provide_broker,
+    restart_broker,
+)
+from bk_sim.broker._testcontainer import docker_available
 
-__all__ = ["ManagementAPI"]
+__all__ = [
+    "PROVIDERS",
+    "BrokerEndpoints",
+    "ManagementAPI",
+    "check_socket_capacity",
+    "docker_available",
+    "mask_url",
+    "provide_broker",
+    "restart_broker",
+]
