@@ -1,0 +1,336 @@
+"""The HTTP edge of the leaf client: one request with the contract's retry policy.
+
+Why our own loop rather than urllib3's ``Retry``: urllib3 waits 0 s before the first retry,
+while the contract documents ``backoff_factor * 2 ** (n - 1)`` before retry n (1 s, 2 s,
+4 s for factor 1.0). This loop makes the documented schedule true, honours ``Retry-After``
+on 429/503, reports every attempt as an event, and translates every ``requests`` /
+``urllib3`` failure into the bk_sim error tree at this edge (PROTOCOL.md sections 2, 5).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import urllib3
+
+from bk_sim.client._config import Credentials, RetryConfig
+from bk_sim.client._events import EventSink
+from bk_sim.errors import ApiError, AuthError, ClientError, NotFoundError, TransportError
+
+_log = logging.getLogger("bk_sim.client.http")
+
+JSON_ACCEPT = "application/json"
+ANY_ACCEPT = "*/*"
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+_PREVIEW_CHARS = 200
+# Failures that mean "no usable answer"; requests wraps most urllib3 errors, not all.
+_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """A successful answer: status, parsed JSON (None for raw bodies) and raw content."""
+
+    status: int
+    body: Any
+    content: bytes
+    headers: Mapping[str, str]
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header (delta seconds or HTTP date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+def error_text(content: bytes) -> str:
+    """The body's ``error`` text, else a short preview of the body (for error messages)."""
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return body["error"]
+    preview = content[:_PREVIEW_CHARS].decode("utf-8", errors="replace").strip()
+    if len(content) > _PREVIEW_CHARS:
+        preview += "..."
+    return preview or "(empty body)"
+
+
+def redact_url(url: str) -> str:
+    """A URL without its query string: pre-signed download URLs carry their signature there."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason for a transport failure (the innermost useful message)."""
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{name}: {text}" if text else name
+
+
+class HttpTransport:
+    """Sends the leaf's HTTP requests to one platform host, with retries and events.
+
+    Thread-safe enough for the client's use: the WebSocket consumer may fetch a ticket
+    from its own thread while the user uploads. ``sleep`` is the wait between retries;
+    it returns early when the transport is closed, and tests may replace it.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        credentials: Credentials,
+        retry: RetryConfig,
+        events: EventSink,
+        *,
+        verify: bool = True,
+        proxies: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = host.rstrip("/")
+        self.retry = retry
+        self.verify = verify
+        self.proxies: dict[str, str] = dict(proxies or {})
+        self._events = events
+        self._auth = f"Bearer {credentials.id}:{credentials.session_token}"
+        self._session = requests.Session()
+        self._closed = threading.Event()
+        self.sleep: Callable[[float], None] = self._wait
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        """Stop retry waits at once and release pooled connections; idempotent."""
+        self._closed.set()
+        try:
+            self._session.close()
+        except Exception:  # noqa: BLE001 - closing must not fail
+            _log.debug("closing the HTTP session failed", exc_info=True)
+
+    def _wait(self, seconds: float) -> None:
+        self._closed.wait(seconds)
+
+    def url(self, path: str) -> str:
+        """The absolute URL of an API path such as ``/api/v1/run/<id>``."""
+        return self.base_url + path
+
+    def resolve(self, url: str) -> str:
+        """An absolute URL; a relative one (``/blob/x``) is resolved against the host."""
+        return urllib.parse.urljoin(self.base_url + "/", url)
+
+    # ----------------------------------------------------------------- requests
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        endpoint: str,
+        expect: Iterable[int] = (200,),
+        json_body: Any = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        accept: str = JSON_ACCEPT,
+        authenticated: bool = True,
+        parse_json: bool = True,
+    ) -> HttpResult:
+        """Send one logical request, retrying per ``RetryConfig``; return the answer.
+
+        ``expect`` lists the statuses that mean success. Any other final status raises
+        ``ApiError`` (``AuthError`` for 401/403, ``NotFoundError`` for 404) carrying the
+        body's ``error`` text; no answer at all raises ``TransportError``.
+        """
+        if self._closed.is_set():
+            raise ClientError(f"{method} {endpoint}: the client is closed")
+        expected = frozenset(expect)
+        prepared = self._prepare(method, url, json_body, data, headers, accept, authenticated)
+        sent = len(prepared.body or b"") if prepared.body is not None else 0
+        send_kwargs = self._session.merge_environment_settings(
+            prepared.url, self.proxies, None, self.verify, None
+        )
+        retryable_method = method.upper() in self.retry.allowed_methods
+        attempts = 1 + self.retry.max_retries
+        shown_url = redact_url(url)
+        for attempt in range(1, attempts + 1):
+            started = time.perf_counter()
+            response: requests.Response | None = None
+            failure: BaseException | None = None
+            try:
+                response = self._session.send(
+                    prepared, timeout=self.retry.total_timeout, allow_redirects=True, **send_kwargs
+                )
+                content = response.content
+            except _TRANSPORT_ERRORS as exc:
+                failure = exc
+                content = b""
+            duration = time.perf_counter() - started
+            status = response.status_code if response is not None else None
+            self._events.emit(
+                "http_request",
+                transport="http",
+                method=method,
+                endpoint=endpoint,
+                status=status,
+                duration_s=duration,
+                bytes_sent=sent,
+                bytes_received=len(content),
+                attempt=attempt,
+                error=_describe(failure) if failure is not None else None,
+            )
+            if response is not None and status in expected:
+                return self._result(method, shown_url, response, content, parse_json)
+            retry_left = attempt < attempts and retryable_method and not self._closed.is_set()
+            if failure is not None:
+                if not retry_left or not self._retryable_failure(failure):
+                    raise TransportError(
+                        f"{method} {shown_url}: no answer after {attempt} attempt(s): "
+                        f"{_describe(failure)}"
+                    ) from failure
+                delay = self.retry.backoff(attempt)
+                self._before_retry(method, endpoint, attempt, delay, error=_describe(failure))
+                continue
+            assert response is not None and status is not None
+            if not retry_left or status not in self.retry.status_forcelist:
+                raise self._api_error(method, shown_url, status, content, expected)
+            delay = self.retry.backoff(attempt)
+            if status in _RETRY_AFTER_STATUSES:
+                asked = parse_retry_after(response.headers.get("Retry-After"))
+                if asked is not None:
+                    delay = min(asked, self.retry.max_backoff)
+            self._before_retry(method, endpoint, attempt, delay, status=status)
+        raise AssertionError("unreachable: the retry loop always returns or raises")
+
+    def _prepare(
+        self,
+        method: str,
+        url: str,
+        json_body: Any,
+        data: bytes | None,
+        headers: Mapping[str, str] | None,
+        accept: str,
+        authenticated: bool,
+    ) -> requests.PreparedRequest:
+        all_headers = {"accept": accept}
+        if authenticated:
+            all_headers["Authorization"] = self._auth
+            all_headers["LEAF"] = "true"
+        all_headers.update(headers or {})
+        try:
+            request = requests.Request(method, url, headers=all_headers, json=json_body, data=data)
+            # Not session.prepare_request: it would add .netrc credentials to a URL
+            # that must carry none (the pre-signed download URL).
+            return request.prepare()
+        except _TRANSPORT_ERRORS as exc:
+            raise TransportError(
+                f"{method} {redact_url(url)}: bad request: {_describe(exc)}"
+            ) from exc
+
+    @staticmethod
+    def _retryable_failure(exc: BaseException) -> bool:
+        """Connection failures and timeouts are retried; TLS and URL errors are not."""
+        if isinstance(
+            exc,
+            (
+                requests.exceptions.SSLError,
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema,
+            ),
+        ):
+            return False
+        return True
+
+    def _before_retry(
+        self,
+        method: str,
+        endpoint: str,
+        attempt: int,
+        delay: float,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        reason = f"HTTP {status}" if status is not None else error
+        _log.warning(
+            "%s %s attempt %d failed (%s); retrying in %.2f s",
+            method,
+            endpoint,
+            attempt,
+            reason,
+            delay,
+        )
+        self._events.emit(
+            "retry_wait",
+            transport="http",
+            method=method,
+            endpoint=endpoint,
+            attempt=attempt,
+            delay_s=delay,
+            status=status,
+            error=error,
+        )
+        self.sleep(delay)
+
+    @staticmethod
+    def _api_error(
+        method: str, url: str, status: int, content: bytes, expected: frozenset[int]
+    ) -> ApiError:
+        if 200 <= status < 300:
+            message = f"expected HTTP {'/'.join(map(str, sorted(expected)))}; body: " + (
+                error_text(content)
+            )
+        else:
+            message = error_text(content)
+        cls: type[ApiError] = ApiError
+        if status in (401, 403):
+            cls = AuthError
+        elif status == 404:
+            cls = NotFoundError
+        return cls(method, url, status, message)
+
+    @staticmethod
+    def _result(
+        method: str, url: str, response: requests.Response, content: bytes, parse_json: bool
+    ) -> HttpResult:
+        body: Any = None
+        if parse_json:
+            try:
+                body = json.loads(content) if content else None
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(
+                    method,
+                    url,
+                    response.status_code,
+                    f"response is not JSON: {error_text(content)}",
+                ) from exc
+        return HttpResult(response.status_code, body, content, dict(response.headers))
