@@ -37,6 +37,17 @@ def main(verbose: int) -> None:
 from bk_sim.platform._bench import bench  # noqa: E402
 
 main.add_command(bench)
+from bk_sim.broker._cli import broker  # noqa: E402
+
+main.add_command(broker)
+
+from bk_sim.sim._cli import run  # noqa: E402
+
+main.add_command(run)
+
+from bk_sim.platform._cli import platform  # noqa: E402
+
+main.add_command(platform)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -126,7 +126,7 @@ def provide_broker(
             "use provider 'external' (or 'auto') with --amqp-url / --management-url"
         )
     endpoints = _choose(provider, amqp_url, management_url, may_enable_plugin, on_status)
-    _say(on_status, f"broker: {endpoints.reason}")
+    logger.info("broker: %s", endpoints.reason)  # the caller shows ``reason`` itself
     try:
         yield endpoints
     finally:
