@@ -73,9 +73,7 @@ class Leaf:
             ch.confirm_delivery()
             for m in messages:
                 body = m if isinstance(m, bytes) else json.dumps(m).encode()
-                ch.basic_publish(
-                    self.exchange, "", body, pika.BasicProperties(delivery_mode=2)
-                )
+                ch.basic_publish(self.exchange, "", body, pika.BasicProperties(delivery_mode=2))
         finally:
             conn.close()
 
@@ -149,6 +147,9 @@ class Recorder:
 
     def wait_count(self, kind: str, n: int, timeout: float) -> None:
         self.wait(lambda: len(self.of(kind)) >= n, timeout, f"{n} {kind} event(s)")
+
+    def wait_messages(self, n: int, timeout: float) -> None:
+        self.wait(lambda: len(self.messages) >= n, timeout, f"{n} message(s)")
 
     def summary(self) -> list[str]:
         return [f"{e.kind}:{e.attempt}:{e.delay_s}:{e.error}" for e in self.events]
@@ -333,7 +334,7 @@ def test_forced_close_reconnects_each_time_and_loses_nothing(
             sent += away
             rec.wait_count("connect", i + 1, reconnect_delay(1, factor, max_delay) + 5)
             reconnect_s.append(rec.of("connect")[-1].t - t0)
-            rec.wait(lambda: len(rec.messages) >= len(sent), 5, "the messages sent while away")
+            rec.wait_messages(len(sent), 5)
             # Let the acks reach the broker before the next kill: an ack still in flight
             # when a connection dies means a redelivery (AMQP is at-least-once).
             time.sleep(0.2)
@@ -352,8 +353,8 @@ def test_forced_close_reconnects_each_time_and_loses_nothing(
     assert waits and all(w.delay_s == reconnect_delay(w.attempt, factor, max_delay) for w in waits)
     assert [w.attempt for w in waits] == [1, 1, 1, 1]  # the counter reset after each connect
     assert all(c.attempt == 1 for c in rec.of("connect")[1:])
-    assert all(delay_bound <= 1.5 for delay_bound in (r - factor for r in reconnect_s))
-    assert all(r >= factor - 0.05 for r in reconnect_s)  # it did wait the backoff
+    # It waited the backoff, then connected quickly: the bound is the wait plus 1 s.
+    assert all(factor - 0.05 <= r <= factor + 1.0 for r in reconnect_s), reconnect_s
 
 
 def test_queue_deleted_then_redeclared_consumes_again(
@@ -398,7 +399,7 @@ def test_broker_unreachable_at_start_follows_schedule_and_gives_up() -> None:
     assert [f.attempt for f in failed] == [0, 1, 2, 3]
     assert [w.attempt for w in waits] == [1, 2, 3]
     assert [w.delay_s for w in waits] == [1.1, pytest.approx(1.21), 1.25]
-    for w, f in zip(waits, failed[1:]):
+    for w, f in zip(waits, failed[1:], strict=True):
         assert w.delay_s - 0.02 <= f.t - w.t <= w.delay_s + 0.5  # it really waited that long
     assert all("refused" in (f.error or "").lower() for f in failed)
     give_up = rec.of("give_up")[0]
