@@ -399,6 +399,8 @@ def _shapes_of(source: Any, what: str) -> list[tuple[int, ...]]:
         raise WeightsFormatError(f"{what} must be a list of layers or an .npz path, not one array")
     shapes: list[tuple[int, ...]] = []
     for item in source:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            item = item[1]  # a (name, tensor) pair from named_parameters()
         if isinstance(item, tuple) and all(isinstance(d, (int, np.integer)) for d in item):
             shapes.append(tuple(int(d) for d in item))
         elif hasattr(item, "shape"):
@@ -574,8 +576,8 @@ class Client:
 
     # ----------------------------------------------------------------- weights helpers
 
+    @staticmethod
     def save_weights(
-        self,
         path: str | os.PathLike[str],
         weighting: float,
         parameters: Sequence[np.ndarray],
@@ -585,8 +587,8 @@ class Client:
         """Write an upload archive (``.npz`` appended if missing) and return its path."""
         return _weights.save_weights(path, weighting, parameters, compression=compression)
 
+    @staticmethod
     def validate_weight_shape(
-        self,
         weights: str | os.PathLike[str] | Sequence[Any],
         reference: str | os.PathLike[str] | Sequence[Any],
         *,

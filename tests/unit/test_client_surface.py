@@ -1,0 +1,416 @@
+"""The client's public surface and its pure parts, with no server (PROTOCOL.md 2-6)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from requests.adapters import BaseAdapter
+
+import bk_sim
+import bk_sim.client
+from bk_sim.client import Client, Credentials, RetryConfig
+from bk_sim.client._client import (
+    parse_notification,
+    safe_download_path,
+    upload_metadata,
+    websocket_url,
+)
+from bk_sim.client._events import ClientEvent, EventSink
+from bk_sim.client._http import HttpTransport, error_text, parse_retry_after, redact_url
+from bk_sim.errors import (
+    ApiError,
+    AuthError,
+    NotFoundError,
+    TransportError,
+    UnsafeFileIdError,
+    WeightsFormatError,
+)
+
+CREDS = Credentials(
+    id="leaf-1", name="n", session_token="tok-xyz", owner_id="o", tree_id="t", branch_id="b"
+)
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert bk_sim.client.__all__ == [
+        "APIConfig",
+        "Client",
+        "ClientEvent",
+        "Credentials",
+        "Observer",
+        "RabbitMQConfig",
+        "RetryConfig",
+        "RunConfig",
+        "WebSocketConfig",
+    ]
+    for name in bk_sim.client.__all__:
+        assert getattr(bk_sim.client, name) is not None
+
+
+def test_client_has_the_seed_surface() -> None:
+    methods = [
+        "save_weights",
+        "validate_weight_shape",
+        "file_upload",
+        "file_download",
+        "send_performance_metrics",
+        "get_branch_config",
+        "get_run_details",
+        "convert_pytorch_numpy",
+        "disable_ssl_verification",
+        "get_latest_aggregation_id",
+        "close",
+        "__enter__",
+        "__exit__",
+    ]
+    props = [
+        "queue",
+        "run_status",
+        "run_number",
+        "leaf_id",
+        "branch_id",
+        "tree_id",
+        "user_id",
+        "session_token",
+        "is_initialized",
+    ]
+    for name in methods:
+        assert callable(getattr(Client, name)), name
+    for name in props:
+        assert isinstance(getattr(Client, name), property), name
+
+
+# --------------------------------------------------------------------------- tensors, shapes
+
+
+class FakeTensor:
+    """Just enough of torch.Tensor: detach().cpu().numpy() sharing memory, like torch."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.calls: list[str] = []
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.arr.shape
+
+    def detach(self) -> FakeTensor:
+        self.calls.append("detach")
+        return self
+
+    def cpu(self) -> FakeTensor:
+        self.calls.append("cpu")
+        return self
+
+    def numpy(self) -> np.ndarray:
+        self.calls.append("numpy")
+        return self.arr
+
+
+def test_convert_pytorch_numpy_takes_named_tensors_and_snapshots_them() -> None:
+    w = FakeTensor(np.ones((2, 3), np.float32))
+    b = FakeTensor(np.zeros(3, np.float32))
+    weighting, params = Client.convert_pytorch_numpy(
+        iter([("fc.weight", w), ("fc.bias", b)]), weighting=1530
+    )
+    assert weighting == 1530
+    assert [p.shape for p in params] == [(2, 3), (3,)] and params[0].dtype == np.float32
+    assert w.calls == ["detach", "cpu", "numpy"]
+    w.arr += 5  # training goes on: the converted copy must not change
+    np.testing.assert_array_equal(params[0], np.ones((2, 3)))
+
+
+def test_convert_pytorch_numpy_takes_bare_tensors_and_arrays() -> None:
+    arr = np.arange(4.0)
+    _, params = Client.convert_pytorch_numpy([FakeTensor(np.eye(2)), arr, [1, 2]], weighting=1.0)
+    np.testing.assert_array_equal(params[0], np.eye(2))
+    np.testing.assert_array_equal(params[1], arr)
+    assert params[1] is not arr
+    np.testing.assert_array_equal(params[2], [1, 2])
+
+
+def test_convert_then_save_round_trips(tmp_path: Path) -> None:
+    weighting, params = Client.convert_pytorch_numpy(
+        [("a", FakeTensor(np.full((3, 2), 0.5, np.float32)))], weighting=7
+    )
+    path = Client.save_weights(tmp_path / "m", weighting, params, compression="fast")
+    assert path.name == "m.npz"
+    got_w, got = bk_sim.weights.read_weights(path)
+    assert got_w == 7.0
+    np.testing.assert_array_equal(got[0], params[0])
+
+
+def test_validate_weight_shape(tmp_path: Path) -> None:
+    layers = [np.zeros((4, 3), np.float32), np.zeros(3)]
+    path = Client.save_weights(tmp_path / "w", 1.0, layers)
+    agg = bk_sim.weights.save_layers(tmp_path / "agg.npz", layers)
+    assert Client.validate_weight_shape(path, agg)
+    assert Client.validate_weight_shape(layers, [(4, 3), (3,)])
+    assert Client.validate_weight_shape([("w", FakeTensor(layers[0])), layers[1]], path)
+    assert not Client.validate_weight_shape(layers, [(4, 3), (4,)])
+    assert not Client.validate_weight_shape(layers, [(4, 3)])
+    with pytest.raises(WeightsFormatError, match=r"layer_1 has shape \(3,\), reference has"):
+        Client.validate_weight_shape(path, [(4, 3), (2,)], raise_error=True)
+    with pytest.raises(WeightsFormatError, match="2 layers, reference has 1"):
+        Client.validate_weight_shape(layers, [(4, 3)], raise_error=True)
+    with pytest.raises(WeightsFormatError, match="no such file"):
+        Client.validate_weight_shape(tmp_path / "missing.npz", layers)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        ({"message_type": "aggregation_status", "body": {"aggregation_id": "a"}}, "a"),
+        ({"message_type": "run_status", "body": {"run_status": "pause"}}, "pause"),
+    ],
+)
+def test_parse_notification_accepts_the_contract(msg: dict[str, Any], expected: str) -> None:
+    note = parse_notification(msg)
+    assert (note.message_type, note.value) == (msg["message_type"], expected)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        None,
+        [],
+        {"message_type": "aggregation_status"},
+        {"message_type": "aggregation_status", "body": {"aggregation_id": ""}},
+        {"message_type": "aggregation_status", "body": {"aggregation_id": 5}},
+        {"message_type": "run_status", "body": {"run_status": "START"}},
+        {"message_type": "other", "body": {}},
+    ],
+)
+def test_parse_notification_refuses_malformed_messages(msg: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_notification(msg)
+
+
+@pytest.mark.parametrize(
+    "file_id", ["../x", "a/b", "", "..", ".", "/abs", "a\\b", "x\x00y", ".tmp", "c:evil", None, 3]
+)
+def test_unsafe_file_ids(tmp_path: Path, file_id: Any) -> None:
+    with pytest.raises(UnsafeFileIdError):
+        safe_download_path(tmp_path, file_id)
+
+
+def test_safe_file_ids_land_in_the_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert safe_download_path(out, "6f1c-9d2e_a.b") == out / "6f1c-9d2e_a.b.npz"
+
+
+def test_upload_metadata_holds_the_contract_keys() -> None:
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    meta = upload_metadata(file_size=10, file_digest="sha256=x", timestamp=when, custom={"a": 1})
+    assert meta == {
+        "client_version": bk_sim.__version__,
+        "timestamp": "2026-01-02T03:04:05+00:00",
+        "file_size": 10,
+        "file_digest": "sha256=x",
+        "custom": {"a": 1},
+    }
+    json.dumps(meta)
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("https://app.branchkey.com", "wss://app.branchkey.com/api/v1/ws"),
+        ("http://127.0.0.1:8080/", "ws://127.0.0.1:8080/api/v1/ws"),
+        ("https://h/prefix", "wss://h/prefix/api/v1/ws"),
+    ],
+)
+def test_websocket_url(host: str, url: str) -> None:
+    assert websocket_url(host) == url
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("") is None
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 0.5 ") == 0.5
+    assert parse_retry_after("-2") == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("nan") is None
+    now = 1_800_000_000.0
+    assert parse_retry_after(email.utils.formatdate(now + 7, usegmt=True), now=now) == 7.0
+    assert parse_retry_after(email.utils.formatdate(now - 7, usegmt=True), now=now) == 0.0
+
+
+def test_error_text_and_redaction() -> None:
+    assert error_text(b'{"error": "weighting must be > 0"}') == "weighting must be > 0"
+    assert error_text(b"") == "(empty body)"
+    assert error_text(b"x" * 500).endswith("...") and len(error_text(b"x" * 500)) == 203
+    assert error_text(b'{"data": 1}') == '{"data": 1}'
+    assert redact_url("http://h/blob/1?sig=secret#f") == "http://h/blob/1"
+
+
+# --------------------------------------------------------------------------- retry loop offline
+
+
+class Scripted(BaseAdapter):
+    """A requests adapter that plays a script: a status int, or an exception to raise."""
+
+    def __init__(self, script: list[Any]) -> None:
+        super().__init__()
+        self.script = list(script)
+        self.sent: list[tuple[requests.PreparedRequest, dict[str, Any]]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.sent.append((request, kwargs))
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        status, headers, body = step if isinstance(step, tuple) else (step, {}, None)
+        resp = requests.Response()
+        resp.status_code = status
+        resp.headers.update(headers)
+        resp._content = (
+            body
+            if body is not None
+            else json.dumps(
+                {"data": {"ok": True}} if status < 400 else {"error": f"status {status}"}
+            ).encode()
+        )
+        resp.request = request
+        resp.url = request.url or ""
+        return resp
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[ClientEvent] = []
+
+    def on_event(self, event: ClientEvent) -> None:
+        self.events.append(event)
+
+
+def transport(
+    script: list[Any], **retry: Any
+) -> tuple[HttpTransport, Scripted, list[float], Recorder]:
+    rec = Recorder()
+    t = HttpTransport(
+        "http://platform.test",
+        CREDS,
+        RetryConfig(**retry),
+        EventSink(rec, CREDS.id),
+        proxies={"http": "socks5://127.0.0.1:1080", "https": "socks5h://127.0.0.1:1080"},
+    )
+    adapter = Scripted(script)
+    t._session.mount("http://", adapter)
+    slept: list[float] = []
+    t.sleep = slept.append
+    return t, adapter, slept, rec
+
+
+def test_schedule_is_backoff_factor_times_two_to_the_n_minus_one() -> None:
+    t, adapter, slept, rec = transport([503, 500, 502, 200], max_retries=3, backoff_factor=1.0)
+    result = t.request("GET", t.url("/x"), endpoint="x")
+    assert result.body == {"data": {"ok": True}}
+    assert slept == [1.0, 2.0, 4.0]  # the documented schedule, not urllib3's 0, 2, 4
+    assert [e.kind for e in rec.events] == ["http_request", "retry_wait"] * 3 + ["http_request"]
+    assert [e.delay_s for e in rec.events if e.kind == "retry_wait"] == [1.0, 2.0, 4.0]
+
+
+def test_proxies_and_timeout_reach_requests() -> None:
+    t, adapter, _, _ = transport([200], total_timeout=7)
+    t.request("GET", t.url("/x"), endpoint="x")
+    ((_, kwargs),) = adapter.sent
+    assert kwargs["proxies"]["http"] == "socks5://127.0.0.1:1080"
+    assert kwargs["proxies"]["https"] == "socks5h://127.0.0.1:1080"
+    assert kwargs["timeout"] == 7 and kwargs["verify"] is not False  # True or a CA bundle
+
+
+def test_disabled_verification_reaches_requests() -> None:
+    t, adapter, _, _ = transport([200])
+    t.verify = False
+    t.request("GET", t.url("/x"), endpoint="x")
+    assert adapter.sent[0][1]["verify"] is False
+
+
+def test_retry_after_replaces_backoff_on_429_and_503_only() -> None:
+    script = [
+        (429, {"Retry-After": "9"}, None),
+        (503, {"Retry-After": "3"}, None),
+        (500, {"Retry-After": "50"}, None),
+        200,
+    ]
+    t, _, slept, _ = transport(script, max_retries=3, backoff_factor=0.5)
+    t.request("POST", t.url("/x"), endpoint="x")
+    assert slept == [9.0, 3.0, 2.0]
+
+
+def test_retry_after_is_capped_by_max_backoff() -> None:
+    t, _, slept, _ = transport([(503, {"Retry-After": "3600"}, None), 200], max_backoff=60)
+    t.request("GET", t.url("/x"), endpoint="x")
+    assert slept == [60.0]
+
+
+def test_connection_errors_are_retried_then_translated() -> None:
+    boom = requests.exceptions.ConnectionError("connection refused")
+    t, adapter, slept, rec = transport([boom, boom, boom], max_retries=2, backoff_factor=0.1)
+    with pytest.raises(TransportError, match="no answer after 3 attempt.*connection refused") as i:
+        t.request("GET", t.url("/x"), endpoint="x")
+    assert isinstance(i.value.__cause__, requests.exceptions.ConnectionError)
+    assert slept == pytest.approx([0.1, 0.2])
+    assert all(e.error and "ConnectionError" in e.error for e in rec.events)
+
+
+def test_tls_errors_are_not_retried() -> None:
+    t, adapter, slept, _ = transport([requests.exceptions.SSLError("bad cert")])
+    with pytest.raises(TransportError, match="bad cert"):
+        t.request("GET", t.url("/x"), endpoint="x")
+    assert slept == [] and len(adapter.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"), [(400, ApiError), (401, AuthError), (403, AuthError), (404, NotFoundError)]
+)
+def test_other_4xx_fail_at_once(status: int, cls: type[ApiError]) -> None:
+    t, adapter, slept, _ = transport([status])
+    with pytest.raises(cls) as info:
+        t.request("GET", t.url("/x"), endpoint="x")
+    assert info.value.status == status and info.value.message == f"status {status}"
+    assert slept == [] and len(adapter.sent) == 1
+
+
+def test_an_unexpected_success_status_is_an_error() -> None:
+    t, _, _, _ = transport([200])
+    with pytest.raises(ApiError, match="expected HTTP 201"):
+        t.request("POST", t.url("/x"), endpoint="x", expect=(201,))
+
+
+def test_a_non_json_success_is_an_error() -> None:
+    t, _, _, _ = transport([(200, {}, b"<html>")])
+    with pytest.raises(ApiError, match="not JSON"):
+        t.request("GET", t.url("/x"), endpoint="x")
+
+
+def test_headers_carry_the_bearer_pair_unless_unauthenticated() -> None:
+    t, adapter, _, _ = transport([200, (200, {}, b"raw")])
+    t.request("GET", t.url("/x"), endpoint="x")
+    t.request(
+        "GET",
+        "http://platform.test/blob?sig=1",
+        endpoint="download",
+        accept="*/*",
+        authenticated=False,
+        parse_json=False,
+    )
+    first, second = (r.headers for r, _ in adapter.sent)
+    assert first["Authorization"] == "Bearer leaf-1:tok-xyz" and first["LEAF"] == "true"
+    assert first["accept"] == "application/json"
+    assert "Authorization" not in second and "LEAF" not in second and second["accept"] == "*/*"
