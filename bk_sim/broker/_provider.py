@@ -30,6 +30,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import pika
 import pika.exceptions
 import requests
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from bk_sim.broker import _testcontainer
 from bk_sim.broker._management import ManagementAPI
@@ -475,7 +479,14 @@ def _check_amqp(url: str, timeout: float | None = None) -> None:
             f"AMQP check failed: something answered on {where} but not AMQP 0-9-1: wrong port "
             "in the AMQP URL (the management API is not AMQP; TLS listeners need amqps://)?",
         ) from exc
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    except AMQPConnectorStackTimeout as exc:
+        raise _ProbeError(
+            "protocol",
+            f"AMQP check failed: {where} accepted the connection but no AMQP handshake within "
+            f"{params.stack_timeout:g}s: wrong port in the AMQP URL (is it the management API?) "
+            "or an overloaded broker",
+        ) from exc
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
         raise _from_socket_error("AMQP", where, exc, "AMQP URL", timeout) from exc
 
 

@@ -17,10 +17,12 @@ change on restart: the new URLs are re-read and returned.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from bk_sim.errors import BrokerError
 
@@ -33,6 +35,7 @@ AMQP_PORT = 5672
 MANAGEMENT_PORT = 15672
 NOFILE_LIMIT = 65536
 DOCKER_PING_TIMEOUT_S = 2.0
+DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 READY_TIMEOUT_S = 120.0
 READY_POLL_S = 1.0
 STOP_TIMEOUT_S = 10
@@ -52,6 +55,11 @@ def _one_line(exc: BaseException, limit: int = 160) -> str:
 
 def docker_available(timeout: float = DOCKER_PING_TIMEOUT_S) -> tuple[bool, str]:
     """Whether a Docker daemon answers a ping, and a short reason either way."""
+    # The docker SDK leaks its socket when the daemon is absent (a ResourceWarning at
+    # exit), so first look at the endpoint ourselves; only a live one gets the SDK ping.
+    problem = _docker_endpoint_problem(timeout)
+    if problem:
+        return False, problem
     try:
         import docker
         import requests
@@ -67,6 +75,27 @@ def docker_available(timeout: float = DOCKER_PING_TIMEOUT_S) -> tuple[bool, str]
     except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
         return False, _one_line(exc)
     return True, f"Docker daemon answered at {where}"
+
+
+def _docker_endpoint_problem(timeout: float) -> str | None:
+    """Why DOCKER_HOST (default: the local socket) cannot be a daemon, or None to go on."""
+    host = os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_DOCKER_SOCKET}"
+    try:
+        if host.startswith("unix://"):
+            path = host[len("unix://") :]
+            if not os.path.exists(path):
+                return f"no Docker socket at {path} (DOCKER_HOST={host})"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(path)
+        elif host.startswith("tcp://"):
+            parts = urlsplit(host)
+            address = (parts.hostname or "127.0.0.1", parts.port or 2375)
+            with socket.create_connection(address, timeout=timeout):
+                pass
+    except OSError as exc:
+        return f"nothing answered at DOCKER_HOST={host}: {exc.strerror or exc}"
+    return None
 
 
 def _free_port() -> int:

@@ -1,0 +1,144 @@
+"""Broker provider logic that needs no service: URLs, choices, capacity arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+import bk_sim.broker
+from bk_sim.broker import BrokerEndpoints, mask_url, provide_broker, restart_broker
+from bk_sim.broker import _provider as provider_mod
+from bk_sim.errors import BrokerError
+
+
+def test_public_surface_is_pinned() -> None:
+    assert bk_sim.broker.__all__ == [
+        "PROVIDERS",
+        "BrokerEndpoints",
+        "ManagementAPI",
+        "check_socket_capacity",
+        "docker_available",
+        "mask_url",
+        "provide_broker",
+        "restart_broker",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://guest:guest@127.0.0.1:5672/", ("127.0.0.1", 5672)),
+        ("amqp://u:p@broker.example:5700/vh", ("broker.example", 5700)),
+        ("amqp://u:p@broker.example/", ("broker.example", 5672)),
+        ("amqps://u:p@broker.example/", ("broker.example", 5671)),
+    ],
+)
+def test_amqp_host_port(url: str, expected: tuple[str, int]) -> None:
+    assert BrokerEndpoints("external", url, None, "r").amqp_host_port() == expected
+
+
+def test_amqp_host_port_without_broker_says_why() -> None:
+    with pytest.raises(BrokerError, match="WebSocket"):
+        BrokerEndpoints("none", None, None, "r").amqp_host_port()
+
+
+def test_mask_url_hides_only_the_password() -> None:
+    assert mask_url("amqp://bob:s3cret@h:5672/v") == "amqp://bob:***@h:5672/v"
+    assert mask_url("http://h:15672/") == "http://h:15672/"
+    assert mask_url(None) == "-"
+
+
+def test_endpoints_equality_ignores_the_container_handle() -> None:
+    a = BrokerEndpoints("local", "amqp://a/", "http://a/", "r")
+    assert a == BrokerEndpoints("local", "amqp://a/", "http://a/", "r", False, None)
+    assert "_container" not in repr(a)
+
+
+def test_none_provider_yields_no_urls_and_a_reason() -> None:
+    with provide_broker("none") as endpoints:
+        assert endpoints.provider == "none"
+        assert endpoints.amqp_url is None and endpoints.management_url is None
+        assert "WebSocket" in endpoints.reason
+        assert endpoints.restartable is False
+
+
+def test_unknown_provider_lists_the_choices() -> None:
+    with pytest.raises(BrokerError, match="choose one of auto, external, local"):
+        with provide_broker("rabbit"):
+            pass
+
+
+def test_external_without_urls_says_how_to_give_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BK_SIM_AMQP_URL", raising=False)
+    monkeypatch.delenv("BK_SIM_MANAGEMENT_URL", raising=False)
+    with pytest.raises(BrokerError, match="--amqp-url.*BK_SIM_AMQP_URL"):
+        with provide_broker("external"):
+            pass
+
+
+@pytest.mark.parametrize("provider", ["local", "testcontainers", "none"])
+def test_urls_with_a_provider_that_ignores_them_is_an_error(provider: str) -> None:
+    with pytest.raises(BrokerError, match="does not take URLs"):
+        with provide_broker(provider, amqp_url="amqp://guest:guest@127.0.0.1:5672/"):
+            pass
+
+
+def test_wrong_url_schemes_name_both_endpoints_before_connecting() -> None:
+    with pytest.raises(BrokerError) as info:
+        with provide_broker(
+            "external", amqp_url="http://u:pw@127.0.0.1:5672/", management_url="amqp://h/"
+        ):
+            pass
+    message = str(info.value)
+    assert "AMQP check failed: URL" in message and "expected amqp://" in message
+    assert "management API check failed: URL" in message and "expected http://" in message
+    assert "pw" not in message  # the password is masked
+
+
+def test_a_missing_url_is_derived_from_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    amqp, mgmt, source = provider_mod._configured("amqp://bob:pw@broker.example:5700/vh", None)
+    assert amqp == "amqp://bob:pw@broker.example:5700/vh"
+    assert mgmt == "http://bob:pw@broker.example:15672/"
+    assert "derived" in source
+    monkeypatch.setenv("BK_SIM_MANAGEMENT_URL", "http://bob:pw@broker.example:15000/")
+    monkeypatch.delenv("BK_SIM_AMQP_URL", raising=False)
+    amqp, mgmt, source = provider_mod._configured(None, None)
+    assert amqp == "amqp://bob:pw@broker.example:5672/"
+    assert mgmt == "http://bob:pw@broker.example:15000/"
+    assert source.startswith("from the environment")
+
+
+def test_restart_of_a_broker_bk_sim_did_not_start_is_refused() -> None:
+    endpoints = BrokerEndpoints("local", "amqp://a/", "http://a/", "r", restartable=True)
+    with pytest.raises(BrokerError, match="only a testcontainers broker"):
+        restart_broker(endpoints)
+
+
+def _node(**fields: object) -> dict[str, object]:
+    return {"name": "rabbit@n1", "running": True, **fields}
+
+
+def test_capacity_uses_sockets_total_with_a_margin() -> None:
+    nodes = [_node(sockets_total=832, sockets_used=3, fd_total=1024)]
+    # 700 + max(50, 70) = 770 fits in 832; 760 + 76 = 836 does not.
+    assert provider_mod.capacity_problem(nodes, 700) is None
+    problem = provider_mod.capacity_problem(nodes, 760)
+    assert problem is not None
+    assert "832 sockets (sockets_total, 3 in use)" in problem
+    assert "760 connections + 76 margin = 836" in problem
+    assert 'su rabbitmq -s /bin/sh -c "ulimit -n 20000; rabbitmq-server -detached"' in problem
+
+
+def test_capacity_falls_back_to_fd_total_and_sizes_the_advice() -> None:
+    nodes = [_node(fd_total=1024, fd_used=40)]
+    problem = provider_mod.capacity_problem(nodes, 30000)
+    assert problem is not None and "1024 sockets (fd_total, 40 in use)" in problem
+    # 33000 needed * 1.25 = 41250, rounded up to the next thousand.
+    assert "ulimit -n 42000" in problem
+
+
+def test_capacity_skips_stopped_nodes_and_advises_docker_for_containers() -> None:
+    nodes = [_node(running=False, sockets_total=10), _node(sockets_total=100)]
+    problem = provider_mod.capacity_problem(nodes, 500, provider="testcontainers")
+    assert problem is not None and "allows 100 sockets" in problem
+    assert "--ulimit nofile=20000:20000" in problem
+    assert provider_mod.capacity_problem([_node()], 10**6) is None  # nothing reported
