@@ -1,0 +1,21 @@
+"""The reference BranchKey platform (PROTOCOL.md section 7), for local runs and tests.
+
+``start_platform(data_dir)`` runs it as a child process on a free port and returns a
+``PlatformHandle`` (``url``, ``admin_token``, ``admin``, ``stop()``, ``restart()``);
+``AdminClient`` talks to its admin API; ``PlatformConfig`` + ``serve`` run it in this
+process (what ``bk-sim platform serve`` does).
+"""
+
+from bk_sim.platform._admin_client import AdminClient
+from bk_sim.platform._app import PlatformConfig, build_app
+from bk_sim.platform._handle import PlatformHandle, start_platform
+from bk_sim.platform._serve import serve
+
+__all__ = [
+    "AdminClient",
+    "PlatformConfig",
+    "PlatformHandle",
+    "build_app",
+    "serve",
+    "start_platform",
+]

@@ -1,0 +1,351 @@
+"""How the platform reaches leaves: RabbitMQ (provisioning + a confirming publisher) and
+a WebSocket hub.
+
+AMQP (PROTOCOL.md 4a): per tree a vhost, per branch a durable fanout exchange named by the
+branch id, per leaf a durable queue named by the leaf id bound to it. Messages are
+persistent and every publish waits for the broker's confirm, so an ``aggregation_status``
+the platform reports as sent is on disk in the broker.
+
+The publisher is pika's ``BlockingConnection`` in one dedicated thread fed by a queue
+(aio-pika is not a dependency and one thread is plenty for a handful of messages per
+round); a connection is per vhost because an AMQP connection is bound to one vhost.
+
+WebSocket (4b): single-use tickets that expire after ``TICKET_TTL_S``; the server pings.
+While a leaf that once used WebSocket is disconnected, up to ``WS_BACKLOG`` messages wait
+for it in memory (not across a platform restart: AMQP is the durable transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pika
+import pika.exceptions
+from aiohttp import web
+
+from bk_sim.broker import ManagementAPI
+from bk_sim.errors import BrokerError, PlatformError
+from bk_sim.platform._faults import BranchFaults
+
+log = logging.getLogger(__name__)
+
+TICKET_TTL_S = 30.0
+WS_HEARTBEAT_S = 20.0
+WS_BACKLOG = 32
+PUBLISH_RETRY_WINDOW_S = 30.0
+_PROVISION_WORKERS = 4
+
+
+def message(message_type: str, **body: Any) -> str:
+    """One notification as the JSON text both transports carry."""
+    return json.dumps({"message_type": message_type, "body": body})
+
+
+# --------------------------------------------------------------------------- AMQP
+
+
+def amqp_user(amqp_url: str) -> str:
+    """The user the platform publishes as (it needs full rights on every tree vhost)."""
+    return unquote(urlsplit(amqp_url).username or "guest")
+
+
+@dataclass
+class _Job:
+    vhost: str
+    exchange: str
+    routing_key: str
+    body: bytes
+    future: concurrent.futures.Future[None]
+
+
+class AmqpPublisher:
+    """Publishes persistent messages with publisher confirms from one thread."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self._url = amqp_url
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._conns: dict[str, tuple[pika.BlockingConnection, Any]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def _params(self, vhost: str) -> pika.URLParameters:
+        try:
+            params = pika.URLParameters(self._url)
+        except Exception as exc:  # pika raises assorted errors for a malformed URL
+            raise PlatformError(f"bad --amqp-url: {exc}") from exc
+        params.virtual_host = vhost
+        params.client_properties = {"connection_name": "bk-sim-platform"}
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.blocked_connection_timeout = 30
+        return params
+
+    def check(self) -> None:
+        """Connect once to the URL's own vhost: raises ``BrokerError`` when unreachable."""
+        params = self._params(pika.URLParameters(self._url).virtual_host)
+        try:
+            pika.BlockingConnection(params).close()
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"cannot connect to RabbitMQ for publishing: {exc!r}") from exc
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bk-sim-amqp-publisher",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def publish(self, vhost: str, exchange: str, routing_key: str, body: bytes
+                ) -> concurrent.futures.Future[None]:
+        """Queue one persistent publish; the future resolves when the broker confirms."""
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._stopping.is_set():
+            fut.set_exception(PlatformError("the publisher is stopped"))
+            return fut
+        self._jobs.put(_Job(vhost, exchange, routing_key, body, fut))
+        return fut
+
+    def forget_vhost(self, vhost: str) -> None:
+        """Close the connection to a vhost about to be deleted (thread-safe enough: queued)."""
+        self._jobs.put(_Job(vhost, "", "", b"", concurrent.futures.Future()))
+
+    # -- publisher thread
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                self._heartbeat()
+                continue
+            if job is None:
+                break
+            if not job.exchange and not job.routing_key and not job.body:
+                self._drop(job.vhost)
+                continue
+            self._publish_with_retry(job)
+        for vhost in list(self._conns):
+            self._drop(vhost)
+
+    def _heartbeat(self) -> None:
+        for vhost, (conn, _) in list(self._conns.items()):
+            try:
+                conn.process_data_events(time_limit=0)
+            except pika.exceptions.AMQPError:
+                self._drop(vhost)
+
+    def _channel(self, vhost: str) -> Any:
+        if vhost in self._conns:
+            conn, ch = self._conns[vhost]
+            if conn.is_open and ch.is_open:
+                return ch
+            self._drop(vhost)
+        conn = pika.BlockingConnection(self._params(vhost))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        self._conns[vhost] = (conn, ch)
+        return ch
+
+    def _drop(self, vhost: str) -> None:
+        conn, _ = self._conns.pop(vhost, (None, None))
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # closing a dead connection; nothing to do
+                pass
+
+    def _publish_with_retry(self, job: _Job) -> None:
+        deadline = time.monotonic() + PUBLISH_RETRY_WINDOW_S
+        delay = 0.2
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        while True:
+            try:
+                ch = self._channel(job.vhost)
+                ch.basic_publish(job.exchange, job.routing_key, job.body, properties=props)
+                job.future.set_result(None)
+                return
+            except pika.exceptions.AMQPError as exc:
+                self._drop(job.vhost)
+                if self._stopping.is_set() or time.monotonic() + delay > deadline:
+                    log.error("notification to vhost %s exchange %r lost: %r",
+                              job.vhost, job.exchange, exc)
+                    job.future.set_exception(
+                        BrokerError(f"publish to vhost {job.vhost} failed: {exc!r}")
+                    )
+                    return
+                log.warning("publish to vhost %s failed (%r); retrying in %.1fs",
+                            job.vhost, exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+
+class Provisioner:
+    """The broker topology of trees, branches and leaves, through the management API."""
+
+    def __init__(self, management_url: str, amqp_url: str) -> None:
+        self._url = management_url
+        self._platform_user = amqp_user(amqp_url)
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(_PROVISION_WORKERS, thread_name_prefix="bk-sim-provision")
+
+    def _api(self) -> ManagementAPI:
+        api = getattr(self._local, "api", None)
+        if api is None:
+            api = self._local.api = ManagementAPI(self._url)
+        return api
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def check(self) -> None:
+        self._api().overview()
+
+    def create_tree(self, tree_id: str) -> None:
+        api = self._api()
+        api.create_vhost(tree_id)
+        api.set_permissions(tree_id, self._platform_user, ".*", ".*", ".*")
+
+    def create_branch(self, tree_id: str, branch_id: str) -> None:
+        self._api().declare_exchange(tree_id, branch_id, "fanout")
+
+    def _create_leaf(self, tree_id: str, branch_id: str, leaf_id: str, token: str) -> None:
+        api = self._api()
+        api.create_user(leaf_id, token)
+        api.set_permissions(tree_id, leaf_id, configure="", write="", read=f"^{leaf_id}$")
+        api.declare_queue(tree_id, leaf_id)
+        api.bind(tree_id, branch_id, leaf_id)
+
+    def create_leaves(self, tree_id: str, branch_id: str, leaves: Sequence[tuple[str, str]]
+                      ) -> None:
+        """Provision ``(leaf_id, session_token)`` pairs a few at a time."""
+        futures = [
+            self._pool.submit(self._create_leaf, tree_id, branch_id, leaf_id, token)
+            for leaf_id, token in leaves
+        ]
+        for fut in futures:
+            fut.result()
+
+    def delete_tree(self, tree_id: str, leaf_ids: Iterable[str]) -> None:
+        api = self._api()
+        for fut in [self._pool.submit(lambda u: self._api().delete_user(u), leaf)
+                    for leaf in leaf_ids]:
+            fut.result()
+        api.delete_vhost(tree_id)
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+class WsHub:
+    """Tickets, live WebSocket connections per leaf, and a small backlog per leaf."""
+
+    def __init__(self) -> None:
+        self._tickets: dict[str, tuple[str, str, float]] = {}
+        self._conns: dict[str, set[web.WebSocketResponse]] = collections.defaultdict(set)
+        self._backlog: dict[str, collections.deque[str]] = {}
+
+    def issue_ticket(self, leaf_id: str, ticket_id: str, request_id: str) -> float:
+        """Register a ticket; returns its expiry as a Unix time."""
+        now = time.time()
+        for tid, (_, _, exp) in list(self._tickets.items()):
+            if exp < now:
+                del self._tickets[tid]
+        expires = now + TICKET_TTL_S
+        self._tickets[ticket_id] = (leaf_id, request_id, expires)
+        return expires
+
+    def redeem(self, ticket_id: str, request_id: str) -> str | None:
+        """The ticket's leaf id if valid; a ticket is consumed by any attempt to use it."""
+        entry = self._tickets.pop(ticket_id, None)
+        if entry is None:
+            return None
+        leaf_id, req, expires = entry
+        if req != request_id or expires < time.time():
+            return None
+        return leaf_id
+
+    async def attach(self, leaf_id: str, ws: web.WebSocketResponse) -> None:
+        self._conns[leaf_id].add(ws)
+        pending = self._backlog.pop(leaf_id, None)
+        if pending is None:
+            pending = collections.deque()
+        for text in pending:
+            await ws.send_str(text)
+
+    def detach(self, leaf_id: str, ws: web.WebSocketResponse) -> None:
+        conns = self._conns.get(leaf_id)
+        if conns is not None:
+            conns.discard(ws)
+            if not conns:
+                del self._conns[leaf_id]
+                self._backlog[leaf_id] = collections.deque(maxlen=WS_BACKLOG)
+
+    async def send(self, leaf_id: str, text: str) -> None:
+        conns = list(self._conns.get(leaf_id, ()))
+        if not conns:
+            backlog = self._backlog.get(leaf_id)
+            if backlog is not None:
+                backlog.append(text)
+            return
+        for ws in conns:
+            try:
+                await ws.send_str(text)
+            except (ConnectionError, RuntimeError) as exc:
+                log.debug("WebSocket send to a leaf failed: %r", exc)
+
+    async def close_all(self) -> None:
+        for conns in list(self._conns.values()):
+            for ws in list(conns):
+                await ws.close()
+
+
+# --------------------------------------------------------------------------- both
+
+
+class Notifier:
+    """Sends one notification to a branch's leaves over AMQP and WebSocket."""
+
+    def __init__(self, publisher: AmqpPublisher | None, hub: WsHub) -> None:
+        self.publisher = publisher
+        self.hub = hub
+
+    async def notify(self, branch: dict[str, Any], leaf_ids: Sequence[str], text: str,
+                     faults: BranchFaults | None) -> None:
+        if faults is not None and faults.notifications.delay_s > 0:
+            await asyncio.sleep(faults.notifications.delay_s)
+        dropping = faults is not None and faults.notifications.drop_rate > 0
+        targets = [
+            leaf for leaf in leaf_ids if not (dropping and faults is not None
+                                              and faults.drop_notification())
+        ]
+        for leaf in targets:
+            await self.hub.send(leaf, text)
+        if self.publisher is None:
+            return
+        body = text.encode()
+        if dropping:
+            # Per-leaf publishes through the default exchange so each leaf can be skipped.
+            futures = [self.publisher.publish(branch["tree_id"], "", leaf, body)
+                       for leaf in targets]
+        else:
+            futures = [self.publisher.publish(branch["tree_id"], branch["id"], "", body)]
+        for fut in futures:
+            try:
+                await asyncio.wrap_future(fut)
+            except BrokerError as exc:
+                log.error("notification for branch %s not delivered: %s", branch["id"], exc)

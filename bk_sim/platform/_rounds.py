@@ -1,0 +1,287 @@
+"""The round state machine of PROTOCOL.md section 7.
+
+A round opens on the first upload after the previous one closed. It closes when every
+leaf of the branch has uploaded, or when ``round_timeout_s`` has passed with at least
+``quorum`` uploads (a timeout under quorum keeps the round open until quorum is reached).
+A closed round is aggregated off the event loop, the aggregate stored as a new file, and
+one ``aggregation_status`` published to the branch's leaves.
+
+All decisions for one branch happen under that branch's lock, against rows that are
+committed before the answer goes out, so a restart resumes exactly: open rounds keep their
+uploads and get their timeouts re-armed, and a closed round whose aggregation was cut off
+is aggregated again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bk_sim.errors import BkSimError, PlatformError
+from bk_sim.platform._aggregate import Upload, aggregate, apply_bug
+from bk_sim.platform._faults import BranchFaults
+from bk_sim.platform._notify import Notifier, message
+from bk_sim.platform._store import Leaf, Store, new_id, now_iso, parse_iso
+from bk_sim.weights import WeightsInfo, save_layers
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_WAIT_S = 30.0
+
+
+class RequestRejected(PlatformError):
+    """A leaf request the platform refuses; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+def _signature(info: WeightsInfo) -> list[Any]:
+    return [[list(s) for s in info.shapes], list(info.dtypes)]
+
+
+def _check_signature(expected: list[Any], info: WeightsInfo) -> None:
+    shapes, dtypes = expected
+    if info.layer_count != len(shapes):
+        raise RequestRejected(
+            400,
+            f"upload has {info.layer_count} layers; this round's uploads have {len(shapes)}",
+        )
+    for i, (shape, dtype) in enumerate(zip(info.shapes, info.dtypes, strict=True)):
+        if list(shape) != shapes[i]:
+            raise RequestRejected(
+                400,
+                f"layer_{i} has shape {tuple(shape)}; this round's uploads have "
+                f"{tuple(shapes[i])}",
+            )
+        if dtype != dtypes[i]:
+            raise RequestRejected(
+                400, f"layer_{i} has dtype {dtype}; this round's uploads have {dtypes[i]}"
+            )
+
+
+def _aggregate_to_file(uploads: list[Upload], strategy: str, trim_fraction: float,
+                       max_decompressed_bytes: int | None, target: Path) -> int:
+    """Runs in the aggregation executor: aggregate, write the archive, return its size."""
+    layers = aggregate(uploads, strategy, trim_fraction=trim_fraction,
+                       max_decompressed_bytes=max_decompressed_bytes)
+    save_layers(target, layers, compression="fast")
+    return target.stat().st_size
+
+
+class RoundManager:
+    """Owns the open rounds of every branch: uploads in, aggregates and notices out."""
+
+    def __init__(
+        self,
+        store: Store,
+        notifier: Notifier,
+        faults_for: Callable[[str], BranchFaults | None],
+        executor: Executor,
+        *,
+        max_decompressed_bytes: int | None,
+    ) -> None:
+        self._store = store
+        self._notifier = notifier
+        self._faults_for = faults_for
+        self._executor = executor
+        self._max_decompressed = max_decompressed_bytes
+        self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._timers: dict[tuple[str, int], asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle
+    async def resume(self) -> None:
+        """After a (re)start: re-arm timeouts of open rounds, re-run cut-off aggregations."""
+        for row in self._store.rounds_to_resume():
+            branch_id, number = row["branch_id"], row["round"]
+            if row["closed_at"] is not None:
+                log.info("resuming aggregation of branch %s round %d", branch_id, number)
+                self._spawn(self._aggregate(branch_id, number))
+                continue
+            branch = self._store.branch(branch_id)
+            if branch is None:
+                continue
+            async with self._locks[branch_id]:
+                await self._maybe_close(branch, row)
+                row = self._store.round_row(branch_id, number)
+                if row is not None and row["closed_at"] is None and not row["timed_out"]:
+                    self._arm_timer(branch, row)
+
+    async def shutdown(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_WAIT_S)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- uploads
+    async def submit(self, leaf: Leaf, *, file_id: str, digest: str, size: int,
+                     info: WeightsInfo) -> tuple[str, bool]:
+        """Put a validated, already stored upload into the branch's round.
+
+        Returns ``(file_id, is_new)``; ``is_new`` is False when the upload is a retry of
+        one already counted (then the caller discards its copy).
+        """
+        assert info.weighting is not None
+        async with self._locks[leaf.branch_id]:
+            branch = self._store.branch(leaf.branch_id)
+            if branch is None:
+                raise RequestRejected(404, f"branch {leaf.branch_id} no longer exists")
+            if branch["run_status"] != "start":
+                raise RequestRejected(
+                    409, f"the run is not started (run_status is {branch['run_status']!r})"
+                )
+            faults = self._faults_for(branch["id"])
+            dedupe = faults.dedupe if faults is not None else True
+            latest = self._store.latest_round(branch["id"])
+            accepting = latest if latest is not None and latest["closed_at"] is None else None
+            duplicate = None
+            for rnd in self._recent_rounds(branch["id"], latest):
+                duplicate = self._store.find_upload(branch["id"], rnd, leaf.id, digest)
+                if duplicate is not None:
+                    break
+            if duplicate is not None and dedupe:
+                return duplicate["file_id"], False
+            if accepting is None:
+                accepting = self._store.open_round(branch, _signature(info))
+                opened = True
+            else:
+                _check_signature(json.loads(accepting["signature"]), info)
+                opened = False
+            same_in_round = duplicate is not None and duplicate["round"] == accepting["round"]
+            self._store.add_upload(
+                file_id=file_id,
+                branch_id=branch["id"],
+                number=accepting["round"],
+                leaf_id=leaf.id,
+                digest=digest,
+                weighting=info.weighting,
+                size=size,
+                replace=not same_in_round,  # dedupe off: an identical retry counts again
+            )
+            closed = await self._maybe_close(branch, accepting)
+            if opened and not closed:
+                self._arm_timer(branch, accepting)
+            return file_id, True
+
+    def _recent_rounds(self, branch_id: str, latest: dict[str, Any] | None) -> list[int]:
+        """The rounds where a retried upload may already sit: the latest two."""
+        if latest is None:
+            return []
+        return [n for n in (latest["round"], latest["round"] - 1) if n >= 1]
+
+    # -- closing
+    def _quorum(self, branch: dict[str, Any], leaves: int) -> int:
+        quorum = branch["quorum"]
+        if quorum is None:
+            return max(leaves, 1)
+        return max(1, min(int(quorum), max(leaves, 1)))
+
+    async def _maybe_close(self, branch: dict[str, Any], row: dict[str, Any]) -> bool:
+        number = row["round"]
+        uploaders = {u["leaf_id"] for u in self._store.active_uploads(branch["id"], number)}
+        leaves = self._store.leaf_count(branch["id"])
+        fresh = self._store.round_row(branch["id"], number)
+        timed_out = bool(fresh and fresh["timed_out"])
+        if leaves and len(uploaders) >= leaves:
+            reason = "all_uploaded"
+        elif timed_out and len(uploaders) >= self._quorum(branch, leaves):
+            reason = "timeout_quorum"
+        else:
+            return False
+        self._close(branch["id"], number, reason)
+        return True
+
+    def _close(self, branch_id: str, number: int, reason: str) -> None:
+        handle = self._timers.pop((branch_id, number), None)
+        if handle is not None:
+            handle.cancel()
+        self._store.update_round(branch_id, number, closed_at=now_iso(), close_reason=reason)
+        log.info("branch %s round %d closed (%s)", branch_id, number, reason)
+        self._spawn(self._aggregate(branch_id, number))
+
+    def _arm_timer(self, branch: dict[str, Any], row: dict[str, Any]) -> None:
+        timeout = branch["round_timeout_s"]
+        if timeout is None:
+            return
+        opened = parse_iso(row["opened_at"])
+        elapsed = (datetime.now(timezone.utc) - opened).total_seconds()
+        delay = max(0.0, float(timeout) - elapsed)
+        key = (branch["id"], row["round"])
+        loop = asyncio.get_running_loop()
+        self._timers[key] = loop.call_later(
+            delay, lambda: self._spawn(self._on_timeout(*key))
+        )
+
+    async def _on_timeout(self, branch_id: str, number: int) -> None:
+        self._timers.pop((branch_id, number), None)
+        async with self._locks[branch_id]:
+            row = self._store.round_row(branch_id, number)
+            branch = self._store.branch(branch_id)
+            if row is None or branch is None or row["closed_at"] is not None:
+                return
+            self._store.update_round(branch_id, number, timed_out=1)
+            if not await self._maybe_close(branch, row):
+                log.info("branch %s round %d timed out under quorum; waiting", branch_id, number)
+
+    # -- aggregation
+    async def _aggregate(self, branch_id: str, number: int) -> None:
+        branch = self._store.branch(branch_id)
+        row = self._store.round_row(branch_id, number)
+        if branch is None or row is None:
+            return
+        faults = self._faults_for(branch_id)
+        bug = faults.aggregation if faults is not None else None
+        strategy = branch["strategy"]
+        uploads = [
+            Upload(u["leaf_id"], self._store.file_path(u["file_id"]), float(u["weighting"]))
+            for u in self._store.active_uploads(branch_id, number)
+        ]
+        victim: str | None = None
+        aggregation_id: str | None = None
+        try:
+            if bug == "stale":
+                aggregation_id = self._store.previous_aggregate(branch_id, number)
+            if aggregation_id is None:
+                use, use_strategy = uploads, strategy
+                if bug in ("unweighted", "drop_leaf", "double_count"):
+                    use, use_strategy, victim_id = apply_bug(uploads, strategy, bug)
+                    victim = victim_id or None  # "" means every leaf (unweighted)
+                aggregation_id = new_id()
+                target = self._store.file_path(aggregation_id)
+                size = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _aggregate_to_file, list(use), use_strategy,
+                    float(branch["trim_fraction"]), self._max_decompressed, target,
+                )
+                self._store.add_file(aggregation_id, branch_id, "aggregate", size, None)
+        except (BkSimError, OSError, ValueError) as exc:
+            log.error("branch %s round %d aggregation failed: %s", branch_id, number, exc)
+            self._store.update_round(branch_id, number, status="failed", strategy=strategy,
+                                     error=str(exc), fault={"aggregation": bug,
+                                                            "victim_leaf_id": victim})
+            return
+        self._store.update_round(
+            branch_id, number, status="aggregated", strategy=strategy,
+            aggregation_id=aggregation_id,
+            fault={"aggregation": bug, "victim_leaf_id": victim},
+        )
+        log.info("branch %s round %d aggregated into %s", branch_id, number, aggregation_id)
+        leaf_ids = [leaf.id for leaf in self._store.leaves(branch_id)]
+        text = message("aggregation_status", aggregation_id=aggregation_id)
+        await self._notifier.notify(branch, leaf_ids, text, faults)

@@ -1,0 +1,53 @@
+"""Run the platform until SIGINT/SIGTERM, announcing its URL once it can serve."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from bk_sim.errors import BkSimError, PlatformError
+from bk_sim.platform._app import ACCESS_LOGGER, PlatformConfig, build_app
+
+log = logging.getLogger(__name__)
+
+
+def serve(config: PlatformConfig, *, host: str = "127.0.0.1", port: int = 8080,
+          ready_file: Path | None = None) -> None:
+    """Serve until a signal; ``ready_file`` gets ``{"url", "pid"}`` once listening."""
+    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        asyncio.run(_serve(config, host, port, ready_file))
+    except BkSimError:
+        raise
+    except OSError as exc:
+        raise PlatformError(f"cannot listen on {host}:{port}: {exc}") from exc
+
+
+async def _serve(config: PlatformConfig, host: str, port: int, ready_file: Path | None) -> None:
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log_class=ACCESS_LOGGER, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        bound = runner.addresses[0]
+        url = f"http://{host}:{bound[1]}"
+        log.info("bk-sim platform listening on %s", url)
+        if ready_file is not None:
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+            tmp.replace(ready_file)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("bk-sim platform stopping")
+    finally:
+        await runner.cleanup()
