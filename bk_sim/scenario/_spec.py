@@ -1,0 +1,306 @@
+"""The typed scenario: frozen dataclasses, their defaults and their documentation.
+
+This module is the one place the schema lives. Every field carries a ``doc`` (and, where it
+has one, a range) in its metadata; the loader (``_loader.py``) converts and checks YAML
+against these types, and ``scenario_schema_doc()`` renders the README table from them.
+Constructing the classes directly does not validate: use ``load_scenario`` or
+``scenario_from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Mode = Literal["local", "remote"]
+Strategy = Literal["fedavg", "mean", "median", "trimmed_mean"]
+AggregationFault = Literal["unweighted", "drop_leaf", "double_count", "stale"]
+BrokerProvider = Literal["auto", "external", "local", "testcontainers", "none"]
+Transport = Literal["amqp", "websocket"]
+Distribution = Literal["fixed", "uniform", "lognormal", "list"]
+Compression = Literal["faithful", "fast", "stored"]
+
+STRATEGIES: tuple[str, ...] = ("fedavg", "mean", "median", "trimmed_mean")
+DTYPES: tuple[str, ...] = (
+    "float16", "float32", "float64",
+    "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64",
+)  # fmt: skip
+#: Keys each weighting distribution takes (besides ``distribution``).
+DISTRIBUTION_KEYS: dict[str, tuple[str, ...]] = {
+    "fixed": ("value",),
+    "uniform": ("low", "high"),
+    "lognormal": ("mu", "sigma"),
+    "list": ("values",),
+}
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", **meta: Any) -> Any:
+    """A dataclass field with its documentation (and optional range) in metadata."""
+    metadata = {"doc": doc, **meta}
+    if default is dataclasses.MISSING:
+        return field(metadata=metadata)
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- platform
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpFaultSpec:
+    """One HTTP fault rule, as the platform's admin faults API takes it."""
+
+    endpoint: str = _f("*", "endpoint the rule matches (`*` = every leaf endpoint)")
+    status: int | None = _f(None, "answer with this HTTP status instead", ge=100, le=599)
+    rate: float = _f(1.0, "probability a matching request is hit", ge=0.0, le=1.0)
+    count: int | None = _f(None, "stop after this many hits (null = no limit)", ge=1)
+    retry_after: float | None = _f(None, "`Retry-After` seconds sent with the status", ge=0.0)
+    latency_s: float = _f(0.0, "extra delay before answering", ge=0.0)
+    reset: bool = _f(False, "reset the TCP connection instead of answering")
+    drop_response: bool = _f(False, "do the work but drop the response")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotificationFaultSpec:
+    """Faults on the platform's notification publishing."""
+
+    delay_s: float = _f(0.0, "delay before each notification is published", ge=0.0)
+    drop_rate: float = _f(0.0, "probability a notification is not published", ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultsSpec:
+    """Faults the platform injects, to prove the harness catches them."""
+
+    aggregation: AggregationFault | None = _f(
+        None, "deliberately wrong aggregation (the validator must fail the round)"
+    )
+    http: tuple[HttpFaultSpec, ...] = _f((), "HTTP fault rules (list of mappings)")
+    notifications: NotificationFaultSpec = _f(NotificationFaultSpec, "notification faults")
+    dedupe: bool = _f(True, "same-digest re-uploads count once (false: a platform bug)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlatformSpec:
+    """Which platform the leaves talk to and how it aggregates."""
+
+    mode: Mode = _f("local", "`local` starts the reference platform; `remote` uses `host`")
+    strategy: Strategy = _f("fedavg", "aggregation strategy of the branch")
+    quorum: int | None = _f(None, "uploads a round needs to close on timeout (null = all)", ge=1)
+    round_timeout_s: float | None = _f(
+        None, "close a round with >= quorum uploads after this long (null = wait for all)", gt=0.0
+    )
+    trim_fraction: float = _f(0.1, "fraction cut at each end by `trimmed_mean`", ge=0.0, lt=0.5)
+    faults: FaultsSpec = _f(FaultsSpec, "fault injection (local, or remote with `admin_url`)")
+    host: str | None = _f(None, "remote: the platform's base URL")
+    credentials_file: Path | None = _f(
+        None, "remote: JSON list of leaf credentials (six fields); relative to the scenario"
+    )
+    admin_url: str | None = _f(None, "remote, optional: admin API base URL (round records)")
+    admin_token: str | None = _f(None, "remote, optional: admin API token (never reported)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSpec:
+    """Where the AMQP broker comes from."""
+
+    provider: BrokerProvider = _f(
+        "auto", "`auto`: external URL, else local service, else testcontainers"
+    )
+    amqp_url: str | None = _f(None, "broker URL for `external` (or a hint for `auto`)")
+    management_url: str | None = _f(None, "management API URL (with credentials)")
+
+
+# --------------------------------------------------------------------------- leaves
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightingSpec:
+    """How leaves' weightings (sample counts) are drawn; only the distribution's keys."""
+
+    distribution: Distribution = _f("fixed", "`fixed`, `uniform`, `lognormal` or `list`")
+    value: float = _f(1.0, "fixed: every leaf's weighting", gt=0.0)
+    low: float = _f(1.0, "uniform: lower bound", gt=0.0)
+    high: float = _f(1000.0, "uniform: upper bound (>= low)", gt=0.0)
+    mu: float = _f(6.0, "lognormal: mean of log(weighting)")
+    sigma: float = _f(1.0, "lognormal: std of log(weighting)", ge=0.0)
+    values: tuple[float, ...] = _f((), "list: one weighting per leaf (length = leaves.count)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StragglersSpec:
+    """Leaves that upload late."""
+
+    fraction: float = _f(0.0, "fraction of leaves that straggle", ge=0.0, le=1.0)
+    delay_s: float = _f(0.0, "how late a straggler uploads", ge=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropoutsSpec:
+    """Leaves that miss rounds."""
+
+    skip_fraction: float = _f(0.0, "fraction of leaf-rounds skipped (no upload)", ge=0.0, le=1.0)
+    die_fraction: float = _f(0.0, "fraction of leaves whose process dies mid-run", ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeavesSpec:
+    """The simulated leaves."""
+
+    count: int = _f(doc="number of leaves", ge=1)
+    processes: int | None = _f(None, "leaf processes (null = min(count, 2 x CPUs))", ge=1)
+    weighting: WeightingSpec = _f(WeightingSpec, "leaves' weightings")
+    start_jitter_s: float = _f(0.0, "each leaf starts after a random delay up to this", ge=0.0)
+    stragglers: StragglersSpec = _f(StragglersSpec, "late leaves")
+    dropouts: DropoutsSpec = _f(DropoutsSpec, "leaves that skip rounds or die")
+
+    @property
+    def effective_processes(self) -> int:
+        """``processes``, or ``min(count, 2 x CPUs)`` when it is not set."""
+        if self.processes is not None:
+            return self.processes
+        return max(1, min(self.count, (os.cpu_count() or 1) * 2))
+
+
+# --------------------------------------------------------------------------- model etc.
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerSpec:
+    """One tensor of the model."""
+
+    shape: tuple[int, ...] = _f(doc="dimensions (`[]` = a 0-d scalar)")
+    dtype: str = _f(doc="`float16/32/64`, `int8..int64`, `uint8..uint64`")
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The model's tensors: ``preset: NAME`` or explicit ``layers`` (exactly one)."""
+
+    layers: tuple[LayerSpec, ...] = _f(doc="`[{shape: [..], dtype: float32}, ...]`")
+    preset: str | None = _f(None, "`tiny`, `small`, `mlp_1m` or `cnn_small`")
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one upload's layers, uncompressed."""
+        import numpy as np
+
+        return sum(layer.size * np.dtype(layer.dtype).itemsize for layer in self.layers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PayloadSpec:
+    """How uploads are written."""
+
+    compression: Compression = _f(
+        "fast", "`faithful` (numpy, zlib 6), `fast` (ISA-L level 1) or `stored`"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeoutsSpec:
+    """How long the harness waits before it calls something lost."""
+
+    notification_s: float = _f(120.0, "wait for a round's aggregation notification", gt=0.0)
+    run_s: float = _f(1800.0, "whole run", gt=0.0)
+    leaf_start_s: float = _f(60.0, "a leaf process to start and report ready", gt=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrySpec:
+    """HTTP retries of the leaf client (PROTOCOL.md section 5)."""
+
+    max_retries: int = _f(3, "retries after the first attempt", ge=0)
+    backoff_factor: float = _f(1.0, "wait before retry n: factor x 2^(n-1) s", ge=0.0)
+    total_timeout: float = _f(30.0, "per-request timeout", gt=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconnectSpec:
+    """Notification-transport reconnects of the leaf client."""
+
+    max_attempts: int = _f(10, "reconnect attempts (0 = never give up)", ge=0)
+    backoff_factor: float = _f(2.0, "wait: min(factor^attempt, max_delay) s", ge=0.0)
+    max_delay: float = _f(60.0, "longest wait between attempts", gt=0.0)
+    heartbeat: int = _f(30, "AMQP heartbeat seconds", ge=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSpec:
+    """Leaf client settings."""
+
+    retry: RetrySpec = _f(RetrySpec, "HTTP retries")
+    reconnect: ReconnectSpec = _f(ReconnectSpec, "notification reconnects")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationSpec:
+    """How returned aggregates are checked (see ``bk_sim.validate.tolerance_for``)."""
+
+    rtol: float | None = _f(None, "relative tolerance (null = derived from the dtype)", ge=0.0)
+    atol: float | None = _f(None, "absolute tolerance (null = derived from the dtype)", ge=0.0)
+    forensics_sample: int = _f(4096, "coordinates sampled to recover leaf weights", ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportSpec:
+    """Where the run writes."""
+
+    dir: Path = _f(Path("reports"), "parent folder of `<name>-<timestamp>/` (relative to cwd)")
+
+
+# --------------------------------------------------------------------------- scenario
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    """One validated scenario; ``source`` is the file it came from (None: built in code)."""
+
+    name: str = _f(doc="run name, `[A-Za-z0-9_.-]+` (default: the file's stem)")
+    seed: int = _f(0, "seed of every random draw (weights, weightings, schedules)", ge=0)
+    platform: PlatformSpec = _f(PlatformSpec, "the platform")
+    broker: BrokerSpec = _f(BrokerSpec, "the AMQP broker")
+    transport: Transport = _f("amqp", "notification transport: `amqp` or `websocket`")
+    leaves: LeavesSpec = _f(doc="the leaves")
+    model: ModelSpec = _f(doc="the model")
+    payload: PayloadSpec = _f(PayloadSpec, "upload encoding")
+    rounds: int = _f(1, "rounds to play", ge=1)
+    timeouts: TimeoutsSpec = _f(TimeoutsSpec, "timeouts")
+    client: ClientSpec = _f(ClientSpec, "leaf client settings")
+    validation: ValidationSpec = _f(ValidationSpec, "aggregate checks")
+    report: ReportSpec = _f(ReportSpec, "report output")
+    source: Path | None = field(default=None, metadata={"doc": "", "internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for results.json: Paths as strings, tuples as lists, no secrets."""
+        out = _plain(self)
+        assert isinstance(out, dict)
+        if out["platform"].get("admin_token") is not None:
+            out["platform"]["admin_token"] = "***"
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
