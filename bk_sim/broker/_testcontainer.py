@@ -80,11 +80,14 @@ def docker_available(timeout: float = DOCKER_PING_TIMEOUT_S) -> tuple[bool, str]
 def _docker_endpoint_problem(timeout: float) -> str | None:
     """Why DOCKER_HOST (default: the local socket) cannot be a daemon, or None to go on."""
     host = os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_DOCKER_SOCKET}"
+    where = f"DOCKER_HOST={host}"
+    if not os.environ.get("DOCKER_HOST"):
+        where = f"{host} (DOCKER_HOST unset)"
     try:
         if host.startswith("unix://"):
             path = host[len("unix://") :]
             if not os.path.exists(path):
-                return f"no Docker socket at {path} (DOCKER_HOST={host})"
+                return f"no Docker socket at {where}"
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)
                 sock.connect(path)
@@ -94,7 +97,7 @@ def _docker_endpoint_problem(timeout: float) -> str | None:
             with socket.create_connection(address, timeout=timeout):
                 pass
     except OSError as exc:
-        return f"nothing answered at DOCKER_HOST={host}: {exc.strerror or exc}"
+        return f"nothing answered at {where}: {exc.strerror or exc}"
     return None
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
+import socketserver
 import sys
+import threading
+from pathlib import Path
 
 import pika
 import pytest
@@ -229,3 +233,44 @@ def test_cli_broker_check_exits_2_naming_the_failure(management: ManagementAPI) 
     )
     assert result.exit_code == 2
     assert "AMQP check failed: nothing is listening" in result.output
+
+
+class _FakeDockerHandler(http.server.BaseHTTPRequestHandler):
+    """Answers the two calls docker.from_env().ping() makes, like a daemon would."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        body = b'{"ApiVersion": "1.41", "Version": "20.10.0"}'
+        if self.path.endswith("/_ping"):
+            body = b"OK"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_docker_available_when_a_daemon_answers_the_ping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "docker.sock")
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    class Handler(_FakeDockerHandler):
+        def address_string(self) -> str:
+            return "unix"
+
+    with Server(path, Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
+            ok, why = docker_available()
+        finally:
+            server.shutdown()
+            thread.join(5)
+    assert ok, why
+    assert why.startswith("Docker daemon answered")
