@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -186,10 +187,7 @@ class HttpTransport:
             response: requests.Response | None = None
             failure: BaseException | None = None
             try:
-                response = self._session.send(
-                    prepared, timeout=self.retry.total_timeout, allow_redirects=True, **send_kwargs
-                )
-                content = response.content
+                response, content = self._send(prepared, send_kwargs)
             except _TRANSPORT_ERRORS as exc:
                 failure = exc
                 content = b""
@@ -229,6 +227,26 @@ class HttpTransport:
                     delay = min(asked, self.retry.max_backoff)
             self._before_retry(method, endpoint, attempt, delay, status=status)
         raise AssertionError("unreachable: the retry loop always returns or raises")
+
+    def _send(
+        self, prepared: requests.PreparedRequest, send_kwargs: dict[str, Any]
+    ) -> tuple[requests.Response, bytes]:
+        if send_kwargs.get("verify") is False:
+            # The user chose not to verify (ssl=False): urllib3 would warn on every request.
+            # catch_warnings is process-global; only unverified clients pay for it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                response = self._session.send(
+                    prepared,
+                    timeout=self.retry.total_timeout,
+                    allow_redirects=True,
+                    **send_kwargs,
+                )
+                return response, response.content
+        response = self._session.send(
+            prepared, timeout=self.retry.total_timeout, allow_redirects=True, **send_kwargs
+        )
+        return response, response.content
 
     def _prepare(
         self,

@@ -17,6 +17,7 @@ import re
 import select
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
@@ -81,6 +82,7 @@ class FakePlatform:
     run_status: str = "start"
     run_number: int = 1
     absolute_download_urls: bool = False
+    tls: tuple[str, str] | None = None  # (certfile, keyfile): serve https
     branch_config: dict[str, Any] = field(
         default_factory=lambda: {
             "branch": {"name": "b"},
@@ -116,7 +118,7 @@ class FakePlatform:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     @property
     def port(self) -> int:
@@ -126,6 +128,13 @@ class FakePlatform:
     def start(self) -> FakePlatform:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.platform = self  # type: ignore[attr-defined]
+        if self.tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            # Handshake in the handler thread, so a refused handshake can't stall accept().
+            self._server.socket = ctx.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -298,6 +307,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002

@@ -6,6 +6,8 @@ import base64
 import email.utils
 import hashlib
 import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -54,7 +56,8 @@ class Recorder:
     def of(self, kind: str, endpoint: str | None = None) -> list[ClientEvent]:
         with self._lock:
             return [
-                e for e in self.events
+                e
+                for e in self.events
                 if e.kind == kind and (endpoint is None or e.endpoint == endpoint)
             ]
 
@@ -65,9 +68,7 @@ def platform() -> Iterator[FakePlatform]:
         yield p
 
 
-def make_client(
-    platform: FakePlatform, tmp_path: Path, **kwargs: Any
-) -> tuple[Client, Recorder]:
+def make_client(platform: FakePlatform, tmp_path: Path, **kwargs: Any) -> tuple[Client, Recorder]:
     rec = Recorder()
     kwargs.setdefault("retry_config", FAST)
     client = Client(
@@ -273,9 +274,7 @@ def test_wait_for_run_ends_when_the_client_closes(platform: FakePlatform, tmp_pa
 # --------------------------------------------------------------------------- retries
 
 
-def test_retry_waits_follow_the_documented_schedule(
-    platform: FakePlatform, tmp_path: Path
-) -> None:
+def test_retry_waits_follow_the_documented_schedule(platform: FakePlatform, tmp_path: Path) -> None:
     factor = 0.1
     client, rec = make_client(
         platform, tmp_path, retry_config=RetryConfig(max_retries=3, backoff_factor=factor)
@@ -366,9 +365,7 @@ def test_dropped_connection_is_retried(platform: FakePlatform, tmp_path: Path) -
     assert all(w.error for w in rec.of("retry_wait", "upload"))
 
 
-def test_dropped_connections_end_in_transport_error(
-    platform: FakePlatform, tmp_path: Path
-) -> None:
+def test_dropped_connections_end_in_transport_error(platform: FakePlatform, tmp_path: Path) -> None:
     client, _ = make_client(
         platform, tmp_path, retry_config=RetryConfig(max_retries=2, backoff_factor=0.01)
     )
@@ -578,9 +575,14 @@ def test_notifications_fill_the_queue_and_follow_the_run(
         client._on_notification({"message_type": "run_status", "body": {"run_status": "start"}})
         assert (client.run_status, client.run_number) == ("start", 2)
         assert len(platform.seen("run")) == 2
-        for junk in (None, "x", {}, {"message_type": "aggregation_status", "body": {}},
-                     {"message_type": "run_status", "body": {"run_status": "dance"}},
-                     {"message_type": "nope", "body": {}}):
+        for junk in (
+            None,
+            "x",
+            {},
+            {"message_type": "aggregation_status", "body": {}},
+            {"message_type": "run_status", "body": {"run_status": "dance"}},
+            {"message_type": "nope", "body": {}},
+        ):
             client._on_notification(junk)  # type: ignore[arg-type]
         assert client.run_status == "start" and client.queue.empty()
     notes = [(e.message_type, e.value) for e in rec.of("notification")]
@@ -648,14 +650,14 @@ def test_requests_go_through_a_socks5_proxy(platform: FakePlatform, tmp_path: Pa
     assert len(platform.uploads) == 1
 
 
-def test_a_dead_socks5_proxy_is_a_transport_error(
-    platform: FakePlatform, tmp_path: Path
-) -> None:
+def test_a_dead_socks5_proxy_is_a_transport_error(platform: FakePlatform, tmp_path: Path) -> None:
     with Socks5Proxy() as proxy:
         url = proxy.url
     with pytest.raises(TransportError):
         make_client(
-            platform, tmp_path, proxies={"http": url},
+            platform,
+            tmp_path,
+            proxies={"http": url},
             retry_config=RetryConfig(max_retries=1, backoff_factor=0.01, total_timeout=1),
         )
     assert platform.seen("run") == []
@@ -673,3 +675,150 @@ def test_close_is_prompt_idempotent_and_final(platform: FakePlatform, tmp_path: 
         client.file_download("agg-1")
     with pytest.raises(ClientError, match="closed"):
         client.get_branch_config()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_a_self_signed_platform_is_refused_by_default(
+    self_signed: tuple[str, str], tmp_path: Path
+) -> None:
+    with FakePlatform(dict(CREDS), tls=self_signed) as p:
+        with pytest.raises(TransportError, match="SSLError") as info:
+            Client(CREDS, host=p.url, notifications=False, retry_config=FAST)
+        assert "1 attempt" in str(info.value)  # a certificate problem is not retried
+        assert p.requests == []
+
+
+def test_ssl_false_talks_to_a_self_signed_platform(
+    self_signed: tuple[str, str], tmp_path: Path
+) -> None:
+    with FakePlatform(dict(CREDS), tls=self_signed) as p:
+        client, _ = make_client(p, tmp_path, ssl=False)
+        with client:
+            file_id = client.file_upload(weights_file(tmp_path))
+        assert p.url.startswith("https://") and p.uploads[0].file_id == file_id
+
+
+def test_trusting_the_certificate_works_and_disabling_verification_keeps_working(
+    self_signed: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", self_signed[0])  # requests' own trust setting
+    with FakePlatform(dict(CREDS), tls=self_signed) as p:
+        client, _ = make_client(p, tmp_path)
+        with client:
+            client.get_branch_config()
+            monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+            client.disable_ssl_verification()
+            client.get_branch_config()
+        assert len(p.seen("branch_config")) == 2
+
+
+# --------------------------------------------------------------------------- real AMQP wiring
+
+
+@pytest.mark.rabbitmq
+def test_client_follows_real_amqp_notifications(
+    management: Any, unique: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("bk_sim.client._amqp", reason="AMQP consumer not written yet")
+    import pika
+
+    creds = {
+        "id": f"client-leaf-{unique}",
+        "name": "client test leaf",
+        "session_token": f"token-{unique}",
+        "owner_id": f"owner-{unique}",
+        "tree_id": f"client-tree-{unique}",
+        "branch_id": f"client-branch-{unique}",
+    }
+    vhost, leaf, exchange = creds["tree_id"], creds["id"], creds["branch_id"]
+    management.create_vhost(vhost)
+    try:
+        management.set_permissions(vhost, "guest", ".*", ".*", ".*")
+        management.create_user(leaf, creds["session_token"])
+        management.set_permissions(vhost, leaf, configure="", write="", read=f"^{leaf}$")
+        management.declare_exchange(vhost, exchange, "fanout")
+        management.declare_queue(vhost, leaf)
+        management.bind(vhost, exchange, leaf)
+        with FakePlatform(dict(creds)) as p:
+            rec = Recorder()
+            client = Client(
+                creds,
+                host=p.url,
+                rbmq_host="127.0.0.1",
+                rbmq_port=5672,
+                rbmq_ssl=False,
+                output_dir=tmp_path,
+                observer=rec,
+                retry_config=FAST,
+            )
+            with client:
+                deadline = time.monotonic() + 10
+                while not client.notifications_connected and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert client.notifications_connected
+                p.run_number = 5
+                conn = pika.BlockingConnection(
+                    pika.ConnectionParameters(
+                        "127.0.0.1", 5672, vhost, pika.PlainCredentials("guest", "guest")
+                    )
+                )
+                try:
+                    ch = conn.channel()
+                    ch.confirm_delivery()
+                    for msg in (
+                        {"message_type": "run_status", "body": {"run_status": "pause"}},
+                        {"message_type": "aggregation_status", "body": {"aggregation_id": "g1"}},
+                        {"message_type": "run_status", "body": {"run_status": "start"}},
+                    ):
+                        ch.basic_publish(
+                            exchange,
+                            "",
+                            json.dumps(msg).encode(),
+                            pika.BasicProperties(delivery_mode=2),
+                        )
+                finally:
+                    conn.close()
+                assert client.queue.get(timeout=10) == "g1"
+                deadline = time.monotonic() + 10
+                while len(rec.of("notification")) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert [e.value for e in rec.of("notification")] == ["pause", "g1", "start"]
+                assert (client.run_status, client.run_number) == ("start", 5)
+    finally:
+        management.delete_vhost(vhost)
+        management.delete_user(leaf)
