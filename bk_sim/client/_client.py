@@ -493,6 +493,9 @@ class Client:
         self._run_changed = threading.Event()
         self._run_status: str | None = None
         self._run_number: int | None = None
+        self._status_seq = 0  # counts run_status notifications (see get_run_details)
+        self._refresh_lock = threading.Lock()
+        self._refreshed = threading.Event()  # set after each post-start refresh (tests)
         self._http = HttpTransport(
             self._settings.api.host,
             creds,
@@ -631,6 +634,7 @@ class Client:
     def get_run_details(self) -> dict[str, Any]:
         """Read the run details, update ``run_status`` / ``run_number``, return ``data``."""
         branch = urllib.parse.quote(self.branch_id, safe="")
+        seq = self._status_seq
         result = self._http.request(
             "GET", self._http.url(f"/api/v1/run/{branch}"), endpoint="run", expect=(200,)
         )
@@ -645,7 +649,9 @@ class Client:
             )
         number = data.get("run_number")
         with self._state_lock:
-            self._run_status = status
+            # A run_status notification that arrived while we asked is newer than this answer.
+            if self._status_seq == seq:
+                self._run_status = status
             if isinstance(number, int) and not isinstance(number, bool):
                 self._run_number = number
         self._run_changed.set()
@@ -820,15 +826,33 @@ class Client:
             else:
                 with self._state_lock:
                     self._run_status = note.value
+                    self._status_seq += 1
                 self._run_changed.set()
                 if note.value == "start" and not self._closed.is_set():
-                    try:
-                        self.get_run_details()
-                    except BkSimError as exc:
-                        _log.warning("re-reading run details after start failed: %s", exc)
+                    # Off the consumer's thread: an HTTP call with retries there would
+                    # starve AMQP heartbeats / WebSocket pings for as long as it takes.
+                    threading.Thread(
+                        target=self._refresh_run_details,
+                        name=f"bk-run-refresh-{self.leaf_id}",
+                        daemon=True,
+                    ).start()
             self._events.emit("notification", message_type=note.message_type, value=note.value)
         except Exception:  # noqa: BLE001 - a consumer thread must never die of a message
             _log.exception("handling a %s notification failed", note.message_type)
+
+    def _refresh_run_details(self) -> None:
+        """Re-read run details after a ``start`` notification (so ``run_number`` advances)."""
+        with self._refresh_lock:
+            if self._closed.is_set():
+                return
+            try:
+                self.get_run_details()
+            except BkSimError as exc:
+                _log.warning("re-reading run details after start failed: %s", exc)
+            except Exception:  # noqa: BLE001 - a background thread must not die noisily
+                _log.exception("re-reading run details after start failed")
+            finally:
+                self._refreshed.set()
 
     def _make_consumer(self) -> _Consumer:
         s = self._settings
@@ -854,7 +878,10 @@ class Client:
     def _wait_for_run(self) -> None:
         """Return when the run is started; else refuse, or wait if ``wait_for_run``."""
         run = self._settings.run
-        while self._run_status != "start":
+        while True:
+            self._run_changed.clear()  # before the check, so no wake-up is lost
+            if self._run_status == "start":
+                return
             if not run.wait_for_run:
                 raise RunBlockedError(
                     f"run is blocked: run_status is {self._run_status!r}, not 'start' "
@@ -862,7 +889,6 @@ class Client:
                 )
             self._events.emit("run_wait", value=self._run_status, delay_s=run.check_interval_s)
             _log.info("run is %s; checking again in %s s", self._run_status, run.check_interval_s)
-            self._run_changed.clear()
             self._run_changed.wait(run.check_interval_s)
             if self._closed.is_set():
                 raise RunBlockedError("run is blocked: the client closed while waiting")

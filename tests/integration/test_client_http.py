@@ -573,8 +573,9 @@ def test_notifications_fill_the_queue_and_follow_the_run(
         assert client.run_status == "pause" and len(platform.seen("run")) == 1
         platform.run_number = 2
         client._on_notification({"message_type": "run_status", "body": {"run_status": "start"}})
-        assert (client.run_status, client.run_number) == ("start", 2)
-        assert len(platform.seen("run")) == 2
+        assert client.run_status == "start"
+        assert client._refreshed.wait(5)
+        assert client.run_number == 2 and len(platform.seen("run")) == 2
         for junk in (
             None,
             "x",
@@ -592,6 +593,23 @@ def test_notifications_fill_the_queue_and_follow_the_run(
         ("run_status", "pause"),
         ("run_status", "start"),
     ]
+
+
+def test_the_run_refresh_is_off_the_consumer_thread_and_never_undoes_a_newer_status(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    client, _ = make_client(platform, tmp_path)
+    with client:
+        platform.run_number = 3
+        platform.inject("run", Fault(delay=0.5))  # the refresh answer comes late
+        started = time.perf_counter()
+        client._on_notification({"message_type": "run_status", "body": {"run_status": "start"}})
+        assert time.perf_counter() - started < 0.2  # the consumer is not held up
+        time.sleep(0.1)
+        client._on_notification({"message_type": "run_status", "body": {"run_status": "pause"}})
+        assert client._refreshed.wait(5)
+        # The answer said "start" but was asked before the pause arrived: pause stands.
+        assert (client.run_status, client.run_number) == ("pause", 3)
 
 
 def test_a_start_notification_wakes_a_waiting_upload(
@@ -818,6 +836,7 @@ def test_client_follows_real_amqp_notifications(
                 while len(rec.of("notification")) < 3 and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert [e.value for e in rec.of("notification")] == ["pause", "g1", "start"]
+                assert client._refreshed.wait(10)
                 assert (client.run_status, client.run_number) == ("start", 5)
     finally:
         management.delete_vhost(vhost)
