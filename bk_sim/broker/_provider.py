@@ -165,13 +165,19 @@ def check_socket_capacity(endpoints: BrokerEndpoints, needed_connections: int) -
     """Raise BrokerError before a run when the broker cannot hold its connections.
 
     Reads ``sockets_total`` (or ``fd_total`` on brokers that no longer report sockets) from
-    GET /api/nodes and compares it with the run's connections plus a margin.
+    GET /api/nodes and compares it with the run's connections plus a margin. In a cluster
+    each running node must hold them all: clients may all land on one node.
     """
     if endpoints.management_url is None or needed_connections <= 0:
         return
     api = ManagementAPI(endpoints.management_url, timeout=max(PROBE_TIMEOUT_S, 5.0))
     try:
         nodes = api.nodes()
+    except BrokerError as exc:
+        raise BrokerError(
+            f"socket capacity check could not read the broker's limits: {exc} (GET /api/nodes "
+            "needs a management user with the 'monitoring' or 'administrator' tag)"
+        ) from exc
     finally:
         api.close()
     problem = capacity_problem(nodes, needed_connections, provider=endpoints.provider)

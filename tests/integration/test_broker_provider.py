@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from bk_sim.broker import (
+    BrokerEndpoints,
     ManagementAPI,
     check_socket_capacity,
     docker_available,
@@ -274,3 +275,16 @@ def test_docker_available_when_a_daemon_answers_the_ping(
             thread.join(5)
     assert ok, why
     assert why.startswith("Docker daemon answered")
+
+
+def test_socket_capacity_without_monitoring_rights_says_which_tag(
+    management: ManagementAPI, unique: str
+) -> None:
+    user = f"bk-sim-cap-{unique}"
+    management.create_user(user, "pw", tags="management")
+    try:
+        endpoints = BrokerEndpoints("external", AMQP, f"http://{user}:pw@127.0.0.1:15672/", "r")
+        with pytest.raises(BrokerError, match="could not read the broker's limits.*'monitoring'"):
+            check_socket_capacity(endpoints, 10)
+    finally:
+        management.delete_user(user)
