@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -89,10 +90,17 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
+_QUERY_RE = re.compile(r"\?[^\s)'\"]*")
+
+
 def _describe(exc: BaseException) -> str:
-    """A one-line reason for a transport failure (the innermost useful message)."""
+    """A one-line reason for a transport failure, without URL query strings.
+
+    urllib3 puts the request URL in its messages; a pre-signed URL's query is a secret.
+    """
     name = type(exc).__name__
     text = str(exc).splitlines()[0] if str(exc) else ""
+    text = _QUERY_RE.sub("?...", text)
     return f"{name}: {text}" if text else name
 
 

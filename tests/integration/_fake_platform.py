@@ -95,6 +95,7 @@ class FakePlatform:
     files: dict[str, bytes] = field(default_factory=dict)
     uploads: list[Upload] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    tickets: list[dict[str, str]] = field(default_factory=list)
     requests: list[Seen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -180,16 +181,14 @@ class FakePlatform:
         if endpoint == "branch_config":
             return h.send_json(200, {"data": self.branch_config})
         if endpoint == "ws_ticket":
-            return h.send_json(
-                200,
-                {
-                    "data": {
-                        "ticket_id": uuid.uuid4().hex,
-                        "request_id": uuid.uuid4().hex,
-                        "expires_at": "2030-01-01T00:00:00Z",
-                    }
-                },
-            )
+            ticket = {
+                "ticket_id": uuid.uuid4().hex,
+                "request_id": uuid.uuid4().hex,
+                "expires_at": "2030-01-01T00:00:00Z",
+            }
+            with self._lock:
+                self.tickets.append(ticket)
+            return h.send_json(200, {"data": ticket})
         if endpoint == "metrics":
             try:
                 doc = json.loads(body)

@@ -19,7 +19,7 @@ import pytest
 from _fake_platform import FakePlatform, Fault, Socks5Proxy
 
 import bk_sim
-from bk_sim.client import Client, ClientEvent, RetryConfig, RunConfig
+from bk_sim.client import Client, ClientEvent, RetryConfig, RunConfig, WebSocketConfig
 from bk_sim.errors import (
     ApiError,
     AuthError,
@@ -71,10 +71,10 @@ def platform() -> Iterator[FakePlatform]:
 def make_client(platform: FakePlatform, tmp_path: Path, **kwargs: Any) -> tuple[Client, Recorder]:
     rec = Recorder()
     kwargs.setdefault("retry_config", FAST)
+    kwargs.setdefault("notifications", False)
     client = Client(
         dict(CREDS),
         host=platform.url,
-        notifications=False,
         output_dir=tmp_path / "out",
         observer=rec,
         **kwargs,
@@ -654,6 +654,38 @@ def test_default_amqp_consumer_never_blocks_construction(
     started = time.perf_counter()
     client.close()
     assert built < 2 and time.perf_counter() - started < 6
+
+
+def test_websocket_transport_fetches_a_ticket_and_connects_to_the_api_host(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    """Wiring only: this server speaks no WebSocket, so the consumer keeps retrying."""
+    pytest.importorskip("bk_sim.client._websocket", reason="WebSocket consumer not written yet")
+    started = time.perf_counter()
+    client, _ = make_client(
+        platform,
+        tmp_path,
+        use_websocket=True,
+        notifications=True,
+        websocket_config=WebSocketConfig(reconnect_backoff_factor=1.1, open_timeout=2),
+    )
+    assert time.perf_counter() - started < 2
+    with client:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            r.path.startswith("/api/v1/ws?") for r in platform.requests
+        ):
+            time.sleep(0.05)
+        (ticket_req, *_) = platform.seen("ws_ticket")
+        assert ticket_req.headers["Authorization"] == "Bearer leaf-6f1c:tok-SECRET-9d2e"
+        ticket = platform.tickets[0]
+        upgrade = next(r for r in platform.requests if r.path.startswith("/api/v1/ws?"))
+        assert upgrade.path == (
+            f"/api/v1/ws?ticket={ticket['ticket_id']}&request_id={ticket['request_id']}"
+        )
+        assert not client.notifications_connected
+        started = time.perf_counter()
+    assert time.perf_counter() - started < 6
 
 
 # --------------------------------------------------------------------------- proxies, close

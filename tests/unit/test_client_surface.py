@@ -369,6 +369,18 @@ def test_connection_errors_are_retried_then_translated() -> None:
     assert all(e.error and "ConnectionError" in e.error for e in rec.events)
 
 
+def test_transport_errors_do_not_show_a_signed_url_query() -> None:
+    boom = requests.exceptions.ConnectionError(
+        "HTTPConnectionPool(host='h', port=1): Max retries exceeded with url: "
+        "/blob/1?sig=SECRETSIG&exp=9 (Caused by NewConnectionError('refused'))"
+    )
+    t, _, _, rec = transport([boom], max_retries=0)
+    with pytest.raises(TransportError) as info:
+        t.request("GET", "http://platform.test/blob/1?sig=SECRETSIG", endpoint="download")
+    assert "SECRETSIG" not in str(info.value) and "refused" in str(info.value)
+    assert all("SECRETSIG" not in repr(e.to_dict()) for e in rec.events)
+
+
 def test_tls_errors_are_not_retried() -> None:
     t, adapter, slept, _ = transport([requests.exceptions.SSLError("bad cert")])
     with pytest.raises(TransportError, match="bad cert"):
