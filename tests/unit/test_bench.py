@@ -30,11 +30,12 @@ def test_bench_aggregate_prints_both_tables(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,
         ["bench", "aggregate", "--params", "2000", "--uploads", "3,12", "--layers", "3",
-         "--workdir", str(tmp_path)],
+         "--workdir", str(tmp_path), "--repeat", "2"],
     )
     assert result.exit_code == 0, result.output
     out = result.output
     assert "2,000 float32 params in 3 layers, uploads 3,12, compression fast" in out
+    assert "best of 2" in out
     assert re.search(r"machine: \d+ CPUs", out)
     step = _rows(out, "1. Aggregation step")
     assert [r[0] for r in step] == ["3", "12"]
@@ -42,7 +43,7 @@ def test_bench_aggregate_prints_both_tables(tmp_path: Path) -> None:
     assert all(r[9].endswith("x") and float(r[11]) < 1e-5 for r in step)  # ours agrees
     e2e = _rows(out, "2. End to end")
     assert [r[0] for r in e2e] == ["3", "12"]
-    assert all(len(r) == 10 and r[6].endswith("x") for r in e2e)
+    assert all(len(r) == 10 and r[7].endswith("x") and r[8].endswith("x") for r in e2e)
     assert len(re.findall(r"^target: .*(MET|NOT MET)", out, flags=re.M)) == 2
     assert list(tmp_path.iterdir()) == []  # the upload files are removed
 
