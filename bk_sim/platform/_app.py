@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_DECOMPRESSED_BYTES = 2 * 1024 * 1024 * 1024
-_MULTIPART_SLACK = 1024 * 1024  # form field + multipart framing on top of the file
-_MAX_FORM_FIELD = 1024 * 1024
+_MULTIPART_SLACK = 64 * 1024  # form field + multipart framing on top of the file
+_MAX_FORM_FIELD = 32 * 1024
 _CHUNK = 256 * 1024
 _HEALTH_CACHE_S = 2.0
 # Endpoint names as the client's events use them: "download_url" asks for a signed URL,
@@ -128,8 +128,7 @@ def _validate_and_store(data: bytes, target: Path, claimed_digest: str | None,
     try:
         info = validate_weights(data, strict=True, max_decompressed_bytes=max_decompressed)
     except WeightsFormatError as exc:
-        status = 413 if "over the limit" in str(exc) else 400
-        raise RequestRejected(status, f"invalid weights file: {exc}") from exc
+        raise RequestRejected(400, f"invalid weights file: {exc}") from exc
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_bytes(data)
     tmp.replace(target)
@@ -669,7 +668,7 @@ async def _read_upload_form(request: web.Request, limit: int) -> tuple[bytes, st
                 while chunk := await part.read_chunk(_CHUNK):
                     raw.extend(chunk)
                     if len(raw) > _MAX_FORM_FIELD:
-                        raise RequestRejected(413, "form field 'data' is over 1 MiB")
+                        raise RequestRejected(413, "form field 'data' is over 32 KiB")
                 form = raw.decode("utf-8", errors="replace")
             else:
                 await part.release()

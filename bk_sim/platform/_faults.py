@@ -74,11 +74,13 @@ class BranchFaults:
         unknown = set(payload) - {"http", "notifications", "aggregation", "dedupe", "seed"}
         if unknown:
             raise FaultSpecError(f"unknown fault keys: {', '.join(sorted(unknown))}")
-        rules = payload.get("http") or []
+        rules = payload.get("http")
+        rules = [] if rules is None else rules
         if not isinstance(rules, list):
             raise FaultSpecError("http must be a list of fault rules")
         http = [_http_rule(i, r) for i, r in enumerate(rules)]
-        notes = payload.get("notifications") or {}
+        notes = payload.get("notifications")
+        notes = {} if notes is None else notes
         if not isinstance(notes, dict):
             raise FaultSpecError("notifications must be an object")
         unknown = set(notes) - {"delay_s", "drop_rate"}

@@ -293,12 +293,14 @@ class WsHub:
             conns.discard(ws)
             if not conns:
                 del self._conns[leaf_id]
-                self._backlog[leaf_id] = collections.deque(maxlen=WS_BACKLOG)
+                self._backlog.setdefault(leaf_id, collections.deque(maxlen=WS_BACKLOG))
 
     async def send(self, leaf_id: str, text: str) -> None:
-        conns = list(self._conns.get(leaf_id, ()))
+        conns = [ws for ws in self._conns.get(leaf_id, ()) if not ws.closed]
         if not conns:
             backlog = self._backlog.get(leaf_id)
+            if backlog is None and leaf_id in self._conns:  # closing, not yet detached
+                backlog = self._backlog[leaf_id] = collections.deque(maxlen=WS_BACKLOG)
             if backlog is not None:
                 backlog.append(text)
             return
