@@ -216,24 +216,29 @@ class HttpTransport:
             if response is not None and status in expected:
                 return self._result(method, shown_url, response, content, parse_json)
             retry_left = attempt < attempts and retryable_method and not self._closed.is_set()
-            if failure is not None:
-                if not retry_left or not self._retryable_failure(failure):
-                    raise TransportError(
-                        f"{method} {shown_url}: no answer after {attempt} attempt(s): "
-                        f"{_describe(failure)}"
-                    ) from failure
-                delay = self.retry.backoff(attempt)
-                self._before_retry(method, endpoint, attempt, delay, error=_describe(failure))
-                continue
-            assert response is not None and status is not None
-            if not retry_left or status not in self.retry.status_forcelist:
-                raise self._api_error(method, shown_url, status, content, expected)
             delay = self.retry.backoff(attempt)
-            if status in _RETRY_AFTER_STATUSES:
-                asked = parse_retry_after(response.headers.get("Retry-After"))
-                if asked is not None:
-                    delay = min(asked, self.retry.max_backoff)
-            self._before_retry(method, endpoint, attempt, delay, status=status)
+            error: ClientError
+            if failure is not None:
+                error = TransportError(
+                    f"{method} {shown_url}: no answer after {attempt} attempt(s): "
+                    f"{_describe(failure)}"
+                )
+                error.__cause__ = failure
+                if not retry_left or not self._retryable_failure(failure):
+                    raise error
+                self._before_retry(method, endpoint, attempt, delay, error=_describe(failure))
+            else:
+                assert response is not None and status is not None
+                error = self._api_error(method, shown_url, status, content, expected)
+                if not retry_left or status not in self.retry.status_forcelist:
+                    raise error
+                if status in _RETRY_AFTER_STATUSES:
+                    asked = parse_retry_after(response.headers.get("Retry-After"))
+                    if asked is not None:
+                        delay = min(asked, self.retry.max_backoff)
+                self._before_retry(method, endpoint, attempt, delay, status=status)
+            if self._closed.is_set():
+                raise error  # closed during the wait: the last answer is the final one
         raise AssertionError("unreachable: the retry loop always returns or raises")
 
     def _send(

@@ -437,6 +437,7 @@ def test_close_interrupts_a_retry_wait(platform: FakePlatform, tmp_path: Path) -
     t.join(5)
     assert not t.is_alive() and time.perf_counter() - started < 1
     assert isinstance(errors[0], ApiError) and errors[0].status == 503
+    assert len(platform.seen("branch_config")) == 1  # no attempt after close
 
 
 # --------------------------------------------------------------------------- download
