@@ -130,7 +130,10 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, dict[str, int]]:
         mark = exc.problem_mark or exc.context_mark
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         problem = exc.problem or exc.context or "syntax error"
-        raise ScenarioError(f"{where}{at}: invalid YAML: {problem}") from exc
+        context = ""
+        if exc.context and exc.context_mark is not None and exc.problem:
+            context = f" ({exc.context} started at line {exc.context_mark.line + 1})"
+        raise ScenarioError(f"{where}{at}: invalid YAML: {problem}{context}") from exc
     except yaml.YAMLError as exc:
         raise ScenarioError(f"{where}: invalid YAML: {exc}") from exc
     finally:
@@ -174,8 +177,11 @@ def _from_data(
     merged: dict[str, Any] = _copy(data)
     applied: list[tuple[str, str]] = []  # (key path, override text)
     for text in overrides:
-        parts, value = parse_override(text)
-        _set_path(merged, parts, value, text)
+        try:
+            parts, value = parse_override(text)
+            _set_path(merged, parts, value, text)
+        except ScenarioError as exc:
+            raise ScenarioError(f"{where}: {exc}") from exc.__cause__
         applied.append((".".join(parts), text))
     if "name" not in merged and source is not None:
         merged["name"] = source.stem
