@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import queue as _queue
 import tempfile
 import threading
 import urllib.parse
@@ -699,6 +700,8 @@ class Client:
         started, unless ``wait_for_run``. ``metadata`` adds keys to the metadata object.
         """
         self._check_open()
+        if not self._settings.run.wait_for_run:
+            self._wait_for_run()  # refuses at once when the run is blocked
         path = Path(file_path)
         try:
             data = path.read_bytes()
@@ -706,7 +709,7 @@ class Client:
             raise WeightsFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         _weights.validate_weights(data, strict=False)
         digest = _weights.digest_header(data)
-        self._wait_for_run()
+        self._wait_for_run()  # after the checks: never wait long for a file that is bad
         meta = upload_metadata(
             file_size=len(data),
             file_digest=digest,
@@ -810,7 +813,7 @@ class Client:
         """Take the newest unread aggregation id without blocking; None when there is none."""
         try:
             return self._queue.get_nowait()
-        except Exception:  # noqa: BLE001 - queue.Empty
+        except _queue.Empty:
             return None
 
     def _on_notification(self, msg: dict[str, Any]) -> None:

@@ -250,6 +250,16 @@ def test_wait_for_run_waits_until_the_run_starts(platform: FakePlatform, tmp_pat
     assert platform.seen("upload")[0].t > platform.seen("run")[-1].t
 
 
+def test_wait_for_run_never_waits_for_a_broken_file(platform: FakePlatform, tmp_path: Path) -> None:
+    platform.run_status = "pause"
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK but not really")
+    client, rec = make_client(platform, tmp_path, wait_for_run=True, run_check_interval_s=30)
+    with client, pytest.raises(WeightsFormatError):
+        client.file_upload(bad)
+    assert rec.of("run_wait") == []
+
+
 def test_wait_for_run_ends_when_the_client_closes(platform: FakePlatform, tmp_path: Path) -> None:
     platform.run_status = "pause"
     client, _ = make_client(platform, tmp_path, wait_for_run=True, run_check_interval_s=30)
