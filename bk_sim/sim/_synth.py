@@ -30,19 +30,16 @@ import functools
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from bk_sim.errors import ScenarioError
-from bk_sim.scenario import LayerSpec, LeavesSpec, ModelSpec, WeightingSpec
+from bk_sim.scenario import LayerSpec, ModelSpec, WeightingSpec
 
 __all__ = [
     "LR",
     "NOISE",
-    "LeafPlan",
     "initial_model",
-    "leaf_plans",
     "leaf_update",
     "leaf_weightings",
 ]
@@ -57,7 +54,7 @@ SPREAD = 0.5
 INT_STEP = 2
 
 # Stream tags, so the draws for different purposes never share a stream.
-_INIT, _TARGET, _LEAF, _UPDATE, _WEIGHTING, _PLAN = range(1, 7)
+_INIT, _TARGET, _LEAF, _UPDATE, _WEIGHTING = range(1, 6)
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -223,57 +220,3 @@ def _int_update(layer: LayerSpec, base: np.ndarray, rng: np.random.Generator) ->
     out = base.reshape(-1).astype(np.int64) + step
     np.clip(out, max(info.min, -(2**63)), min(info.max, 2**63 - 1), out=out)
     return out.astype(dtype).reshape(layer.shape)
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-@dataclass(frozen=True)
-class LeafPlan:
-    """What one leaf does over the run, drawn once from the seed.
-
-    ``skip_rounds`` are rounds it does not upload in; ``dies_in_round`` is the round in
-    which its process is killed (before uploading), None if it survives.
-    """
-
-    index: int
-    weighting: float
-    start_delay_s: float
-    straggler: bool
-    straggle_s: float
-    skip_rounds: frozenset[int]
-    dies_in_round: int | None
-
-
-def leaf_plans(seed: int, leaves: LeavesSpec, rounds: int) -> list[LeafPlan]:
-    """Every leaf's plan: exact counts (round(fraction x N)), leaves picked at random.
-
-    Stragglers: round(stragglers.fraction x count) leaves, each late by ``delay_s`` in
-    every round. Dropouts: round(skip_fraction x count x rounds) leaf-rounds skipped;
-    round(die_fraction x count) leaves die, each in a uniformly drawn round.
-    """
-    count = leaves.count
-    weights = leaf_weightings(seed, leaves.weighting, count)
-    rng = _rng(seed, _PLAN)
-    delays = rng.random(count) * leaves.start_jitter_s
-    n_strag = round(leaves.stragglers.fraction * count)
-    stragglers = set(rng.permutation(count)[:n_strag].tolist())
-    n_skip = round(leaves.dropouts.skip_fraction * count * rounds)
-    skips: dict[int, set[int]] = {}
-    for cell in rng.permutation(count * rounds)[:n_skip].tolist():
-        skips.setdefault(cell // rounds, set()).add(cell % rounds + 1)
-    n_die = round(leaves.dropouts.die_fraction * count)
-    dying = rng.permutation(count)[:n_die].tolist()
-    die_round = {leaf: int(rng.integers(1, rounds + 1)) for leaf in dying}
-    return [
-        LeafPlan(
-            index=i,
-            weighting=float(weights[i]),
-            start_delay_s=float(delays[i]),
-            straggler=i in stragglers,
-            straggle_s=leaves.stragglers.delay_s if i in stragglers else 0.0,
-            skip_rounds=frozenset(skips.get(i, ())),
-            dies_in_round=die_round.get(i),
-        )
-        for i in range(count)
-    ]

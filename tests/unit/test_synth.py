@@ -13,14 +13,11 @@ from bk_sim.errors import ScenarioError
 from bk_sim.scenario import (
     DTYPES,
     PRESETS,
-    DropoutsSpec,
     LayerSpec,
-    LeavesSpec,
     ModelSpec,
-    StragglersSpec,
     WeightingSpec,
 )
-from bk_sim.sim._synth import initial_model, leaf_plans, leaf_update, leaf_weightings
+from bk_sim.sim._synth import initial_model, leaf_update, leaf_weightings
 
 
 def _preset(name: str) -> ModelSpec:
@@ -147,20 +144,3 @@ def test_weightings_are_finite_positive_and_deterministic(spec: WeightingSpec) -
 def test_weightings_that_overflow_are_a_scenario_error() -> None:
     with pytest.raises(ScenarioError, match="not finite and > 0"):
         leaf_weightings(1, WeightingSpec(distribution="lognormal", mu=800.0, sigma=1.0), 4)
-
-
-def test_leaf_plans_have_exact_counts_and_are_deterministic() -> None:
-    leaves = LeavesSpec(
-        count=20,
-        start_jitter_s=2.0,
-        stragglers=StragglersSpec(fraction=0.2, delay_s=5.0),
-        dropouts=DropoutsSpec(skip_fraction=0.1, die_fraction=0.1),
-    )
-    plans = leaf_plans(3, leaves, rounds=3)
-    assert plans == leaf_plans(3, leaves, rounds=3)
-    assert sum(p.straggler for p in plans) == 4
-    assert all(p.straggle_s == (5.0 if p.straggler else 0.0) for p in plans)
-    assert sum(len(p.skip_rounds) for p in plans) == 6  # 10% of 20 x 3 leaf-rounds
-    assert all(r in (1, 2, 3) for p in plans for r in p.skip_rounds)
-    assert sum(p.dies_in_round is not None for p in plans) == 2
-    assert all(0.0 <= p.start_delay_s <= 2.0 for p in plans)
