@@ -101,10 +101,16 @@ def _docker_endpoint_problem(timeout: float) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct loopback ports free right now (all held open while choosing)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class RabbitContainer:
@@ -140,8 +146,10 @@ class RabbitContainer:
             handle._stable_ports = handle._bind_local_ports()
             try:
                 handle._container.start()
-            except Exception as exc:  # docker SDK / testcontainers errors vary by version
+            except BaseException as exc:  # docker SDK / testcontainers errors vary by version
                 handle.stop()
+                if not isinstance(exc, Exception):
+                    raise  # Ctrl-C while pulling or starting: removed, now stop
                 if "already allocated" in str(exc) or "address already in use" in str(exc):
                     last = exc  # a chosen free port was taken meanwhile: choose again
                     continue
@@ -202,17 +210,16 @@ class RabbitContainer:
     # -- helpers
     def _bind_local_ports(self) -> bool:
         """Pick host ports now (Docker on this machine) so restarts keep them; else let Docker."""
-        from testcontainers.core.utils import inside_container
-
         try:
             host = self._container.get_docker_client().host()
         except Exception:
             return False
-        if host not in _LOCAL_HOSTS or inside_container():
+        if host not in _LOCAL_HOSTS or _inside_container():
             return False
         # docker SDK form ("ip", port): published on loopback only, not on every interface.
-        self._container.ports[str(AMQP_PORT)] = ("127.0.0.1", _free_port())
-        self._container.ports[str(MANAGEMENT_PORT)] = ("127.0.0.1", _free_port())
+        amqp, management = _free_ports(2)
+        self._container.ports[str(AMQP_PORT)] = ("127.0.0.1", amqp)
+        self._container.ports[str(MANAGEMENT_PORT)] = ("127.0.0.1", management)
         return True
 
     def _read_ports(self) -> None:
@@ -235,9 +242,16 @@ class RabbitContainer:
                 if time.monotonic() >= deadline:
                     raise BrokerError(
                         f"testcontainers: RabbitMQ in container {self.container_id[:12]} did not "
-                        f"answer within {timeout:.0f}s: {exc}"
+                        f"answer within {timeout:g}s: {exc}"
                     ) from exc
             time.sleep(READY_POLL_S)
+
+
+def _inside_container() -> bool:
+    """Inside a container, testcontainers reaches others through a gateway, not loopback."""
+    from testcontainers.core.utils import inside_container
+
+    return bool(inside_container())
 
 
 def _build(image: str) -> Any:

@@ -142,3 +142,120 @@ def test_capacity_skips_stopped_nodes_and_advises_docker_for_containers() -> Non
     assert problem is not None and "allows 100 sockets" in problem
     assert "--ulimit nofile=20000:20000" in problem
     assert provider_mod.capacity_problem([_node()], 10**6) is None  # nothing reported
+
+
+class _StandInContainer:
+    """The slice of testcontainers' DockerContainer that RabbitContainer drives.
+
+    No Docker engine here: this stands in for it so the start / retry / restart / cleanup
+    logic runs; the real thing is exercised by tests/integration/test_broker_testcontainers.py.
+    """
+
+    def __init__(self, start_error: str | None = None, port_after_restart: int = 0) -> None:
+        self.ports: dict[str, object] = {"5672": None, "15672": None}
+        self.start_error = start_error
+        self.port_after_restart = port_after_restart
+        self.restarts = 0
+        self.stops = 0
+
+    def start(self) -> None:
+        if self.start_error:
+            raise RuntimeError(self.start_error)
+
+    def stop(self) -> None:
+        self.stops += 1
+
+    def get_docker_client(self) -> _StandInContainer:
+        return self
+
+    def host(self) -> str:
+        return "localhost"
+
+    def get_container_host_ip(self) -> str:
+        return "localhost"
+
+    def get_container_id(self) -> str:
+        return "0123456789abcdef"
+
+    def get_exposed_port(self, port: int) -> int:
+        bound = self.ports[str(port)]
+        if isinstance(bound, tuple):
+            return int(bound[1])
+        return port + 30000 + (self.port_after_restart if self.restarts else 0)
+
+    def get_wrapped_container(self) -> _StandInContainer:
+        return self
+
+    def restart(self, timeout: int) -> None:
+        self.restarts += 1
+
+
+@pytest.fixture()
+def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bk_sim.broker import _testcontainer
+
+    monkeypatch.setattr(_testcontainer, "READY_POLL_S", 0.01)
+
+
+def test_container_start_binds_loopback_ports_and_waits_until_ready(
+    monkeypatch: pytest.MonkeyPatch, fast_polls: None
+) -> None:
+    from bk_sim.broker import _testcontainer
+
+    built: list[_StandInContainer] = [
+        _StandInContainer(start_error="Bind for 127.0.0.1:40000 failed: port is already allocated"),
+        _StandInContainer(),
+    ]
+    monkeypatch.setattr(_testcontainer, "_build", lambda image: built.pop(0))
+    monkeypatch.setattr(_testcontainer, "_inside_container", lambda: False)
+    calls: list[tuple[str, str]] = []
+
+    def ready(amqp_url: str, management_url: str) -> None:
+        calls.append((amqp_url, management_url))
+        if len(calls) < 3:
+            raise BrokerError("not yet")
+
+    handle = _testcontainer.RabbitContainer.start(ready)
+    container = handle._container
+    assert not built  # the port clash was retried with a fresh container
+    amqp = container.ports["5672"]
+    assert isinstance(amqp, tuple) and amqp[0] == "127.0.0.1"
+    assert handle.amqp_url == f"amqp://guest:guest@127.0.0.1:{amqp[1]}/"
+    assert handle._stable_ports and len(calls) == 3
+
+    handle.restart()
+    assert container.restarts == 1 and handle.amqp_url.endswith(f":{amqp[1]}/")  # same URL
+    handle.stop()
+    assert container.stops == 1
+
+
+def test_container_that_never_gets_ready_is_removed(
+    monkeypatch: pytest.MonkeyPatch, fast_polls: None
+) -> None:
+    from bk_sim.broker import _testcontainer
+
+    container = _StandInContainer()
+    monkeypatch.setattr(_testcontainer, "_build", lambda image: container)
+
+    def never(amqp_url: str, management_url: str) -> None:
+        raise BrokerError("AMQP check failed: nothing is listening")
+
+    with pytest.raises(BrokerError, match="did not answer within 0.05s: AMQP check failed"):
+        _testcontainer.RabbitContainer.start(never, timeout=0.05)
+    assert container.stops == 1
+
+
+def test_restart_rereads_ports_docker_moved(fast_polls: None) -> None:
+    from bk_sim.broker import _testcontainer
+
+    container = _StandInContainer(port_after_restart=7)
+    handle = _testcontainer.RabbitContainer(container, stable_ports=False, ready=lambda a, m: None)
+    handle._read_ports()
+    assert handle.amqp_port == 35672
+    endpoints = BrokerEndpoints(
+        "testcontainers", handle.amqp_url, handle.management_url, "r", True, handle
+    )
+    after = restart_broker(endpoints)
+    assert after.amqp_url == "amqp://guest:guest@127.0.0.1:35679/"
+    assert after.management_url == "http://guest:guest@127.0.0.1:45679/"
+    assert after.reason == "r" and after.restartable
