@@ -22,6 +22,10 @@ BrokerProvider = Literal["auto", "external", "local", "testcontainers", "none"]
 Transport = Literal["amqp", "websocket"]
 Distribution = Literal["fixed", "uniform", "lognormal", "list"]
 Compression = Literal["faithful", "fast", "stored"]
+#: Endpoints the platform's admin faults API knows (``*`` = all leaf endpoints).
+FaultEndpoint = Literal[
+    "*", "upload", "download", "download_url", "run", "metrics", "branch_config", "ws_ticket"
+]
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "mean", "median", "trimmed_mean")
 DTYPES: tuple[str, ...] = (
@@ -55,7 +59,7 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", **meta: Any) -> Any:
 class HttpFaultSpec:
     """One HTTP fault rule, as the platform's admin faults API takes it."""
 
-    endpoint: str = _f("*", "endpoint the rule matches (`*` = every leaf endpoint)")
+    endpoint: FaultEndpoint = _f("*", "endpoint the rule matches (`*` = every leaf endpoint)")
     status: int | None = _f(None, "answer with this HTTP status instead", ge=100, le=599)
     rate: float = _f(1.0, "probability a matching request is hit", ge=0.0, le=1.0)
     count: int | None = _f(None, "stop after this many hits (null = no limit)", ge=1)

@@ -186,6 +186,12 @@ BROKEN = [
         ["platform.faults.http[0]: does nothing"],
     ),
     (
+        "unknown fault endpoint",
+        BASE + "platform:\n  faults:\n    http:\n    - {endpoint: uplod, status: 503}\n",
+        (),
+        ["s.yaml:9: platform.faults.http[0].endpoint: expected one of *, upload", "'upload'?"],
+    ),
+    (
         "bad --set path with suggestion",
         BASE,
         ("leaves.cuont=3",),
@@ -384,3 +390,20 @@ def test_readme_scenarios_table_is_generated_from_the_dataclasses() -> None:
         "README's Scenarios table is stale: paste the output of "
         "`python -c 'from bk_sim.scenario import scenario_schema_doc as d; print(d())'`"
     )
+
+
+def test_fault_spec_mirrors_the_platform_faults_api() -> None:
+    import dataclasses
+    import typing
+
+    from bk_sim.platform import _faults
+    from bk_sim.scenario import FaultsSpec, HttpFaultSpec, NotificationFaultSpec
+
+    hints = typing.get_type_hints(HttpFaultSpec)
+    assert set(typing.get_args(hints["endpoint"])) == set(_faults.ENDPOINTS)
+    mine = {f.name for f in dataclasses.fields(HttpFaultSpec)}
+    assert mine == {f.name for f in dataclasses.fields(_faults.HttpFault)}
+    notes = {f.name for f in dataclasses.fields(NotificationFaultSpec)}
+    assert notes == {f.name for f in dataclasses.fields(_faults.NotificationFaults)}
+    aggregation = typing.get_type_hints(FaultsSpec)["aggregation"]
+    assert set(typing.get_args(typing.get_args(aggregation)[0])) == set(_faults.AGGREGATION_FAULTS)
