@@ -115,8 +115,14 @@ def forensics(
     picks = _pick(coords, m, seed)
     x = np.empty((m, n), dtype=np.float64)
     weights = np.empty(n, dtype=np.float64)
+    shapes = [np.shape(a) for a in actual]
     for j, leaf in enumerate(ids):
         weighting, layers = contributions[leaf]
+        if [np.shape(a) for a in layers] != shapes:
+            return _empty(
+                f"leaf {leaf}'s upload has layer shapes {[np.shape(a) for a in layers]}, the "
+                f"aggregate {shapes}"
+            )
         weights[j] = float(weighting)
         x[:, j] = _gather(layers, picks)
     y = _gather(actual, picks)

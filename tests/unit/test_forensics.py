@@ -142,6 +142,14 @@ def test_too_few_coordinates_says_so() -> None:
     assert f.effective_weights == {}
 
 
+def test_aggregate_of_another_shape_is_not_fitted() -> None:
+    c = _contributions()
+    wrong = _aggregate(list(c.values()), "fedavg")[:2]
+    f = forensics(wrong, c, "fedavg")
+    assert f.summary.startswith("Forensics not possible: leaf leaf-0's upload has layer shapes")
+    assert not f.found_fault
+
+
 def test_each_contribution_is_read_once_so_a_lazy_mapping_works() -> None:
     weights = {f"leaf-{i}": float(i + 1) for i in range(N)}
     reads: list[str] = []
