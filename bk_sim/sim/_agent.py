@@ -1,0 +1,228 @@
+"""One simulated leaf's behaviour: train (synthetically), upload, await, download.
+
+``LeafAgent`` knows nothing of processes or Locust: the simulation's workers and the
+load generator's users both drive it. It talks to the platform only through
+``bk_sim.client.Client`` and reports what it does as plain event dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bk_sim import weights
+from bk_sim.client import Client
+from bk_sim.errors import BkSimError
+from bk_sim.scenario import ModelSpec
+from bk_sim.sim._eventlog import harness_event
+from bk_sim.sim._synth import leaf_update
+
+_log = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class LeafPlan:
+    """What one leaf will do in the run; derived from the scenario and its seed."""
+
+    index: int
+    credentials: dict[str, str] = field(repr=False)
+    weighting: float
+    start_delay_s: float = 0.0
+    straggle_s: float = 0.0  # extra wait before every upload
+    skip_rounds: frozenset[int] = frozenset()  # rounds the leaf does not upload in
+    die_round: int | None = None  # the round in which the leaf dies mid-upload
+
+    @property
+    def leaf_id(self) -> str:
+        return self.credentials["id"]
+
+
+class AggregateCache:
+    """Aggregates by id, decoded once per process and shared by its leaves.
+
+    The first copy downloaded of an aggregate is kept in ``keep_dir`` (the run folder),
+    so the validator reads what the leaves received without downloading again.
+    """
+
+    def __init__(self, keep_dir: Path) -> None:
+        self._dir = keep_dir
+        self._layers: dict[str, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, aggregation_id: str, downloaded: Path) -> list[np.ndarray]:
+        with self._lock:
+            if aggregation_id in self._layers:
+                downloaded.unlink(missing_ok=True)
+                return self._layers[aggregation_id]
+            kept = self._dir / f"{aggregation_id}.npz"
+            if kept.exists():
+                downloaded.unlink(missing_ok=True)
+            else:
+                shutil.move(str(downloaded), kept)
+            layers = weights.read_layers(kept)
+            for arr in layers:
+                arr.flags.writeable = False
+            self._layers[aggregation_id] = layers
+            # Only the newest few are needed as bases; drop older ones to bound memory.
+            while len(self._layers) > 3:
+                self._layers.pop(next(iter(self._layers)))
+            return layers
+
+
+class LeafAgent:
+    """Plays the scenario's rounds for one leaf through a ``Client``."""
+
+    def __init__(
+        self,
+        plan: LeafPlan,
+        *,
+        seed: int,
+        model: ModelSpec,
+        rounds: int,
+        compression: weights.Compression,
+        notification_timeout_s: float,
+        client: Client,
+        work_dir: Path,
+        cache: AggregateCache,
+        emit: Emit,
+        stop: threading.Event,
+    ) -> None:
+        self.plan = plan
+        self._seed = seed
+        self._model = model
+        self._rounds = rounds
+        self._compression = compression
+        self._timeout = notification_timeout_s
+        self.client = client
+        self._dir = work_dir
+        self._cache = cache
+        self._emit = emit
+        self._stop = stop
+        self._base_id: str | None = None
+        self._base: Sequence[np.ndarray] | None = None
+        self._seen: set[str] = set()
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._emit(harness_event(kind, leaf=self.plan.index, leaf_id=self.plan.leaf_id, **fields))
+
+    def run(self) -> bool:
+        """Play every round; False when the leaf stopped early (error, death or stop)."""
+        for round_index in range(1, self._rounds + 1):
+            if self._stop.is_set():
+                self._event("leaf_stopped", round=round_index, reason="run stopped")
+                return False
+            try:
+                if not self.play_round(round_index):
+                    return False
+            except BkSimError as exc:
+                self._event("leaf_error", round=round_index, error=str(exc))
+                return False
+        self._event("leaf_done", rounds=self._rounds)
+        return True
+
+    def play_round(self, round_index: int) -> bool:
+        """One round; False when the leaf is gone (died, timed out, stopped)."""
+        plan = self.plan
+        if plan.die_round == round_index:
+            self._event("leaf_died", round=round_index, reason="dropout: dies mid-upload")
+            self.client.close()
+            return False
+        uploaded_at: float | None = None
+        if round_index in plan.skip_rounds:
+            self._event("round_skipped", round=round_index, reason="dropout: skips this round")
+        else:
+            if plan.straggle_s > 0 and self._stop.wait(plan.straggle_s):
+                return False
+            uploaded_at = self._upload(round_index)
+        aggregation_id = self._await_aggregate(round_index, uploaded_at)
+        if aggregation_id is None:
+            return False
+        self._download(round_index, aggregation_id)
+        return True
+
+    def _upload(self, round_index: int) -> float:
+        t0 = time.perf_counter()
+        layers = leaf_update(self._seed, self.plan.index, round_index, self._base, self._model)
+        t1 = time.perf_counter()
+        data = weights.encode_weights(self.plan.weighting, layers, compression=self._compression)
+        t2 = time.perf_counter()
+        path = self._dir / f"leaf{self.plan.index}-r{round_index}.npz"
+        path.write_bytes(data)
+        # Whatever arrived before this upload cannot be this upload's aggregate.
+        latest = self.client.get_latest_aggregation_id()
+        if latest is not None:
+            self._seen.add(latest)
+        try:
+            file_id = self.client.file_upload(path)
+        finally:
+            path.unlink(missing_ok=True)
+        t3 = time.perf_counter()
+        self._event(
+            "upload",
+            round=round_index,
+            file_id=file_id,
+            digest=weights.digest_header(data),
+            weighting=self.plan.weighting,
+            base_aggregation_id=self._base_id,
+            bytes=len(data),
+            generate_s=t1 - t0,
+            encode_s=t2 - t1,
+            duration_s=t3 - t2,
+        )
+        return time.time()
+
+    def _await_aggregate(self, round_index: int, uploaded_at: float | None) -> str | None:
+        deadline = time.monotonic() + self._timeout
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._event(
+                    "leaf_error",
+                    round=round_index,
+                    error=f"no aggregation notification within {self._timeout:g} s",
+                )
+                return None
+            try:
+                aggregation_id = self.client.queue.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if aggregation_id in self._seen:
+                continue
+            self._seen.add(aggregation_id)
+            latency = None if uploaded_at is None else time.time() - uploaded_at
+            self._event(
+                "aggregate_notified",
+                round=round_index,
+                aggregation_id=aggregation_id,
+                latency_s=latency,
+            )
+            return aggregation_id
+        self._event("leaf_stopped", round=round_index, reason="run stopped")
+        return None
+
+    def _download(self, round_index: int, aggregation_id: str) -> None:
+        t0 = time.perf_counter()
+        path = self.client.file_download(aggregation_id)
+        data = path.read_bytes()
+        duration = time.perf_counter() - t0
+        self._event(
+            "download",
+            round=round_index,
+            aggregation_id=aggregation_id,
+            digest=weights.digest_header(data),
+            bytes=len(data),
+            duration_s=duration,
+        )
+        self._base = self._cache.add(aggregation_id, path)
+        self._base_id = aggregation_id

@@ -1,0 +1,471 @@
+"""Judging a finished run: correctness per round, notification accounting, timings.
+
+Input is only what the run left behind (the event log, the platform's round records
+when it has them, the aggregates the leaves downloaded), so the same judgement can be
+made again from a run folder. Uploads are regenerated from the seed, never shipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bk_sim import weights
+from bk_sim.errors import WeightsFormatError
+from bk_sim.scenario import Scenario
+from bk_sim.sim._synth import leaf_update
+from bk_sim.validate import compare, forensics, reference_aggregate
+
+FetchAggregate = Callable[[str], Path | None]
+
+
+@dataclass
+class Check:
+    """One named check: a junit test case and a line of the verdict."""
+
+    name: str
+    passed: bool
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "message": self.message}
+
+
+@dataclass
+class _Upload:
+    leaf: int
+    leaf_id: str
+    round: int
+    file_id: str
+    weighting: float
+    base: str | None
+    t_end: float
+    t_start: float
+    bytes: int
+
+
+@dataclass
+class Judgement:
+    checks: list[Check] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    notifications: dict[str, Any] = field(default_factory=dict)
+    downloads: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    leaves: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+
+def _percentiles(values: Sequence[float], qs: Sequence[int]) -> dict[str, float | None]:
+    if not values:
+        return {f"p{q}": None for q in qs}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in qs}
+
+
+def _uploads(events: Sequence[Mapping[str, Any]]) -> dict[str, _Upload]:
+    found: dict[str, _Upload] = {}
+    for e in events:
+        if e.get("kind") != "upload":
+            continue
+        spent = float(e.get("generate_s", 0)) + float(e.get("encode_s", 0))
+        spent += float(e.get("duration_s", 0))
+        found[e["file_id"]] = _Upload(
+            leaf=int(e["leaf"]),
+            leaf_id=str(e["leaf_id"]),
+            round=int(e["round"]),
+            file_id=str(e["file_id"]),
+            weighting=float(e["weighting"]),
+            base=e.get("base_aggregation_id"),
+            t_end=float(e["t"]),
+            t_start=float(e["t"]) - spent,
+            bytes=int(e.get("bytes", 0)),
+        )
+    return found
+
+
+def records_from_events(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Round records built from this run's own events, for a platform that has none.
+
+    Each upload belongs to the aggregate its leaf was notified of next (remote mode).
+    """
+    uploads = _uploads(events)
+    by_leaf_round = {(u.leaf, u.round): u for u in uploads.values()}
+    groups: dict[str, list[_Upload]] = defaultdict(list)
+    order: list[str] = []
+    for e in events:
+        if e.get("kind") != "aggregate_notified":
+            continue
+        up = by_leaf_round.get((int(e["leaf"]), int(e["round"])))
+        agg = str(e["aggregation_id"])
+        if agg not in groups:
+            order.append(agg)
+        if up is not None:
+            groups[agg].append(up)
+    return [
+        {
+            "round": i + 1,
+            "status": "aggregated",
+            "aggregation_id": agg,
+            "uploads": [
+                {"leaf_id": u.leaf_id, "file_id": u.file_id, "weighting": u.weighting}
+                for u in groups[agg]
+            ],
+        }
+        for i, agg in enumerate(order)
+    ]
+
+
+class _Aggregates:
+    """Aggregate layers by id: from the run folder, else fetched once; a few kept."""
+
+    def __init__(self, directory: Path, fetch: FetchAggregate | None) -> None:
+        self._dir = directory
+        self._fetch = fetch
+        self._cache: dict[str, list[np.ndarray]] = {}
+
+    def get(self, aggregation_id: str) -> list[np.ndarray] | None:
+        if aggregation_id in self._cache:
+            return self._cache[aggregation_id]
+        path = self._dir / f"{aggregation_id}.npz"
+        if not path.exists() and self._fetch is not None:
+            fetched = self._fetch(aggregation_id)
+            if fetched is not None and fetched != path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fetched.replace(path)
+        if not path.exists():
+            return None
+        try:
+            layers = weights.read_layers(path)
+        except WeightsFormatError:
+            return None
+        self._cache[aggregation_id] = layers
+        if len(self._cache) > 4:
+            self._cache.pop(next(iter(self._cache)))
+        return layers
+
+
+def _words(leaf_ids: Sequence[str], names: Mapping[str, str]) -> str:
+    return ", ".join(names.get(i, i) for i in leaf_ids)
+
+
+def judge(
+    scenario: Scenario,
+    events: Sequence[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]] | None,
+    aggregates_dir: Path,
+    *,
+    fetch: FetchAggregate | None = None,
+    run_started: float | None = None,
+) -> Judgement:
+    """Every check of a finished run, from what it left behind."""
+    j = Judgement()
+    uploads = _uploads(events)
+    leaf_names = {
+        str(e["leaf_id"]): f"leaf {e['leaf']} ({e['leaf_id']})"
+        for e in events
+        if "leaf_id" in e and "leaf" in e
+    }
+    if records is None:
+        records = records_from_events(events)
+    aggregates = _Aggregates(aggregates_dir, fetch)
+    earlier: dict[str, int] = {}  # aggregation id -> round it first belonged to
+    validation_s = 0.0
+    harness_shares: list[float] = []
+    downloads_by_agg: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("kind") == "download":
+            downloads_by_agg[str(e["aggregation_id"])].append(float(e["t"]))
+
+    for rec in records:
+        t0 = time.perf_counter()
+        row = _judge_round(scenario, rec, uploads, aggregates, earlier, leaf_names)
+        spent = time.perf_counter() - t0
+        validation_s += spent
+        row["validation_s"] = spent
+        agg_id = rec.get("aggregation_id")
+        ups = [uploads[u["file_id"]] for u in rec.get("uploads", []) if u["file_id"] in uploads]
+        if ups and agg_id and downloads_by_agg.get(agg_id):
+            wall = max(downloads_by_agg[agg_id]) - min(u.t_start for u in ups)
+            row["wall_time_s"] = wall
+            harness = sum(
+                float(e.get("generate_s", 0)) + float(e.get("encode_s", 0))
+                for e in events
+                if e.get("kind") == "upload" and e.get("file_id") in {u.file_id for u in ups}
+            )
+            if wall > 0:
+                share = (harness + spent) / (wall * (os.cpu_count() or 1))
+                row["harness_share"] = share
+                harness_shares.append(share)
+            mb = sum(u.bytes for u in ups) / 1e6
+            row["validator_mb_s"] = (mb / spent) if spent > 0 else None
+        if agg_id and agg_id not in earlier:
+            earlier[agg_id] = int(rec.get("round", 0))
+        j.rounds.append(row)
+        j.checks.append(
+            Check(
+                f"round {row['round']}: aggregate correct", row["passed"], row.get("reason") or ""
+            )
+        )
+
+    if not records:
+        j.checks.append(Check("rounds: at least one round aggregated", False, "no round closed"))
+
+    _judge_notifications(j, events, records)
+    _judge_downloads(j, events)
+    _judge_leaves(j, events, scenario)
+    _timings(j, events, uploads, records, run_started, validation_s, harness_shares)
+    return j
+
+
+def _judge_round(
+    scenario: Scenario,
+    rec: Mapping[str, Any],
+    uploads: Mapping[str, _Upload],
+    aggregates: _Aggregates,
+    earlier: Mapping[str, int],
+    names: Mapping[str, str],
+) -> dict[str, Any]:
+    strategy = scenario.platform.strategy
+    row: dict[str, Any] = {
+        "round": rec.get("round"),
+        "aggregation_id": rec.get("aggregation_id"),
+        "strategy": strategy,
+        "close_reason": rec.get("close_reason"),
+        "uploads": len(rec.get("uploads", [])),
+        "max_abs_error": None,
+        "max_rel_error": None,
+        "forensics": None,
+        "passed": False,
+    }
+    if rec.get("status") != "aggregated" or not rec.get("aggregation_id"):
+        row["reason"] = f"round did not aggregate (status {rec.get('status')}: {rec.get('error')})"
+        return row
+    agg_id = str(rec["aggregation_id"])
+    mine = []
+    for u in rec.get("uploads", []):
+        up = uploads.get(u["file_id"])
+        if up is None:
+            row["reason"] = (
+                f"upload {u['file_id']} in the platform's record was not made by this run"
+            )
+            return row
+        if abs(up.weighting - float(u.get("weighting", up.weighting))) > 1e-9 * up.weighting:
+            row["reason"] = (
+                f"{names.get(up.leaf_id, up.leaf_id)} uploaded weighting {up.weighting} but the "
+                f"platform recorded {u['weighting']}"
+            )
+            return row
+        mine.append(up)
+    actual = aggregates.get(agg_id)
+    if actual is None:
+        row["reason"] = f"aggregate {agg_id} could not be downloaded"
+        return row
+
+    def regenerate() -> Iterator[tuple[float, list[np.ndarray]]]:
+        for up in mine:
+            base = None if up.base is None else aggregates.get(up.base)
+            yield up.weighting, leaf_update(scenario.seed, up.leaf, up.round, base, scenario.model)
+
+    reference = reference_aggregate(
+        regenerate(), strategy, trim_fraction=scenario.platform.trim_fraction
+    )
+    cmp = compare(reference, actual, rtol=scenario.validation.rtol, atol=scenario.validation.atol)
+    row["max_abs_error"] = cmp.max_abs_error
+    row["max_rel_error"] = cmp.max_rel_error
+    row["layers"] = [
+        {
+            "index": lc.index,
+            "shape": list(lc.shape),
+            "dtype": str(lc.dtype),
+            "max_abs_error": lc.max_abs_error,
+            "max_rel_error": lc.max_rel_error,
+            "passed": lc.passed,
+        }
+        for lc in cmp.layers
+    ]
+    if cmp.passed:
+        row["passed"] = True
+        return row
+    row["reason"] = cmp.reason or "aggregate differs from the reference"
+    if agg_id in earlier:
+        row["forensics"] = {
+            "summary": f"the aggregate is round {earlier[agg_id]}'s aggregate ({agg_id}), "
+            "served again: stale",
+            "stale_of": agg_id,
+            "stale_round": earlier[agg_id],
+        }
+        row["reason"] = row["forensics"]["summary"]
+        return row
+    contributions = {
+        up.leaf_id: (w, layers) for up, (w, layers) in zip(mine, regenerate(), strict=True)
+    }
+    previous = {a: layers for a in earlier if (layers := aggregates.get(a)) is not None}
+    found = forensics(
+        actual,
+        contributions,
+        strategy,
+        previous_aggregates=previous,
+        sample=max(scenario.validation.forensics_sample, 4 * len(contributions)),
+        seed=scenario.seed,
+    )
+    details = found.to_dict()
+    summary = found.summary
+    for leaf_id, label in names.items():
+        summary = summary.replace(leaf_id, label) if label not in summary else summary
+    if found.stale_of is not None and found.stale_of in earlier:
+        summary += f" (round {earlier[found.stale_of]})"
+    details["summary"] = summary
+    row["forensics"] = details
+    row["reason"] = summary
+    return row
+
+
+def _judge_notifications(
+    j: Judgement, events: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]
+) -> None:
+    open_span: dict[str, list[float]] = {}
+    received: Counter[tuple[str, str]] = Counter()
+    for e in events:
+        kind = e.get("kind")
+        leaf = e.get("leaf_id")
+        if leaf is None:
+            continue
+        # The leaf's queue is durable and exists from provisioning: a leaf is owed every
+        # aggregate that closes while its client is open, connected yet or not.
+        if kind == "leaf_started" and leaf not in open_span:
+            open_span[leaf] = [float(e["t"]), float("inf")]
+        elif kind in ("leaf_closed", "leaf_died") and leaf in open_span:
+            open_span[leaf][1] = min(open_span[leaf][1], float(e["t"]))
+        elif kind == "notification" and e.get("message_type") == "aggregation_status":
+            received[(leaf, str(e.get("value")))] += 1
+    expected: set[tuple[str, str]] = set()
+    for rec in records:
+        agg = rec.get("aggregation_id")
+        closed = rec.get("closed_at")
+        if rec.get("status") != "aggregated" or not agg:
+            continue
+        closed_t = _as_time(closed)
+        for leaf, (start, end) in open_span.items():
+            if closed_t is None or start <= closed_t <= end:
+                expected.add((leaf, str(agg)))
+    lost = sorted(pair for pair in expected if received[pair] == 0)
+    duplicates = sum(max(0, n - 1) for n in received.values())
+    j.notifications = {
+        "expected": len(expected),
+        "received": sum(1 for pair in expected if received[pair] > 0),
+        "lost": len(lost),
+        "duplicates": duplicates,
+        "lost_examples": [{"leaf_id": a, "aggregation_id": b} for a, b in lost[:10]],
+    }
+    msg = f"{len(lost)} lost, {duplicates} duplicated of {len(expected)} expected"
+    j.checks.append(Check("notifications: every leaf notified once per round", not lost, msg))
+
+
+def _as_time(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _judge_downloads(j: Judgement, events: Sequence[Mapping[str, Any]]) -> None:
+    digests: dict[str, set[str]] = defaultdict(set)
+    count = 0
+    for e in events:
+        if e.get("kind") == "download":
+            digests[str(e["aggregation_id"])].add(str(e["digest"]))
+            count += 1
+    differing = sorted(a for a, d in digests.items() if len(d) > 1)
+    j.downloads = {"count": count, "aggregates": len(digests), "differing": differing}
+    j.checks.append(
+        Check(
+            "downloads: every leaf received the same bytes",
+            not differing,
+            f"aggregates with differing bytes: {', '.join(differing)}" if differing else "",
+        )
+    )
+
+
+def _judge_leaves(j: Judgement, events: Sequence[Mapping[str, Any]], scenario: Scenario) -> None:
+    errors = [e for e in events if e.get("kind") == "leaf_error"]
+    died = [e for e in events if e.get("kind") == "leaf_died"]
+    done = {e["leaf"] for e in events if e.get("kind") == "leaf_done"}
+    started = {e["leaf"] for e in events if e.get("kind") == "leaf_started"}
+    j.leaves = {
+        "count": scenario.leaves.count,
+        "started": len(started),
+        "completed": len(done),
+        "died_as_planned": len(died),
+        "errors": [
+            {"leaf": e.get("leaf"), "round": e.get("round"), "error": e.get("error")}
+            for e in errors[:50]
+        ],
+    }
+    msg = "; ".join(
+        f"leaf {e.get('leaf')} round {e.get('round')}: {e.get('error')}" for e in errors[:3]
+    )
+    j.checks.append(
+        Check(
+            "leaves: every leaf played its rounds",
+            not errors,
+            f"{len(errors)} errors. {msg}".strip(),
+        )
+    )
+
+
+def _timings(
+    j: Judgement,
+    events: Sequence[Mapping[str, Any]],
+    uploads: Mapping[str, _Upload],
+    records: Sequence[Mapping[str, Any]],
+    run_started: float | None,
+    validation_s: float,
+    harness_shares: Sequence[float],
+) -> None:
+    connects: dict[str, float] = {}
+    for e in events:
+        if e.get("kind") == "connect" and e.get("leaf_id") not in connects:
+            connects[str(e["leaf_id"])] = float(e["t"])
+    closed_at = {
+        str(r["aggregation_id"]): t
+        for r in records
+        if r.get("aggregation_id") and (t := _as_time(r.get("closed_at"))) is not None
+    }
+    notify_latency = [
+        float(e["t"]) - closed_at[str(e.get("value"))]
+        for e in events
+        if e.get("kind") == "notification" and str(e.get("value")) in closed_at
+    ]
+    upload_s = [
+        float(e["duration_s"])
+        for e in events
+        if e.get("kind") == "http_request" and e.get("endpoint") == "upload" and "duration_s" in e
+    ]
+    walls = [r["wall_time_s"] for r in j.rounds if r.get("wall_time_s") is not None]
+    j.timings = {
+        "leaves_connected_s": (max(connects.values()) - run_started)
+        if connects and run_started
+        else None,
+        "round_wall_time_s": walls,
+        "upload_latency_s": _percentiles(upload_s, (50, 95, 99)),
+        "notification_latency_s": _percentiles(notify_latency, (50, 99)),
+        "validation_s": validation_s,
+        "harness_share": max(harness_shares) if harness_shares else None,
+        "uploads": len(uploads),
+    }

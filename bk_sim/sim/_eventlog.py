@@ -1,0 +1,81 @@
+"""The run's event log: one JSONL file, the single source for results and reports.
+
+Leaf processes do not write the file themselves: they send events to the orchestrator
+over a queue, and one writer appends them, so lines never interleave and the progress
+display reads the same stream. Secrets are redacted before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from bk_sim.client import ClientEvent
+
+_SECRET_KEYS = frozenset({"session_token", "authorization", "admin_token", "password", "token"})
+_BEARER_RE = re.compile(r"(Bearer\s+[^\s:]+:)[^\s\"']+")
+_URL_PASSWORD_RE = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
+REDACTED = "***"
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with secret fields and secrets inside strings replaced."""
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if str(k).lower() in _SECRET_KEYS else redact(v)) for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD_RE.sub(rf"\1{REDACTED}@", _BEARER_RE.sub(rf"\1{REDACTED}", value))
+    return value
+
+
+def harness_event(kind: str, **fields: Any) -> dict[str, Any]:
+    """An event of the harness itself (leaf behaviour, orchestrator), as a plain dict."""
+    return {"kind": kind, "t": time.time(), **{k: v for k, v in fields.items() if v is not None}}
+
+
+def client_event(event: ClientEvent, **extra: Any) -> dict[str, Any]:
+    """A client core event as a plain dict, tagged with the harness's fields (leaf index)."""
+    return {**event.to_dict(), **extra}
+
+
+class EventLog:
+    """Appends events to ``events.jsonl``; also known secrets are scrubbed from strings."""
+
+    def __init__(self, path: Path, secrets: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self._secrets = tuple(s for s in secrets if s)
+        self._fh: TextIO = path.open("a", encoding="utf-8")
+
+    def add_secrets(self, secrets: tuple[str, ...]) -> None:
+        self._secrets = self._secrets + tuple(s for s in secrets if s)
+
+    def write(self, event: Mapping[str, Any]) -> None:
+        line = json.dumps(redact(event), separators=(",", ":"), default=str)
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, REDACTED)
+        self._fh.write(line + "\n")
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def read_events(path: Path) -> Iterator[dict[str, Any]]:
+    """The events of a log, in order; a torn last line (a killed run) is skipped."""
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue

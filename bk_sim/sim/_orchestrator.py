@@ -1,0 +1,513 @@
+"""The central run object: owns the scenario, broker, platform, leaf processes and log.
+
+``SimulationRun(scenario).execute()`` is the whole of ``bk-sim run``: get a broker, start
+(or reach) the platform, create the branch and its leaves, spawn the leaf processes,
+stream their events into the log while showing progress, then judge what happened and
+write ``results.json``. Nothing waits forever: the run has a deadline, leaves have
+notification timeouts, and Ctrl-C stops everything and still writes what was measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import multiprocess as mp
+import numpy as np
+
+from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
+from bk_sim.client import Client, Credentials
+from bk_sim.errors import BkSimError, ScenarioError
+from bk_sim.scenario import Scenario
+from bk_sim.sim._agent import LeafPlan
+from bk_sim.sim._checks import Check, Judgement, judge
+from bk_sim.sim._eventlog import EventLog, harness_event
+from bk_sim.sim._synth import leaf_weightings
+from bk_sim.sim._worker import WorkerSpec, worker_main
+
+_log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+_SOCKET_MARGIN = 50
+_PROGRESS_EVERY_S = 2.0
+_WORKER_GRACE_S = 15.0
+
+
+@dataclass
+class RunResult:
+    """What ``bk-sim run`` reports; ``exit_code`` 0 passed, 1 a check failed."""
+
+    run_dir: Path
+    passed: bool
+    results: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+
+@dataclass
+class _Counters:
+    started: int = 0
+    connected: int = 0
+    uploads: int = 0
+    notified: int = 0
+    downloads: int = 0
+    errors: int = 0
+    retries: int = 0
+    reconnects: int = 0
+    done: int = 0
+    round: int = 0
+
+    def line(self, total: int, rounds: int, elapsed: float) -> str:
+        return (
+            f"[{elapsed:6.1f}s] round {self.round}/{rounds}  leaves {self.started}/{total} "
+            f"connected {self.connected}  uploads {self.uploads}  notified {self.notified}  "
+            f"downloads {self.downloads}  retries {self.retries}  reconnects {self.reconnects}  "
+            f"errors {self.errors}  done {self.done}"
+        )
+
+    def count(self, e: dict[str, Any]) -> None:
+        kind = e.get("kind")
+        if kind == "leaf_started":
+            self.started += 1
+        elif kind == "connect":
+            if e.get("attempt", 0) and int(e.get("attempt", 0)) > 0:
+                self.reconnects += 1
+            self.connected += 1
+        elif kind == "upload":
+            self.uploads += 1
+            self.round = max(self.round, int(e.get("round", 0)))
+        elif kind == "aggregate_notified":
+            self.notified += 1
+        elif kind == "download":
+            self.downloads += 1
+        elif kind == "leaf_error":
+            self.errors += 1
+        elif kind == "retry_wait":
+            self.retries += 1
+        elif kind in ("leaf_done", "leaf_died"):
+            self.done += 1
+
+
+def plan_leaves(scenario: Scenario, credentials: list[dict[str, str]]) -> list[LeafPlan]:
+    """Each leaf's weighting and schedule, a pure function of the scenario's seed."""
+    spec = scenario.leaves
+    n = spec.count
+    weightings = leaf_weightings(scenario.seed, spec.weighting, n)
+    rng = np.random.default_rng([scenario.seed, 0x5EED])
+    jitter = rng.uniform(0.0, spec.start_jitter_s, n) if spec.start_jitter_s > 0 else np.zeros(n)
+    stragglers = set(
+        rng.choice(n, size=round(spec.stragglers.fraction * n), replace=False).tolist()
+    )
+    dying = set(rng.choice(n, size=round(spec.dropouts.die_fraction * n), replace=False).tolist())
+    plans = []
+    for i in range(n):
+        skips = frozenset(
+            r
+            for r in range(1, scenario.rounds + 1)
+            if spec.dropouts.skip_fraction > 0 and rng.random() < spec.dropouts.skip_fraction
+        )
+        die_round = int(rng.integers(1, scenario.rounds + 1)) if i in dying else None
+        plans.append(
+            LeafPlan(
+                index=i,
+                credentials=credentials[i],
+                weighting=float(weightings[i]),
+                start_delay_s=float(jitter[i]),
+                straggle_s=spec.stragglers.delay_s if i in stragglers else 0.0,
+                skip_rounds=skips,
+                die_round=die_round,
+            )
+        )
+    return plans
+
+
+def _check_schedule(scenario: Scenario) -> None:
+    """Dropouts leave rounds short of uploads: only a quorum and a timeout can close them."""
+    d = scenario.leaves.dropouts
+    p = scenario.platform
+    if (d.skip_fraction > 0 or d.die_fraction > 0) and p.mode == "local":
+        if p.round_timeout_s is None:
+            raise ScenarioError(
+                f"{scenario.source or scenario.name}: leaves.dropouts needs "
+                "platform.round_timeout_s (and a quorum), else a round missing an upload "
+                "never closes"
+            )
+
+
+class SimulationRun:
+    """One run of a scenario; build it, call ``execute()``."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        progress: Progress | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        _check_schedule(scenario)
+        self.scenario = scenario
+        self._say = progress or (lambda line: _log.info("%s", line))
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.run_dir = run_dir or Path(scenario.report.dir) / f"{scenario.name}-{stamp}"
+
+    def execute(self) -> RunResult:
+        sc = self.scenario
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        (self.run_dir / "aggregates").mkdir()
+        log = EventLog(self.run_dir / "events.jsonl")
+        started_at = time.time()
+        interrupted = False
+        records: list[dict[str, Any]] | None = None
+        checks_extra: list[Check] = []
+        api_url = ""
+        credentials: list[dict[str, str]] = []
+        try:
+            with contextlib.ExitStack() as stack:
+                endpoints = self._broker(stack)
+                transport = sc.transport
+                if endpoints.provider == "none" and transport == "amqp":
+                    transport = "websocket"
+                    self._say("no broker: leaves use the WebSocket transport")
+                log.write(
+                    harness_event(
+                        "run_started",
+                        scenario=sc.name,
+                        broker=endpoints.provider,
+                        broker_reason=endpoints.reason,
+                        transport=transport,
+                    )
+                )
+                platform = stack.enter_context(self._platform(endpoints, log))
+                api_url, credentials, fetch_records = platform
+                log.add_secrets(tuple(c["session_token"] for c in credentials))
+                if transport == "amqp":
+                    check_socket_capacity(endpoints, sc.leaves.count + _SOCKET_MARGIN)
+                amqp_host, amqp_port = (
+                    endpoints.amqp_host_port() if endpoints.amqp_url else (None, None)
+                )
+                plans = plan_leaves(sc, credentials)
+                interrupted = self._play(plans, api_url, transport, amqp_host, amqp_port, log)
+                records = fetch_records()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            log.close()
+        events = list(_read(self.run_dir / "events.jsonl"))
+        self._say("validating aggregates against the reference")
+        fetch = _fetcher(api_url, credentials, self.run_dir / "aggregates") if credentials else None
+        judgement = judge(
+            sc,
+            events,
+            records,
+            self.run_dir / "aggregates",
+            fetch=fetch,
+            run_started=started_at,
+        )
+        judgement.checks.extend(checks_extra)
+        if interrupted:
+            judgement.checks.append(Check("run: completed", False, "interrupted (Ctrl-C)"))
+        results = _results(sc, judgement, self.run_dir, started_at, interrupted)
+        _write_json(self.run_dir / "results.json", results)
+        return RunResult(self.run_dir, judgement.passed, results)
+
+    # ------------------------------------------------------------------ resources
+
+    def _broker(self, stack: contextlib.ExitStack) -> BrokerEndpoints:
+        b = self.scenario.broker
+        if self.scenario.transport == "websocket" and b.provider == "auto" and not b.amqp_url:
+            provider = "none"
+        else:
+            provider = b.provider
+        endpoints: BrokerEndpoints = stack.enter_context(
+            provide_broker(
+                provider,
+                amqp_url=b.amqp_url,
+                management_url=b.management_url,
+                on_status=self._say,
+            )
+        )
+        self._say(f"broker: {endpoints.reason}")
+        return endpoints
+
+    @contextlib.contextmanager
+    def _platform(
+        self, endpoints: BrokerEndpoints, log: EventLog
+    ) -> Iterator[tuple[str, list[dict[str, str]], Callable[[], list[dict[str, Any]] | None]]]:
+        sc = self.scenario
+        p = sc.platform
+        if p.mode == "remote":
+            yield _remote(sc, self.run_dir, self._say)
+            return
+        from bk_sim.platform import start_platform
+
+        token = secrets.token_urlsafe(24)
+        log.add_secrets((token,))
+        self._say("starting the reference platform")
+        broker_urls = (
+            {"amqp_url": endpoints.amqp_url, "management_url": endpoints.management_url}
+            if endpoints.amqp_url and endpoints.management_url
+            else {"no_amqp": True}
+        )
+        handle = start_platform(self.run_dir / "platform", admin_token=token, **broker_urls)
+        try:
+            admin = handle.admin
+            tree_id = admin.create_tree(f"bk-sim-{sc.name}")
+            branch = admin.create_branch(
+                tree_id,
+                name=sc.name,
+                strategy=p.strategy,
+                quorum=p.quorum,
+                round_timeout_s=p.round_timeout_s,
+                trim_fraction=p.trim_fraction,
+            )
+            branch_id = str(branch["branch_id"])
+            creds = admin.create_leaves(branch_id, sc.leaves.count)
+            admin.set_faults(branch_id, _faults_payload(sc))
+            admin.set_run_status(branch_id, "start")
+            _write_credentials(self.run_dir / "leaves.json", creds)
+            self._say(f"platform at {handle.url}: branch {branch_id}, {len(creds)} leaves")
+            try:
+                yield handle.url, creds, lambda: admin.rounds(branch_id)
+            finally:
+                with contextlib.suppress(BkSimError):
+                    admin.delete_tree(tree_id)
+        finally:
+            handle.stop()
+
+    # ------------------------------------------------------------------ the leaves
+
+    def _play(
+        self,
+        plans: list[LeafPlan],
+        api_url: str,
+        transport: str,
+        amqp_host: str | None,
+        amqp_port: int | None,
+        log: EventLog,
+    ) -> bool:
+        """Run the leaf processes to the end; True when interrupted."""
+        sc = self.scenario
+        nproc = sc.leaves.processes or min(sc.leaves.count, (os.cpu_count() or 1) * 2)
+        ctx = mp.get_context("spawn")
+        events = ctx.Queue()
+        stop = ctx.Event()
+        specs = [
+            WorkerSpec(
+                worker=w,
+                scenario=sc,
+                api_url=api_url,
+                transport=transport,
+                amqp_host=amqp_host,
+                amqp_port=amqp_port,
+                aggregates_dir=self.run_dir / "aggregates",
+                plans=tuple(plans[w::nproc]),
+            )
+            for w in range(nproc)
+        ]
+        t0 = time.time()
+        log.write(harness_event("leaves_spawning", processes=nproc, leaves=len(plans)))
+        procs = [
+            ctx.Process(target=worker_main, args=(s, events, stop), name=f"bk-sim-w{s.worker}")
+            for s in specs
+        ]
+        for proc in procs:
+            proc.start()
+        counters = _Counters()
+        deadline = time.monotonic() + sc.timeouts.run_s
+        last_progress = 0.0
+        interrupted = False
+        try:
+            while True:
+                try:
+                    e = events.get(timeout=0.25)
+                    log.write(e)
+                    counters.count(e)
+                    while True:  # drain what is already there without waiting
+                        e = events.get_nowait()
+                        log.write(e)
+                        counters.count(e)
+                except queue.Empty:
+                    pass
+                now = time.monotonic()
+                if now - last_progress >= _PROGRESS_EVERY_S:
+                    self._say(counters.line(len(plans), sc.rounds, time.time() - t0))
+                    last_progress = now
+                    log.flush()
+                if not any(p.is_alive() for p in procs):
+                    break
+                if now > deadline:
+                    self._say(f"run deadline of {sc.timeouts.run_s:g} s passed: stopping leaves")
+                    log.write(harness_event("run_deadline", run_s=sc.timeouts.run_s))
+                    stop.set()
+                    break
+        except KeyboardInterrupt:
+            self._say("interrupted: stopping leaves and writing what was measured")
+            interrupted = True
+            stop.set()
+        self._stop_workers(procs, events, log, counters)
+        self._say(counters.line(len(plans), sc.rounds, time.time() - t0))
+        return interrupted
+
+    def _stop_workers(
+        self, procs: list[Any], events: Any, log: EventLog, counters: _Counters
+    ) -> None:
+        end = time.monotonic() + _WORKER_GRACE_S
+        while any(p.is_alive() for p in procs) and time.monotonic() < end:
+            with contextlib.suppress(queue.Empty):
+                e = events.get(timeout=0.2)
+                log.write(e)
+                counters.count(e)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=5)
+            if p.exitcode not in (0, None):
+                log.write(harness_event("worker_exit", process=p.name, exitcode=p.exitcode))
+        with contextlib.suppress(queue.Empty, OSError, ValueError):
+            while True:
+                e = events.get_nowait()
+                log.write(e)
+                counters.count(e)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _faults_payload(sc: Scenario) -> dict[str, Any]:
+    f = sc.platform.faults
+    return {
+        "aggregation": f.aggregation,
+        "dedupe": f.dedupe,
+        "notifications": {
+            "delay_s": f.notifications.delay_s,
+            "drop_rate": f.notifications.drop_rate,
+        },
+        "http": [
+            {
+                "endpoint": h.endpoint,
+                "status": h.status,
+                "rate": h.rate,
+                "count": h.count,
+                "retry_after": h.retry_after,
+                "latency_s": h.latency_s,
+                "reset": h.reset,
+                "drop_response": h.drop_response,
+            }
+            for h in f.http
+        ],
+    }
+
+
+def _write_credentials(path: Path, creds: list[dict[str, str]]) -> None:
+    """Leaf credentials for the run, readable by their owner only (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(creds, fh, indent=2)
+    tmp.replace(path)
+
+
+def _remote(
+    sc: Scenario, run_dir: Path, say: Progress
+) -> tuple[str, list[dict[str, str]], Callable[[], list[dict[str, Any]] | None]]:
+    p = sc.platform
+    assert p.host is not None and p.credentials_file is not None
+    try:
+        raw = json.loads(Path(p.credentials_file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScenarioError(
+            f"platform.credentials_file {p.credentials_file}: cannot read leaf credentials: {exc}"
+        ) from exc
+    if not isinstance(raw, list) or len(raw) < sc.leaves.count:
+        have = len(raw) if isinstance(raw, list) else 0
+        raise ScenarioError(
+            f"platform.credentials_file {p.credentials_file}: holds {have} leaves, "
+            f"the scenario needs leaves.count = {sc.leaves.count}"
+        )
+    creds = [Credentials.from_dict(c).to_dict() for c in raw[: sc.leaves.count]]
+    say(f"remote platform {p.host}: {len(creds)} leaves from {p.credentials_file}")
+    fetch: Callable[[], list[dict[str, Any]] | None] = lambda: None  # noqa: E731
+    if p.admin_url and p.admin_token:
+        from bk_sim.platform import AdminClient
+
+        admin = AdminClient(p.admin_url, p.admin_token)
+        branch = creds[0]["branch_id"]
+        fetch = lambda: admin.rounds(branch)  # noqa: E731
+    return p.host, creds, fetch
+
+
+def _fetcher(
+    api_url: str, credentials: list[dict[str, str]], into: Path
+) -> Callable[[str], Path | None]:
+    """Downloads an aggregate no leaf downloaded, as the first leaf (no notifications)."""
+
+    def fetch(aggregation_id: str) -> Path | None:
+        try:
+            with Client(
+                credentials[0], host=api_url, ssl=False, notifications=False, output_dir=into
+            ) as client:
+                return client.file_download(aggregation_id)
+        except BkSimError as exc:
+            _log.warning("could not fetch aggregate %s: %s", aggregation_id, exc)
+            return None
+
+    return fetch
+
+
+def _read(path: Path) -> Iterator[dict[str, Any]]:
+    from bk_sim.sim._eventlog import read_events
+
+    if path.exists():
+        yield from read_events(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _results(
+    sc: Scenario, j: Judgement, run_dir: Path, started_at: float, interrupted: bool
+) -> dict[str, Any]:
+    ended = time.time()
+    return {
+        "passed": j.passed,
+        "exit_code": 0 if j.passed else 1,
+        "verdict": _verdict(j),
+        "scenario": sc.to_dict(),
+        "run": {
+            "dir": str(run_dir),
+            "started_at": datetime.fromtimestamp(started_at, timezone.utc).isoformat(),
+            "ended_at": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
+            "duration_s": ended - started_at,
+            "interrupted": interrupted,
+        },
+        "checks": [c.to_dict() for c in j.checks],
+        "rounds": j.rounds,
+        "notifications": j.notifications,
+        "downloads": j.downloads,
+        "leaves": j.leaves,
+        "timings": j.timings,
+    }
+
+
+def _verdict(j: Judgement) -> str:
+    failed = [c for c in j.checks if not c.passed]
+    if not failed:
+        return f"passed: all {len(j.checks)} checks"
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"failed: {first.name}: {first.message}{more}"

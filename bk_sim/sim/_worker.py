@@ -1,0 +1,169 @@
+"""A leaf-hosting process: several ``LeafAgent`` threads sharing one interpreter.
+
+One process hosts many leaves (each leaf is mostly waiting on the network), so 1,000
+leaves do not need 1,000 interpreters. Everything a leaf does goes back to the
+orchestrator as an event dict over ``events``; the process never writes the log itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bk_sim.client import (
+    APIConfig,
+    Client,
+    ClientEvent,
+    RabbitMQConfig,
+    RetryConfig,
+    WebSocketConfig,
+)
+from bk_sim.errors import BkSimError
+from bk_sim.scenario import Scenario
+from bk_sim.sim._agent import AggregateCache, LeafAgent, LeafPlan
+from bk_sim.sim._eventlog import client_event, harness_event
+
+_log = logging.getLogger(__name__)
+
+_STOP_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs; picklable, holds no live objects."""
+
+    worker: int
+    scenario: Scenario
+    api_url: str
+    transport: str  # "amqp" or "websocket"
+    amqp_host: str | None
+    amqp_port: int | None
+    aggregates_dir: Path
+    plans: tuple[LeafPlan, ...] = field(repr=False)
+
+
+class _QueueObserver:
+    """Forwards client events to the orchestrator, tagged with the leaf's index."""
+
+    def __init__(self, put: Callable[[dict[str, Any]], None], leaf: int) -> None:
+        self._put = put
+        self._leaf = leaf
+
+    def on_event(self, event: ClientEvent) -> None:
+        self._put(client_event(event, leaf=self._leaf))
+
+
+def make_client(spec: WorkerSpec, plan: LeafPlan, observer: Any, output_dir: Path) -> Client:
+    """A client configured from the scenario's client settings."""
+    sc = spec.scenario.client
+    return Client(
+        plan.credentials,
+        api_config=APIConfig(host=spec.api_url, ssl=False),
+        rabbitmq_config=RabbitMQConfig(
+            host=spec.amqp_host,
+            port=spec.amqp_port or 5672,
+            ssl=False,
+            max_reconnect_attempts=sc.reconnect.max_attempts,
+            reconnect_backoff_factor=sc.reconnect.backoff_factor,
+            reconnect_max_delay=sc.reconnect.max_delay,
+            heartbeat=sc.reconnect.heartbeat,
+        ),
+        websocket_config=WebSocketConfig(
+            max_reconnect_attempts=sc.reconnect.max_attempts,
+            reconnect_backoff_factor=sc.reconnect.backoff_factor,
+            reconnect_max_delay=sc.reconnect.max_delay,
+        ),
+        retry_config=RetryConfig(
+            max_retries=sc.retry.max_retries,
+            backoff_factor=sc.retry.backoff_factor,
+            total_timeout=sc.retry.total_timeout,
+        ),
+        use_websocket=spec.transport == "websocket",
+        output_dir=output_dir,
+        observer=observer,
+    )
+
+
+def _leaf_thread(
+    spec: WorkerSpec,
+    plan: LeafPlan,
+    put: Callable[[dict[str, Any]], None],
+    cache: AggregateCache,
+    work_dir: Path,
+    stop: threading.Event,
+) -> None:
+    def event(kind: str, **fields: Any) -> None:
+        put(harness_event(kind, leaf=plan.index, leaf_id=plan.leaf_id, **fields))
+
+    if plan.start_delay_s > 0 and stop.wait(plan.start_delay_s):
+        return
+    sc = spec.scenario
+    leaf_dir = work_dir / f"leaf-{plan.index}"
+    leaf_dir.mkdir(parents=True, exist_ok=True)
+    event("leaf_starting", weighting=plan.weighting, process=spec.worker)
+    try:
+        client = make_client(spec, plan, _QueueObserver(put, plan.index), leaf_dir)
+    except BkSimError as exc:
+        event("leaf_error", round=0, error=f"client could not start: {exc}")
+        return
+    except Exception as exc:  # noqa: BLE001 - a harness bug must be reported, not hang the run
+        _log.exception("leaf %d: unexpected error starting its client", plan.index)
+        event("leaf_error", round=0, error=f"unexpected: {type(exc).__name__}: {exc}")
+        return
+    event("leaf_started", run_status=client.run_status, run_number=client.run_number)
+    agent = LeafAgent(
+        plan,
+        seed=sc.seed,
+        model=sc.model,
+        rounds=sc.rounds,
+        compression=sc.payload.compression,
+        notification_timeout_s=sc.timeouts.notification_s,
+        client=client,
+        work_dir=leaf_dir,
+        cache=cache,
+        emit=put,
+        stop=stop,
+    )
+    try:
+        agent.run()
+    except Exception as exc:  # noqa: BLE001 - report, never hang the run
+        _log.exception("leaf %d: unexpected error", plan.index)
+        event("leaf_error", round=-1, error=f"unexpected: {type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+        event("leaf_closed")
+
+
+def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
+    """Process entry point: run this worker's leaves in threads until done or stopped."""
+    logging.basicConfig(level=logging.WARNING)
+    put: Callable[[dict[str, Any]], None] = events.put
+    local_stop = threading.Event()
+    cache = AggregateCache(spec.aggregates_dir)
+    with tempfile.TemporaryDirectory(prefix=f"bk-sim-w{spec.worker}-") as tmp:
+        threads = [
+            threading.Thread(
+                target=_leaf_thread,
+                args=(spec, plan, put, cache, Path(tmp), local_stop),
+                name=f"leaf-{plan.index}",
+                daemon=True,
+            )
+            for plan in spec.plans
+        ]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            if stop.is_set():
+                local_stop.set()
+            time.sleep(_STOP_POLL_S)
+            if local_stop.is_set():
+                for t in threads:
+                    t.join(timeout=10)
+                break
+    put(harness_event("worker_done", process=spec.worker))

@@ -1,0 +1,149 @@
+"""``bk-sim run`` end to end through the CLI, against the real RabbitMQ.
+
+Each test runs the real command in a subprocess (leaf processes, the reference platform,
+the broker) and reads what the run left in its folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "scenarios" / "smoke.yaml"
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+
+
+def _run(
+    tmp_path: Path, *overrides: str, scenario: Path = SMOKE, timeout: float = 240
+) -> tuple[subprocess.CompletedProcess[str], Path | None]:
+    reports = tmp_path / "reports"
+    args = [sys.executable, "-m", "bk_sim.cli", "run", str(scenario)]
+    for o in (f"report.dir={reports}", *overrides):
+        args += ["--set", o]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=dict(os.environ)
+    )
+    runs = sorted(reports.glob("*/results.json")) if reports.exists() else []
+    return proc, runs[-1].parent if runs else None
+
+
+def _results(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def _heaviest_leaf(events: Sequence[dict[str, Any]], round_index: int) -> int:
+    """The leaf apply_bug picks: largest weighting among the round's uploads."""
+    ups = [e for e in events if e["kind"] == "upload" and e["round"] == round_index]
+    best = max(ups, key=lambda e: (e["weighting"], [-ord(c) for c in e["leaf_id"]]))
+    return int(best["leaf"])
+
+
+def test_smoke_scenario_passes_end_to_end(management: Any, tmp_path: Path) -> None:
+    proc, run_dir = _run(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert run_dir is not None
+    assert proc.stdout.startswith("PASSED")
+    results = _results(run_dir)
+    assert results["passed"] is True
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["passed"] and r["uploads"] == 8 for r in results["rounds"])
+    assert all(r["max_rel_error"] is not None for r in results["rounds"])
+    n = results["notifications"]
+    assert n["expected"] == 16 and n["received"] == 16 and n["lost"] == 0
+    assert n["duplicates"] == 0
+    for key in ("upload_latency_s", "notification_latency_s"):
+        assert results["timings"][key]["p50"] is not None
+    # Secrets: credentials file private, tokens nowhere in what the run wrote.
+    creds = json.loads((run_dir / "leaves.json").read_text())
+    assert stat.S_IMODE((run_dir / "leaves.json").stat().st_mode) == 0o600
+    tokens = [c["session_token"] for c in creds]
+    for name in ("events.jsonl", "results.json"):
+        text = (run_dir / name).read_text()
+        assert not any(t in text for t in tokens), f"a session token leaked into {name}"
+    assert not any(t in proc.stdout + proc.stderr for t in tokens)
+
+
+@pytest.mark.parametrize("bug", ["unweighted", "drop_leaf", "double_count"])
+def test_harness_catches_the_platforms_aggregation_bugs(
+    management: Any, tmp_path: Path, bug: str
+) -> None:
+    proc, run_dir = _run(tmp_path, f"platform.faults.aggregation={bug}", "rounds=1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert run_dir is not None
+    results = _results(run_dir)
+    (row,) = results["rounds"]
+    assert row["passed"] is False
+    f = row["forensics"]
+    events = _events(run_dir)
+    victim = _heaviest_leaf(events, 1)
+    victim_id = next(e["leaf_id"] for e in events if e.get("leaf") == victim and "leaf_id" in e)
+    if bug == "unweighted":
+        assert f["unweighted"] is True
+        assert "weight" in f["summary"].lower()
+    elif bug == "drop_leaf":
+        assert f["dropped"] == [victim_id]
+        assert f"leaf {victim} " in f["summary"]
+    else:
+        assert f["double_counted"] == [victim_id]
+        assert f"leaf {victim} " in f["summary"]
+    assert "FAILED" in proc.stdout
+
+
+def test_harness_catches_a_stale_aggregate(management: Any, tmp_path: Path) -> None:
+    proc, run_dir = _run(tmp_path, "platform.faults.aggregation=stale", "timeouts.notification_s=6")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert run_dir is not None
+    rounds = _results(run_dir)["rounds"]
+    assert rounds[0]["passed"] is True
+    assert rounds[1]["passed"] is False
+    assert rounds[1]["forensics"]["stale_round"] == 1
+    assert "round 1" in rounds[1]["reason"]
+
+
+def test_strategy_mismatch_is_caught(management: Any, tmp_path: Path) -> None:
+    """The platform aggregates with median while the harness expects FedAvg."""
+    proc, run_dir = _run(
+        tmp_path, "platform.strategy=median", "validation.strategy=fedavg", "rounds=1"
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert run_dir is not None
+    assert _results(run_dir)["rounds"][0]["passed"] is False
+
+
+def test_one_seed_gives_identical_uploads(management: Any, tmp_path: Path) -> None:
+    digests = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        proc, run_dir = _run(tmp_path / name, "rounds=1")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert run_dir is not None
+        digests.append(
+            sorted((e["leaf"], e["digest"]) for e in _events(run_dir) if e["kind"] == "upload")
+        )
+    assert len(digests[0]) == 8
+    assert digests[0] == digests[1]
+
+
+def test_bad_scenario_exits_2_with_a_one_line_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nleaves: {count: 0}\nrounds: 1\n")
+    proc, run_dir = _run(tmp_path, scenario=bad)
+    assert proc.returncode == 2
+    assert run_dir is None
+    assert "leaves.count" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
