@@ -49,5 +49,9 @@ from bk_sim.platform._cli import platform  # noqa: E402
 
 main.add_command(platform)
 
+from bk_sim.scenario._cli import scenario  # noqa: E402
+
+main.add_command(scenario)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -260,6 +260,9 @@ class ValidationSpec:
     rtol: float | None = _f(None, "relative tolerance (null = derived from the dtype)", ge=0.0)
     atol: float | None = _f(None, "absolute tolerance (null = derived from the dtype)", ge=0.0)
     forensics_sample: int = _f(4096, "coordinates sampled to recover leaf weights", ge=1)
+    strategy: Strategy | None = _f(
+        None, "strategy the reference uses (null = `platform.strategy`; set it to test a mismatch)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -407,3 +407,24 @@ def test_fault_spec_mirrors_the_platform_faults_api() -> None:
     assert notes == {f.name for f in dataclasses.fields(_faults.NotificationFaults)}
     aggregation = typing.get_type_hints(FaultsSpec)["aggregation"]
     assert set(typing.get_args(typing.get_args(aggregation)[0])) == set(_faults.AGGREGATION_FAULTS)
+
+
+def test_cli_check_and_schema(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bk_sim.cli import main
+
+    runner = CliRunner()
+    ok = runner.invoke(main, ["scenario", "check", str(ROOT / "scenarios/smoke.yaml")])
+    assert ok.exit_code == 0, ok.output
+    assert "ok: smoke, 8 leaves in 2 processes, 2 rounds, model tiny (941 parameters" in ok.output
+    as_json = runner.invoke(
+        main,
+        ["scenario", "check", "--json", "--set", "rounds=5", str(ROOT / "scenarios/smoke.yaml")],
+    )
+    assert as_json.exit_code == 0 and json.loads(as_json.output)["rounds"] == 5
+    bad = runner.invoke(main, ["scenario", "check", str(_write(tmp_path, BASE + "rounds: 0\n"))])
+    assert bad.exit_code == 2
+    assert "rounds: expected an integer >= 1; found 0" in bad.output
+    schema = runner.invoke(main, ["scenario", "schema"])
+    assert schema.exit_code == 0 and schema.output == scenario_schema_doc()
