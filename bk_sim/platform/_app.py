@@ -105,14 +105,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _digest_of(data: bytes) -> str:
-    return "sha256=" + base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-
-
 def _validate_and_store(data: bytes, target: Path, claimed_digest: str | None,
                         max_decompressed: int) -> tuple[str, WeightsInfo]:
     """Runs in a worker thread: digest check, strict validation, then the bytes to disk."""
-    digest = _digest_of(data)
+    raw_digest = hashlib.sha256(data).digest()
+    digest = "sha256=" + base64.b64encode(raw_digest).decode("ascii")
     if claimed_digest is not None:
         claimed = claimed_digest.strip()
         if not claimed.startswith("sha256="):
@@ -121,7 +118,7 @@ def _validate_and_store(data: bytes, target: Path, claimed_digest: str | None,
             raw = base64.b64decode(claimed[len("sha256="):], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise RequestRejected(400, "x-bk-file-digest is not valid base64") from exc
-        if not hmac.compare_digest(raw, hashlib.sha256(data).digest()):
+        if not hmac.compare_digest(raw, raw_digest):
             raise RequestRejected(
                 400, "x-bk-file-digest does not match the uploaded file (corrupted in transit?)"
             )

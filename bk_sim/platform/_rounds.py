@@ -34,6 +34,9 @@ from bk_sim.weights import WeightsInfo, save_layers
 log = logging.getLogger(__name__)
 
 SHUTDOWN_WAIT_S = 30.0
+#: How long after a round closed an identical upload still counts as a retry into it
+#: (longer than the client's whole retry schedule with its default 30 s timeouts).
+RETRY_WINDOW_S = 150.0
 
 
 class RequestRejected(PlatformError):
@@ -68,6 +71,14 @@ def _check_signature(expected: list[Any], info: WeightsInfo) -> None:
             raise RequestRejected(
                 400, f"layer_{i} has dtype {dtype}; this round's uploads have {dtypes[i]}"
             )
+
+
+def _within_retry_window(row: dict[str, Any]) -> bool:
+    """An open round, or one closed at most ``RETRY_WINDOW_S`` ago."""
+    if row["closed_at"] is None:
+        return True
+    age = (datetime.now(timezone.utc) - parse_iso(row["closed_at"])).total_seconds()
+    return age <= RETRY_WINDOW_S
 
 
 def _aggregate_to_file(uploads: list[Upload], strategy: str, trim_fraction: float,
@@ -151,11 +162,7 @@ class RoundManager:
             dedupe = faults.dedupe if faults is not None else True
             latest = self._store.latest_round(branch["id"])
             accepting = latest if latest is not None and latest["closed_at"] is None else None
-            duplicate = None
-            for rnd in self._recent_rounds(branch["id"], latest):
-                duplicate = self._store.find_upload(branch["id"], rnd, leaf.id, digest)
-                if duplicate is not None:
-                    break
+            duplicate = self._find_retry(branch["id"], latest, leaf.id, digest)
             if duplicate is not None and dedupe:
                 return duplicate["file_id"], False
             if accepting is None:
@@ -180,11 +187,28 @@ class RoundManager:
                 self._arm_timer(branch, accepting)
             return file_id, True
 
-    def _recent_rounds(self, branch_id: str, latest: dict[str, Any] | None) -> list[int]:
-        """The rounds where a retried upload may already sit: the latest two."""
+    def _find_retry(self, branch_id: str, latest: dict[str, Any] | None, leaf_id: str,
+                    digest: str) -> dict[str, Any] | None:
+        """The stored upload this one repeats, if it is a retry.
+
+        Same leaf, same digest, in the latest round; or in the round before it when that
+        round closed at most ``RETRY_WINDOW_S`` ago and the leaf has not uploaded since:
+        the upload that completed a round, whose answer was lost, must not open the next
+        round when the client sends it again.
+        """
         if latest is None:
-            return []
-        return [n for n in (latest["round"], latest["round"] - 1) if n >= 1]
+            return None
+        hit = self._store.find_upload(branch_id, latest["round"], leaf_id, digest)
+        if hit is not None:
+            return hit if _within_retry_window(latest) else None
+        if latest["closed_at"] is not None or latest["round"] == 1:
+            return None
+        if self._store.leaf_uploaded(branch_id, latest["round"], leaf_id):
+            return None
+        previous = self._store.round_row(branch_id, latest["round"] - 1)
+        if previous is None or not _within_retry_window(previous):
+            return None
+        return self._store.find_upload(branch_id, previous["round"], leaf_id, digest)
 
     # -- closing
     def _quorum(self, branch: dict[str, Any], leaves: int) -> int:
@@ -195,13 +219,13 @@ class RoundManager:
 
     async def _maybe_close(self, branch: dict[str, Any], row: dict[str, Any]) -> bool:
         number = row["round"]
-        uploaders = {u["leaf_id"] for u in self._store.active_uploads(branch["id"], number)}
+        uploaders = self._store.uploader_count(branch["id"], number)
         leaves = self._store.leaf_count(branch["id"])
         fresh = self._store.round_row(branch["id"], number)
         timed_out = bool(fresh and fresh["timed_out"])
-        if leaves and len(uploaders) >= leaves:
+        if leaves and uploaders >= leaves:
             reason = "all_uploaded"
-        elif timed_out and len(uploaders) >= self._quorum(branch, leaves):
+        elif timed_out and uploaders >= self._quorum(branch, leaves):
             reason = "timeout_quorum"
         else:
             return False

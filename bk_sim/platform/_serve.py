@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def serve(config: PlatformConfig, *, host: str = "127.0.0.1", port: int = 8080,
           ready_file: Path | None = None) -> None:
     """Serve until a signal; ``ready_file`` gets ``{"url", "pid"}`` once listening."""
-    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pika logs tracebacks for failures this module translates and logs itself.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
         asyncio.run(_serve(config, host, port, ready_file))
     except BkSimError:

@@ -360,6 +360,26 @@ class Store:
             number,
         )
 
+    def uploader_count(self, branch_id: str, number: int) -> int:
+        """How many distinct leaves have an upload in the round."""
+        row = self._one(
+            "SELECT COUNT(DISTINCT leaf_id) AS n FROM uploads WHERE branch_id = ? AND round = ? "
+            "AND active = 1",
+            branch_id,
+            number,
+        )
+        return int(row["n"]) if row else 0
+
+    def leaf_uploaded(self, branch_id: str, number: int, leaf_id: str) -> bool:
+        row = self._one(
+            "SELECT 1 AS x FROM uploads WHERE branch_id = ? AND round = ? AND leaf_id = ? "
+            "AND active = 1 LIMIT 1",
+            branch_id,
+            number,
+            leaf_id,
+        )
+        return row is not None
+
     def find_upload(self, branch_id: str, number: int, leaf_id: str, digest: str
                     ) -> dict[str, Any] | None:
         return self._one(

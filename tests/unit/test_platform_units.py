@@ -141,3 +141,15 @@ def test_store_survives_reopen_and_refuses_unsafe_ids(tmp_path: Path) -> None:
     assert leaves == [leaf.id] and files == [fid]
     assert again.branch(branch["id"]) is None
     again.close()
+
+
+def test_retry_window_covers_open_and_recently_closed_rounds() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from bk_sim.platform._rounds import RETRY_WINDOW_S, _within_retry_window
+
+    now = datetime.now(timezone.utc)
+    assert _within_retry_window({"closed_at": None})
+    assert _within_retry_window({"closed_at": (now - timedelta(seconds=5)).isoformat()})
+    old = now - timedelta(seconds=RETRY_WINDOW_S + 5)
+    assert not _within_retry_window({"closed_at": old.isoformat()})
