@@ -235,7 +235,7 @@ def _judge_round(
     earlier: Mapping[str, int],
     names: Mapping[str, str],
 ) -> dict[str, Any]:
-    strategy = scenario.platform.strategy
+    strategy = scenario.validation.strategy or scenario.platform.strategy
     row: dict[str, Any] = {
         "round": rec.get("round"),
         "aggregation_id": rec.get("aggregation_id"),
