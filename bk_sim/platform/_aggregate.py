@@ -9,10 +9,11 @@ Strategies, per layer and per coordinate:
 - ``trimmed_mean``: drop the floor(trim_fraction * N) lowest and highest values of each
   coordinate, then the unweighted mean of the rest.
 
-Memory. ``fedavg`` and ``mean`` stream: uploads are added one at a time, in order, into
-float64 accumulators, while the next ``READ_THREADS`` (2) are decoded ahead on threads
-(inflate releases the GIL, so decoding overlaps adding and uses both cores); peak memory
-is about model x (8 + 8 + 3 x input itemsize) bytes whatever N is.
+Memory. ``fedavg`` and ``mean`` stream: uploads are added in order, in batches of up to
+``BATCH_UPLOADS`` (16, at most ``BATCH_BYTES`` = 64 MiB of them) into float64
+accumulators, while the next ``READ_THREADS`` (2) are decoded ahead on threads (inflate
+releases the GIL, so decoding overlaps adding and uses both cores). Peak memory is the
+accumulators (8 bytes a parameter), one batch and the read-ahead, whatever N is.
 ``median`` and ``trimmed_mean`` need all N values of a coordinate at once: every upload is
 decoded once into an N x layer scratch matrix (in memory up to ``IN_MEMORY_SCRATCH_BYTES``,
 otherwise a memory-mapped file under ``SCRATCH_DIR``, removed afterwards), then reduced in
@@ -66,6 +67,12 @@ IN_MEMORY_SCRATCH_BYTES = 64 * 2**20
 SCRATCH_DIR: Path | None = None
 #: Target size of one N x block float64 working block for median / trimmed_mean.
 BLOCK_BYTES = 8 * 2**20
+#: FedAvg / mean add up to this many uploads at once (held by reference, no copies)...
+BATCH_UPLOADS = 16
+#: ...as long as they hold no more than this many bytes.
+BATCH_BYTES = 64 * 2**20
+#: The float64 staging block (batch x coordinates) of a batch; meant to stay in L2.
+STAGING_BYTES = 2**20
 #: Threads decoding uploads ahead of the one being added (inflate releases the GIL).
 READ_THREADS = min(2, os.cpu_count() or 1)
 
@@ -123,7 +130,9 @@ def streaming_average(
     """FedAvg (or the unweighted mean) of ``(weighting, layers)`` pairs taken one at a time.
 
     The pure numeric core of ``aggregate``: arrays in, arrays out, memory independent of
-    how many pairs ``items`` yields. Leaves are named by position in error messages.
+    how many pairs ``items`` yields. Up to ``BATCH_UPLOADS`` pairs are held by reference
+    and added together, so do not modify an array after handing it over. Leaves are named
+    by position in error messages.
     """
     acc = _Accumulator(weighted=weighted)
     for i, (weighting, layers) in enumerate(items):
@@ -244,56 +253,83 @@ class _Layout:
 
 
 class _Accumulator:
-    """Running float64 sums of w_i * x_i (or x_i) per layer, one upload at a time.
+    """Running float64 sums of w_i * x_i (or x_i) per layer.
 
-    ``np.multiply(x, w, out=tmp, dtype=float64)`` then ``np.add(acc, tmp, out=acc)`` with
-    buffers allocated once runs about 4x faster than ``acc += w * x`` (no temporaries, no
-    float32 product: with NEP 50 ``w * x`` would be computed in float32).
+    Uploads are added in batches of up to ``BATCH_UPLOADS`` (held by reference, at most
+    ``BATCH_BYTES`` of them): for each block of coordinates the batch's values are cast into
+    a float64 staging matrix small enough to stay in cache, and reduced with one
+    matrix-vector product (BLAS dgemv); the accumulator is read and written once per batch,
+    not once per upload. Measured here: about 1.5x ``np.multiply(x, w, out=tmp,
+    dtype=float64)`` + ``np.add(acc, tmp, out=acc)`` per upload, itself about 4x
+    ``acc += w * x`` (which, under NEP 50, also computes w * x in float32).
     """
 
     def __init__(self, *, weighted: bool) -> None:
         self._weighted = weighted
         self._layout: _Layout | None = None
         self._acc: list[np.ndarray] = []
-        self._tmp = np.empty(0)
+        self._pending: list[tuple[float, list[np.ndarray]]] = []
+        self._batch = 1
+        self._staging = np.empty((0, 0))
+        self._part = np.empty(0)
+        self._filled = False
         self._total = 0.0
         self.count = 0
 
     def add(self, leaf_id: str, weighting: float, layers: Sequence[np.ndarray]) -> None:
+        """Take one upload's layers; they are read (never written) until ``result``."""
         layers = [np.asarray(x) for x in layers]
         if self._layout is None:
             if len(layers) == 0:
                 raise AggregationError(f"leaf {leaf_id}: no layers")
             self._layout = _Layout(leaf_id, layers)
-            # np.empty, not np.zeros: calloc'd memory is fresh pages, faulted in on first
-            # touch (~0.4 ms per MB here); the first upload writes the sums directly.
-            # One buffer for all layers: at >= 4 MB numpy asks for huge pages, and one
-            # allocation is reused by malloc where many equal-size ones are not.
-            sizes = [x.size for x in layers]
-            ends = np.cumsum(sizes).tolist()
-            buffer = np.empty(ends[-1], dtype=np.float64)
-            self._acc = [buffer[end - size : end] for size, end in zip(sizes, ends, strict=True)]
-            self._tmp = np.empty(max(x.size for x in layers) if self._weighted else 0)
+            self._allocate(layers)
         else:
             self._layout.check(leaf_id, layers)
-        w = float(weighting)
-        first = self.count == 0
-        for acc, x in zip(self._acc, layers, strict=True):
-            flat = x.reshape(-1)
-            if first and self._weighted:
-                np.multiply(flat, w, out=acc, dtype=np.float64)
-            elif first:
-                np.copyto(acc, flat, casting="safe")
-            elif self._weighted:
-                tmp = self._tmp[: flat.size]
-                np.multiply(flat, w, out=tmp, dtype=np.float64)
-                np.add(acc, tmp, out=acc)
-            else:
-                np.add(acc, flat, out=acc, dtype=np.float64)
-        self._total += w if self._weighted else 1.0
+        w = float(weighting) if self._weighted else 1.0
+        self._pending.append((w, [x.reshape(-1) for x in layers]))
+        self._total += w
         self.count += 1
+        if len(self._pending) >= self._batch:
+            self._flush()
+
+    def _allocate(self, layers: Sequence[np.ndarray]) -> None:
+        # One np.empty buffer for all layers: np.zeros would be fresh calloc pages, faulted
+        # in on first touch (~0.4 ms per MB here; the first batch writes the sums instead),
+        # and numpy asks for huge pages at >= 4 MB.
+        sizes = [x.size for x in layers]
+        ends = np.cumsum(sizes).tolist()
+        buffer = np.empty(ends[-1], dtype=np.float64)
+        self._acc = [buffer[end - size : end] for size, end in zip(sizes, ends, strict=True)]
+        upload_bytes = max(1, sum(x.nbytes for x in layers))
+        self._batch = max(1, min(BATCH_UPLOADS, BATCH_BYTES // upload_bytes))
+        cols = max(256, STAGING_BYTES // (8 * self._batch))
+        self._staging = np.empty((self._batch, cols), dtype=np.float64)
+        self._part = np.empty(cols, dtype=np.float64)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        k = len(self._pending)
+        weights = np.array([w for w, _ in self._pending], dtype=np.float64)
+        cols = self._staging.shape[1]
+        for j, acc in enumerate(self._acc):
+            for lo in range(0, acc.size, cols):
+                hi = min(lo + cols, acc.size)
+                block = self._staging[:k, : hi - lo]
+                for row, (_, flats) in enumerate(self._pending):
+                    block[row] = flats[j][lo:hi]  # cast to float64, in cache
+                if self._filled:
+                    part = self._part[: hi - lo]
+                    np.dot(weights, block, out=part)
+                    np.add(acc[lo:hi], part, out=acc[lo:hi])
+                else:
+                    np.dot(weights, block, out=acc[lo:hi])
+        self._filled = True
+        self._pending.clear()
 
     def result(self) -> list[np.ndarray]:
+        self._flush()
         layout = self._layout
         assert layout is not None
         out = []
