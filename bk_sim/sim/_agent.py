@@ -152,11 +152,15 @@ class LeafAgent:
         return True
 
     def _upload(self, round_index: int) -> float:
-        t0 = time.perf_counter()
+        # CPU time of this thread: with many leaves per process, wall time would count
+        # the other leaves' work too.
+        begun = time.time()
+        t0 = time.thread_time()
         layers = leaf_update(self._seed, self.plan.index, round_index, self._base, self._model)
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         data = weights.encode_weights(self.plan.weighting, layers, compression=self._compression)
-        t2 = time.perf_counter()
+        t2 = time.thread_time()
+        w2 = time.perf_counter()
         path = self._dir / f"leaf{self.plan.index}-r{round_index}.npz"
         path.write_bytes(data)
         # Whatever arrived before this upload cannot be this upload's aggregate.
@@ -176,9 +180,10 @@ class LeafAgent:
             weighting=self.plan.weighting,
             base_aggregation_id=self._base_id,
             bytes=len(data),
-            generate_s=t1 - t0,
-            encode_s=t2 - t1,
-            duration_s=t3 - t2,
+            begun=begun,
+            generate_cpu_s=t1 - t0,
+            encode_cpu_s=t2 - t1,
+            duration_s=t3 - w2,
         )
         return time.time()
 

@@ -8,6 +8,7 @@ made again from a run folder. Uploads are regenerated from the seed, never shipp
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -77,8 +78,7 @@ def _uploads(events: Sequence[Mapping[str, Any]]) -> dict[str, _Upload]:
     for e in events:
         if e.get("kind") != "upload":
             continue
-        spent = float(e.get("generate_s", 0)) + float(e.get("encode_s", 0))
-        spent += float(e.get("duration_s", 0))
+        spent = float(e.get("duration_s", 0))
         found[e["file_id"]] = _Upload(
             leaf=int(e["leaf"]),
             leaf_id=str(e["leaf_id"]),
@@ -87,7 +87,7 @@ def _uploads(events: Sequence[Mapping[str, Any]]) -> dict[str, _Upload]:
             weighting=float(e["weighting"]),
             base=e.get("base_aggregation_id"),
             t_end=float(e["t"]),
-            t_start=float(e["t"]) - spent,
+            t_start=float(e.get("begun", float(e["t"]) - spent)),
             bytes=int(e.get("bytes", 0)),
         )
     return found
@@ -198,7 +198,7 @@ def judge(
             wall = max(downloads_by_agg[agg_id]) - min(u.t_start for u in ups)
             row["wall_time_s"] = wall
             harness = sum(
-                float(e.get("generate_s", 0)) + float(e.get("encode_s", 0))
+                float(e.get("generate_cpu_s", 0)) + float(e.get("encode_cpu_s", 0))
                 for e in events
                 if e.get("kind") == "upload" and e.get("file_id") in {u.file_id for u in ups}
             )
@@ -438,6 +438,9 @@ def _timings(
     validation_s: float,
     harness_shares: Sequence[float],
 ) -> None:
+    spawned = next((float(e["t"]) for e in events if e.get("kind") == "leaves_spawning"), None)
+    if spawned is not None:
+        run_started = spawned
     connects: dict[str, float] = {}
     for e in events:
         if e.get("kind") == "connect" and e.get("leaf_id") not in connects:
@@ -458,10 +461,15 @@ def _timings(
         if e.get("kind") == "http_request" and e.get("endpoint") == "upload" and "duration_s" in e
     ]
     walls = [r["wall_time_s"] for r in j.rounds if r.get("wall_time_s") is not None]
+    started = [float(e["t"]) for e in events if e.get("kind") == "leaf_started"]
+    speeds = [r["validator_mb_s"] for r in j.rounds if r.get("validator_mb_s")]
     j.timings = {
+        "leaves_started_s": (max(started) - run_started) if started and run_started else None,
         "leaves_connected_s": (max(connects.values()) - run_started)
         if connects and run_started
         else None,
+        "validator_mb_s": min(speeds) if speeds else None,
+        "orchestrator_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "round_wall_time_s": walls,
         "upload_latency_s": _percentiles(upload_s, (50, 95, 99)),
         "notification_latency_s": _percentiles(notify_latency, (50, 99)),
