@@ -67,9 +67,12 @@ def platform() -> None:
 @click.option("--ready-file", envvar="BK_SIM_READY_FILE", default=None, show_envvar=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Write {\"url\", \"pid\"} here once listening (for supervisors).")
+@click.option("--exit-on-stdin-eof", is_flag=True, hidden=True,
+              help="Stop when stdin closes (set by start_platform: dies with its parent).")
 def serve_cmd(host: str, port: int, data_dir: Path, amqp_url: str, rabbitmq_api: str,
               admin_token: str, no_amqp: bool, public_url: str | None, max_upload_bytes: int,
-              max_decompressed_bytes: int, ready_file: Path | None) -> None:
+              max_decompressed_bytes: int, ready_file: Path | None,
+              exit_on_stdin_eof: bool) -> None:
     """Serve the leaf API, the admin API and the WebSocket endpoint until Ctrl-C."""
     from bk_sim.platform._serve import serve
 
@@ -79,7 +82,8 @@ def serve_cmd(host: str, port: int, data_dir: Path, amqp_url: str, rabbitmq_api:
         management_url=rabbitmq_api, no_amqp=no_amqp, public_url=public_url,
         max_upload_bytes=max_upload_bytes, max_decompressed_bytes=max_decompressed_bytes,
     )
-    serve(config, host=host, port=port, ready_file=ready_file)
+    serve(config, host=host, port=port, ready_file=ready_file,
+          exit_on_stdin_eof=exit_on_stdin_eof)
 
 
 @platform.command("create-branch")

@@ -57,13 +57,17 @@ class PlatformHandle:
         ready.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "bk_sim.cli", "-v", "platform", "serve",
                "--host", self._host, "--port", str(self._port), "--data-dir",
-               str(self.data_dir), "--ready-file", str(ready), *self._args]
+               str(self.data_dir), "--ready-file", str(ready), "--exit-on-stdin-eof",
+               *self._args]
         with open(self.log_path, "ab") as log:
+            # stdin is a pipe we never write: when this process dies, the platform sees EOF.
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self._env)
+                                          stdin=subprocess.PIPE, env=self._env)
         deadline = time.monotonic() + self._startup_timeout
         while not ready.exists():
             if self._proc.poll() is not None:
+                if self._proc.stdin is not None:
+                    self._proc.stdin.close()
                 raise PlatformError(
                     f"the platform exited with code {self._proc.returncode} before it was "
                     f"ready: {_tail(self.log_path)}"
@@ -92,6 +96,8 @@ class PlatformHandle:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if proc.stdin is not None:
+            proc.stdin.close()
         self.admin.close()
 
     def restart(self, *, kill: bool = False) -> None:

@@ -68,6 +68,7 @@ class _Job:
     routing_key: str
     body: bytes
     future: concurrent.futures.Future[None]
+    close_only: bool = False  # close the vhost's connection instead of publishing
 
 
 class AmqpPublisher:
@@ -122,8 +123,8 @@ class AmqpPublisher:
         return fut
 
     def forget_vhost(self, vhost: str) -> None:
-        """Close the connection to a vhost about to be deleted (thread-safe enough: queued)."""
-        self._jobs.put(_Job(vhost, "", "", b"", concurrent.futures.Future()))
+        """Close the connection to a vhost about to be deleted (queued, so thread-safe)."""
+        self._jobs.put(_Job(vhost, "", "", b"", concurrent.futures.Future(), close_only=True))
 
     # -- publisher thread
     def _run(self) -> None:
@@ -135,7 +136,7 @@ class AmqpPublisher:
                 continue
             if job is None:
                 break
-            if not job.exchange and not job.routing_key and not job.body:
+            if job.close_only:
                 self._drop(job.vhost)
                 continue
             self._publish_with_retry(job)

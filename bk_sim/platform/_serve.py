@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -18,19 +19,24 @@ log = logging.getLogger(__name__)
 
 
 def serve(config: PlatformConfig, *, host: str = "127.0.0.1", port: int = 8080,
-          ready_file: Path | None = None) -> None:
-    """Serve until a signal; ``ready_file`` gets ``{"url", "pid"}`` once listening."""
+          ready_file: Path | None = None, exit_on_stdin_eof: bool = False) -> None:
+    """Serve until a signal; ``ready_file`` gets ``{"url", "pid"}`` once listening.
+
+    ``exit_on_stdin_eof``: also stop when stdin closes, so a platform started by a
+    harness dies with it (the harness holds the other end of the pipe).
+    """
     # pika logs tracebacks for failures this module translates and logs itself.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
-        asyncio.run(_serve(config, host, port, ready_file))
+        asyncio.run(_serve(config, host, port, ready_file, exit_on_stdin_eof))
     except BkSimError:
         raise
     except OSError as exc:
         raise PlatformError(f"cannot listen on {host}:{port}: {exc}") from exc
 
 
-async def _serve(config: PlatformConfig, host: str, port: int, ready_file: Path | None) -> None:
+async def _serve(config: PlatformConfig, host: str, port: int, ready_file: Path | None,
+                 exit_on_stdin_eof: bool) -> None:
     app = build_app(config)
     runner = web.AppRunner(app, access_log_class=ACCESS_LOGGER, handle_signals=False)
     await runner.setup()
@@ -48,6 +54,16 @@ async def _serve(config: PlatformConfig, host: str, port: int, ready_file: Path 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if exit_on_stdin_eof:
+            fd = sys.stdin.fileno()
+
+            def _stdin_readable() -> None:
+                if not os.read(fd, 4096):
+                    log.info("stdin closed: the parent is gone")
+                    loop.remove_reader(fd)
+                    stop.set()
+
+            loop.add_reader(fd, _stdin_readable)
         await stop.wait()
         log.info("bk-sim platform stopping")
     finally:

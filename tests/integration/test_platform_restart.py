@@ -96,3 +96,39 @@ def test_stop_is_prompt_and_restart_keeps_port(management: ManagementAPI,
         assert handle.admin.health()["broker"] == "ok"
     finally:
         handle.stop()
+
+
+def test_platform_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from bk_sim.platform import start_platform\n"
+        f"h = start_platform({str(tmp_path / 'data')!r}, no_amqp=True)\n"
+        "print(h.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        parent.kill()  # no cleanup code runs in the parent
+        parent.wait(5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            pytest.fail("the platform outlived its parent")
+    finally:
+        if parent.stdout is not None:
+            parent.stdout.close()
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(5)
