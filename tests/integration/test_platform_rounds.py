@@ -187,3 +187,23 @@ def test_delete_tree_removes_vhost_and_users(platform: PlatformHandle,
     resp = requests.get(f"{platform.url}/api/v1/run/{b.branch_id}",
                         headers=leaf_headers(b.leaves[0]), timeout=5)
     assert resp.status_code == 401
+
+
+def test_secrets_never_reach_the_log(platform: PlatformHandle) -> None:
+    with make_branch(platform, 1) as b:
+        leaf = b.leaves[0]
+        fid = b.upload_ok(0, 1.0, [np.ones(3)])
+        link = requests.get(f"{b.url}/api/v1/file/download/{fid}", headers=leaf_headers(leaf),
+                            timeout=5).json()["data"]["download_url"]
+        assert requests.get(link, timeout=5).status_code == 200
+        sig = link.split("sig=")[1]
+        ticket = requests.post(f"{b.url}/api/v1/ws/ticket", headers=leaf_headers(leaf),
+                               timeout=5).json()["data"]["ticket_id"]
+        requests.get(f"{b.url}/api/v1/ws?ticket={ticket}&request_id=x", timeout=5)
+        requests.get(f"{b.url}/api/v1/run/{b.branch_id}", timeout=5,
+                     headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}x"})
+        b.wait(1)
+    log = platform.log_path.read_text()
+    assert "/api/v1/ws" in log and "/files/" in log  # the access log is on
+    for secret in (leaf["session_token"], sig, ticket, platform.admin_token):
+        assert secret not in log
