@@ -11,9 +11,10 @@ Strategies, per layer and per coordinate:
 
 Memory. ``fedavg`` and ``mean`` stream: uploads are added in order, in batches of up to
 ``BATCH_UPLOADS`` (16, at most ``BATCH_BYTES`` = 64 MiB of them) into float64
-accumulators, while the next ``READ_THREADS`` (2) are decoded ahead on threads (inflate
-releases the GIL, so decoding overlaps adding and uses both cores). Peak memory is the
-accumulators (8 bytes a parameter), one batch and the read-ahead, whatever N is.
+accumulators, while the next ``READ_AHEAD`` (4) are decoded ahead on ``READ_THREADS`` (2)
+threads (inflate releases the GIL, so decoding overlaps adding and uses both cores).
+Peak memory is the accumulators (8 bytes a parameter), one batch and the read-ahead,
+whatever N is.
 ``median`` and ``trimmed_mean`` need all N values of a coordinate at once: every upload is
 decoded once into an N x layer scratch matrix (in memory up to ``IN_MEMORY_SCRATCH_BYTES``,
 otherwise a memory-mapped file under ``SCRATCH_DIR``, removed afterwards), then reduced in
@@ -73,8 +74,10 @@ BATCH_UPLOADS = 16
 BATCH_BYTES = 64 * 2**20
 #: The float64 staging block (batch x coordinates) of a batch; meant to stay in L2.
 STAGING_BYTES = 2**20
-#: Threads decoding uploads ahead of the one being added (inflate releases the GIL).
+#: Threads decoding uploads ahead of the one being added (inflate releases the GIL)...
 READ_THREADS = min(2, os.cpu_count() or 1)
+#: ...and how many uploads they may decode ahead, so a batch's dgemv never stalls them.
+READ_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -195,10 +198,11 @@ def _decoded(
     """Each upload with its layers, in order, decoded ahead on ``READ_THREADS`` threads.
 
     Inflate and numpy release the GIL, so decoding the next uploads overlaps adding the
-    current one; at most ``READ_THREADS`` decoded uploads wait besides the one the caller
+    current one; at most ``READ_AHEAD`` decoded uploads wait besides the one the caller
     holds, whatever N is. The order of the sums stays the order of ``uploads``.
     """
     threads = max(1, min(READ_THREADS, len(uploads) - 1))
+    ahead_max = max(threads, READ_AHEAD)
     if len(uploads) == 1:
         yield uploads[0], _read(uploads[0], max_decompressed_bytes)
         return
@@ -206,7 +210,7 @@ def _decoded(
         ahead: deque[Future[list[np.ndarray]]] = deque()
         todo = iter(uploads)
         try:
-            for up in itertools.islice(todo, threads):
+            for up in itertools.islice(todo, ahead_max):
                 ahead.append(pool.submit(_read, up, max_decompressed_bytes))
             for up in uploads:
                 layers = ahead.popleft().result()

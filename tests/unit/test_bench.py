@@ -39,8 +39,9 @@ def test_bench_aggregate_prints_both_tables(tmp_path: Path) -> None:
     assert re.search(r"machine: \d+ CPUs", out)
     step = _rows(out, "1. Aggregation step")
     assert [r[0] for r in step] == ["3", "12"]
-    assert all(len(r) == 12 for r in step)
-    assert all(r[9].endswith("x") and float(r[11]) < 1e-5 for r in step)  # ours agrees
+    assert all(len(r) == 15 for r in step)
+    assert all(r[11].endswith("x") and r[12].endswith("x") for r in step)
+    assert all(float(r[14]) < 1e-5 for r in step)  # ours agrees with the naive form
     e2e = _rows(out, "2. End to end")
     assert [r[0] for r in e2e] == ["3", "12"]
     assert all(len(r) == 10 and r[7].endswith("x") and r[8].endswith("x") for r in e2e)
@@ -60,13 +61,14 @@ def test_naive_is_skipped_with_a_reason_when_memory_is_short(
     monkeypatch.setattr(_bench, "_NAIVE_MEMORY_SHARE", 0.0)
     pool = _bench._pool(1000, 2, "random", 2)
     result = _bench.measure_step(pool, 4)
-    assert result.naive_s is None and result.speedup is None
+    assert result.naive_warm_s is None and result.speedup_cold is None
     assert "skipped: needs" in result.naive_skipped and "--force-naive" in result.naive_skipped
     forced = _bench.measure_step(pool, 4, force_naive=True)
-    assert forced.naive_s is not None and forced.max_diff is not None
+    assert forced.naive_cold_s is not None and forced.max_diff is not None
+    assert forced.speedup_warm is not None and forced.speedup_warm > 0
     lines = _bench.render_step([result])
     assert any("N=4: naive skipped" in line for line in lines)
-    assert lines[-1].startswith("target: >= 5x faster than naive: NOT MEASURED")
+    assert lines[-1].startswith("target: >= 5x faster than naive: cold NOT MEASURED")
 
 
 def test_naive_fedavg_is_the_weighted_average() -> None:
