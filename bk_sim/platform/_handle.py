@@ -61,8 +61,11 @@ class PlatformHandle:
                *self._args]
         with open(self.log_path, "ab") as log:
             # stdin is a pipe we never write: when this process dies, the platform sees EOF.
+            # Its own session: a Ctrl-C meant for the harness must not kill the platform
+            # before the harness has read its round records.
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.PIPE, env=self._env)
+                                          stdin=subprocess.PIPE, env=self._env,
+                                          start_new_session=True)
         deadline = time.monotonic() + self._startup_timeout
         while not ready.exists():
             if self._proc.poll() is not None:

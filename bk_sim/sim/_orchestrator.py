@@ -51,8 +51,13 @@ class RunResult:
     passed: bool
     results: dict[str, Any]
 
+    interrupted: bool = False
+
     @property
     def exit_code(self) -> int:
+        """0 passed, 1 a check failed, 2 the run was interrupted before it could finish."""
+        if self.interrupted:
+            return 2
         return 0 if self.passed else 1
 
 
@@ -199,7 +204,11 @@ class SimulationRun:
                 )
                 plans = plan_leaves(sc, credentials)
                 interrupted = self._play(plans, api_url, transport, amqp_host, amqp_port, log)
-                records = fetch_records()
+                try:
+                    records = fetch_records()
+                except BkSimError as exc:
+                    self._say(f"could not read the platform's round records: {exc}")
+                    log.write(harness_event("records_unavailable", error=str(exc)))
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -220,7 +229,7 @@ class SimulationRun:
             judgement.checks.append(Check("run: completed", False, "interrupted (Ctrl-C)"))
         results = _results(sc, judgement, self.run_dir, started_at, interrupted)
         _write_json(self.run_dir / "results.json", results)
-        return RunResult(self.run_dir, judgement.passed, results)
+        return RunResult(self.run_dir, judgement.passed, results, interrupted)
 
     # ------------------------------------------------------------------ resources
 
@@ -485,7 +494,7 @@ def _results(
     ended = time.time()
     return {
         "passed": j.passed,
-        "exit_code": 0 if j.passed else 1,
+        "exit_code": 2 if interrupted else (0 if j.passed else 1),
         "verdict": _verdict(j),
         "scenario": sc.to_dict(),
         "run": {

@@ -8,6 +8,7 @@ orchestrator as an event dict over ``events``; the process never writes the log 
 from __future__ import annotations
 
 import logging
+import signal
 import tempfile
 import threading
 import time
@@ -142,7 +143,11 @@ def _leaf_thread(
 
 def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
     """Process entry point: run this worker's leaves in threads until done or stopped."""
+    # Ctrl-C reaches the whole process group: the orchestrator alone decides, and tells
+    # the workers through ``stop``, so leaves close their clients cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     put: Callable[[dict[str, Any]], None] = events.put
     local_stop = threading.Event()
     cache = AggregateCache(spec.aggregates_dir)

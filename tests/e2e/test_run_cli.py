@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -147,3 +149,43 @@ def test_bad_scenario_exits_2_with_a_one_line_reason(tmp_path: Path) -> None:
     assert "leaves.count" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_stops_everything_and_still_writes_results(management: Any, tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    args = [sys.executable, "-m", "bk_sim.cli", "run", str(SMOKE), "--set", f"report.dir={reports}"]
+    args += ["--set", "rounds=50", "--set", "leaves.stragglers.fraction=1.0"]
+    args += ["--set", "leaves.stragglers.delay_s=1.0"]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        events = None
+        while time.monotonic() < deadline:
+            found = list(reports.glob("*/events.jsonl")) if reports.exists() else []
+            if found and '"kind":"download"' in found[0].read_text():
+                events = found[0]
+                break
+            time.sleep(0.3)
+        assert events is not None, "the run never got as far as a download"
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, out + err
+    assert "Traceback" not in err
+    results = json.loads((events.parent / "results.json").read_text())
+    assert results["run"]["interrupted"] is True
+    assert results["rounds"] and results["rounds"][0]["passed"] is True
+    # Nothing is left running: no leaf worker and no platform of this run.
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(events.parent)], capture_output=True, text=True
+    ).stdout.split()
+    assert leftovers == []
