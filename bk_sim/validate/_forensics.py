@@ -361,6 +361,8 @@ def _names(leaves: list[str], limit: int = 5) -> str:
 def _pairs(
     leaves: list[str], eff: Mapping[str, float], expected: Mapping[str, float], limit: int = 3
 ) -> str:
+    if len(leaves) == 1:  # the sentence already names it
+        return f"effective weight {eff[leaves[0]]:.4g}, expected {expected[leaves[0]]:.4g}"
     parts = [f"{leaf}: effective {eff[leaf]:.4g}, expected {expected[leaf]:.4g}" for leaf in leaves]
     more = f", and {len(leaves) - limit} more" if len(leaves) > limit else ""
     return "; ".join(parts[:limit]) + more

@@ -65,8 +65,16 @@ def test_dropped_leaf_is_named() -> None:
     f = forensics(_aggregate([v for k, v in c.items() if k != "leaf-4"], "fedavg"), c, "fedavg")
     assert f.dropped == ["leaf-4"]
     assert f.double_counted == [] and f.misweighted == [] and not f.unweighted
-    assert f.summary.startswith("Leaf leaf-4 was dropped")
+    assert f.summary.startswith("Leaf leaf-4 was dropped (effective weight ")
     assert abs(f.effective_weights["leaf-4"]) < 1e-3
+
+
+def test_two_dropped_leaves_are_both_named() -> None:
+    c = _contributions()
+    kept = [v for k, v in c.items() if k not in ("leaf-1", "leaf-6")]
+    f = forensics(_aggregate(kept, "fedavg"), c, "fedavg")
+    assert f.dropped == ["leaf-1", "leaf-6"] and f.misweighted == [] and f.double_counted == []
+    assert f.summary.startswith("Leaves leaf-1, leaf-6 were dropped (leaf-1: effective")
 
 
 def test_double_counted_leaf_is_named() -> None:
