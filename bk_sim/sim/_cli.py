@@ -30,7 +30,14 @@ def _progress(line: str) -> None:
     default=None,
     help="Where the broker comes from (overrides broker.provider).",
 )
-def run(scenario_file: Path, overrides: tuple[str, ...], broker: str | None) -> None:
+@click.option(
+    "--enable-plugin",
+    is_flag=True,
+    help="Let bk-sim enable RabbitMQ's management plugin on the local broker if it is off.",
+)
+def run(
+    scenario_file: Path, overrides: tuple[str, ...], broker: str | None, enable_plugin: bool
+) -> None:
     """Run SCENARIO_FILE's leaves as processes and validate every aggregate.
 
     Exit code 0 when every check passed, 1 when a check failed, 2 when the run could not
@@ -41,7 +48,9 @@ def run(scenario_file: Path, overrides: tuple[str, ...], broker: str | None) -> 
     if broker is not None:
         overrides = (*overrides, f"broker.provider={broker}")
     scenario = load_scenario(scenario_file, overrides)
-    result = SimulationRun(scenario, progress=_progress).execute()
+    result = SimulationRun(
+        scenario, progress=_progress, may_enable_plugin=enable_plugin
+    ).execute()
     for line in summary_lines(result.results):
         click.echo(line)
     sys.exit(result.exit_code)

@@ -160,9 +160,11 @@ class SimulationRun:
         *,
         progress: Progress | None = None,
         run_dir: Path | None = None,
+        may_enable_plugin: bool = False,
     ) -> None:
         _check_schedule(scenario)
         self.scenario = scenario
+        self._may_enable_plugin = may_enable_plugin
         self._say = progress or (lambda line: _log.info("%s", line))
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_dir = run_dir or Path(scenario.report.dir) / f"{scenario.name}-{stamp}"
@@ -244,6 +246,7 @@ class SimulationRun:
                 provider,
                 amqp_url=b.amqp_url,
                 management_url=b.management_url,
+                may_enable_plugin=self._may_enable_plugin,
                 on_status=self._say,
             )
         )
