@@ -272,6 +272,52 @@ class ReportSpec:
     dir: Path = _f(Path("reports"), "parent folder of `<name>-<timestamp>/` (relative to cwd)")
 
 
+# --------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadStageSpec:
+    """One stage of a load shape: run ``users`` users until ``until_s`` after the start."""
+
+    until_s: float = _f(doc="end of the stage, seconds after the load started", gt=0.0)
+    users: int = _f(doc="users during the stage", ge=0)
+    spawn_rate: float | None = _f(
+        None, "users started or stopped per second (null = `load.spawn_rate`)", gt=0.0
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadTasksSpec:
+    """Relative weights of the Locust user's tasks (0 = never)."""
+
+    upload: int = _f(4, "upload the leaf's weights (payloads made before the load)", ge=0)
+    download: int = _f(
+        2, "wait for the newest aggregation notification, download that aggregate", ge=0
+    )
+    metrics: int = _f(1, "send performance metrics for the newest aggregate", ge=0)
+    branch_config: int = _f(1, "read the branch configuration", ge=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSpec:
+    """`bk-sim load`: Locust users, one leaf each, driving the leaf client."""
+
+    users: int = _f(10, "peak concurrent users (leaves created: max(users, leaves.count))", ge=1)
+    spawn_rate: float = _f(10.0, "users started per second", gt=0.0)
+    duration_s: float = _f(30.0, "load duration (with `stages`: their last `until_s`)", gt=0.0)
+    wait_min_s: float = _f(0.0, "shortest pause between a user's tasks", ge=0.0)
+    wait_max_s: float = _f(0.5, "longest pause between a user's tasks (>= wait_min_s)", ge=0.0)
+    tasks: LoadTasksSpec = _f(LoadTasksSpec, "task mix")
+    stages: tuple[LoadStageSpec, ...] = _f((), "load shape: stages in time order (list)")
+    notifications: bool = _f(True, "users consume notifications (per `transport`)")
+    aggregate_wait_s: float = _f(10.0, "download task: longest wait for a notification", gt=0.0)
+    payload_variants: int = _f(4, "distinct upload payloads, made before the load starts", ge=1)
+    p95_ms: float | None = _f(None, "threshold: p95 of HTTP attempts, ms (null = not judged)", gt=0.0)
+    error_rate: float | None = _f(
+        None, "threshold: failed fraction of HTTP attempts (null = not judged)", ge=0.0, le=1.0
+    )
+
+
 # --------------------------------------------------------------------------- scenario
 
 
@@ -292,6 +338,7 @@ class Scenario:
     client: ClientSpec = _f(ClientSpec, "leaf client settings")
     validation: ValidationSpec = _f(ValidationSpec, "aggregate checks")
     report: ReportSpec = _f(ReportSpec, "report output")
+    load: LoadSpec = _f(LoadSpec, "`bk-sim load` settings")
     source: Path | None = field(default=None, metadata={"doc": "", "internal": True})
 
     def to_dict(self) -> dict[str, Any]:
