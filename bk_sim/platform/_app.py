@@ -31,7 +31,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from bk_sim import __version__
 from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
-from bk_sim.errors import BkSimError, BrokerError, WeightsFormatError
+from bk_sim.errors import BrokerError, WeightsFormatError
 from bk_sim.platform._aggregate import STRATEGIES
 from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault
 from bk_sim.platform._notify import (
@@ -474,12 +474,12 @@ class Platform:
         if not isinstance(name, str) or not name:
             raise RequestRejected(400, "name must be a non-empty string")
         tree = self.store.create_tree(name)
-        try:
-            await self.provision(self.provisioner.create_tree if self.provisioner else _noop,
-                                 tree["id"])
-        except RequestRejected:
-            self.store.delete_tree(tree["id"])
-            raise
+        if self.provisioner is not None:
+            try:
+                await self.provision(self.provisioner.create_tree, tree["id"])
+            except RequestRejected:
+                self.store.delete_tree(tree["id"])
+                raise
         return _ok({"tree_id": tree["id"], "name": name}, status=201)
 
     async def admin_delete_tree(self, request: web.Request) -> web.Response:
@@ -614,10 +614,6 @@ class Platform:
         return branch
 
 
-def _noop(*_args: Any) -> None:
-    return None
-
-
 def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
@@ -725,10 +721,7 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
 
 def build_app(config: PlatformConfig) -> web.Application:
     """The aiohttp application; its startup connects to the broker and resumes rounds."""
-    try:
-        platform = Platform(config)
-    except BkSimError:
-        raise
+    platform = Platform(config)
     app = web.Application(middlewares=[platform.middleware],
                           client_max_size=4 * 1024 * 1024)
     app[PLATFORM_KEY] = platform

@@ -207,3 +207,25 @@ def test_secrets_never_reach_the_log(platform: PlatformHandle) -> None:
     assert "/api/v1/ws" in log and "/files/" in log  # the access log is on
     for secret in (leaf["session_token"], sig, ticket, platform.admin_token):
         assert secret not in log
+
+
+def test_a_round_whose_upload_vanished_fails_and_the_next_one_works(
+    platform: PlatformHandle,
+) -> None:
+    rng = np.random.default_rng(17)
+    with make_branch(platform, 2) as b:
+        lost = b.upload_ok(0, 1.0, model(rng))
+        (platform.data_dir / "files" / f"{lost}.npz").unlink()  # disk trouble
+        b.upload_ok(1, 1.0, model(rng))
+        rec = b.wait(1)
+        assert rec["status"] == "failed" and rec["aggregation_id"] is None
+        assert b.leaves[0]["id"] in rec["error"]
+        for leaf in b.leaves:  # no aggregation_status for a failed round
+            assert [m["message_type"] for m in read_queue(leaf, 1)] == ["run_status"]
+        m0, m1 = model(rng), model(rng)
+        b.upload_ok(0, 1.0, m0)
+        b.upload_ok(1, 2.0, m1)
+        rec = b.wait(2)
+        assert rec["status"] == "aggregated"
+        assert_layers(b.download(0, rec["aggregation_id"]),
+                      reference("fedavg", [1.0, 2.0], [m0, m1]))

@@ -153,3 +153,12 @@ def test_retry_window_covers_open_and_recently_closed_rounds() -> None:
     assert _within_retry_window({"closed_at": (now - timedelta(seconds=5)).isoformat()})
     old = now - timedelta(seconds=RETRY_WINDOW_S + 5)
     assert not _within_retry_window({"closed_at": old.isoformat()})
+
+
+def test_public_surface_is_pinned() -> None:
+    import bk_sim.platform
+
+    assert bk_sim.platform.__all__ == [
+        "AdminClient", "PlatformConfig", "PlatformHandle", "build_app", "serve",
+        "start_platform",
+    ]
