@@ -27,6 +27,9 @@ from bk_sim.scenario._presets import PRESETS
 from bk_sim.scenario._spec import (
     DISTRIBUTION_KEYS,
     DTYPES,
+    LASTING_CHAOS,
+    PROXY_CHAOS,
+    ChaosFaultSpec,
     FaultsSpec,
     LayerSpec,
     ModelSpec,
@@ -529,7 +532,27 @@ def _faults_set(f: FaultsSpec) -> bool:
     return f != FaultsSpec()
 
 
+def _check_chaos_fault(f: ChaosFaultSpec, path: str) -> None:
+    if (f.at_s is None) == (f.round is None):
+        raise _Problem(path, "give exactly one of at_s (seconds) or round (with when)")
+    if f.kind in LASTING_CHAOS and f.duration_s is None:
+        raise _Problem(_join(path, "duration_s"), f"is required for kind {f.kind!r}")
+    if f.kind not in LASTING_CHAOS and f.duration_s is not None:
+        raise _Problem(
+            _join(path, "duration_s"), f"does not apply to kind {f.kind!r} (it is instantaneous)"
+        )
+    if (f.kind == "http") != (f.http is not None):
+        raise _Problem(_join(path, "http"), "is required for kind 'http' and only for it")
+    if f.kind == "latency" and f.latency_s + f.jitter_s <= 0:
+        raise _Problem(_join(path, "latency_s"), "expected latency_s or jitter_s > 0")
+    if f.kind == "bandwidth" and f.bandwidth_kbps is None:
+        raise _Problem(_join(path, "bandwidth_kbps"), "is required for kind 'bandwidth'")
+    if f.restart and f.kind != "kill_leaf":
+        raise _Problem(_join(path, "restart"), "applies only to kind 'kill_leaf'")
+
+
 _CLASS_CHECKS: dict[type, Any] = {
+    ChaosFaultSpec: _check_chaos_fault,
     WeightingSpec: _check_weighting,
     LayerSpec: _check_layer,
     FaultsSpec: _check_faults,
@@ -619,3 +642,38 @@ def _check_scenario(s: Scenario) -> None:
         )
     if s.broker.provider == "external" and s.broker.amqp_url is None:
         raise _Problem("broker.amqp_url", "is required when broker.provider is 'external'")
+    _check_chaos(s)
+
+
+def _check_chaos(s: Scenario) -> None:
+    """Chaos faults against the rest of the scenario (rounds, broker, transport)."""
+    for i, f in enumerate(s.chaos.faults):
+        path = f"chaos.faults[{i}]"
+        if f.round is not None and f.round > s.rounds:
+            raise _Problem(
+                _join(path, "round"), f"expected at most rounds ({s.rounds}); found {f.round}"
+            )
+        if f.kind == "restart_broker" and not s.chaos.broker_restartable:
+            raise _Problem(
+                _join(path, "kind"),
+                "restart_broker stops the broker for everyone using it: set "
+                "chaos.broker_restartable: true only for a broker that is this run's own",
+            )
+        needs_amqp = f.kind in PROXY_CHAOS or f.kind in (
+            "kill_connections",
+            "close_channel",
+            "restart_broker",
+        )
+        if needs_amqp and (s.transport != "amqp" or s.platform.mode != "local"):
+            raise _Problem(
+                _join(path, "kind"),
+                f"{f.kind!r} needs transport 'amqp' and platform.mode 'local'",
+            )
+        if f.kind == "http" and s.platform.mode != "local":
+            raise _Problem(_join(path, "kind"), "'http' faults need platform.mode 'local'")
+        if f.kind == "kill_leaf" and s.platform.round_timeout_s is None:
+            raise _Problem(
+                _join(path, "kind"),
+                "kill_leaf leaves a round short of uploads: it needs platform.round_timeout_s "
+                "(and a quorum) so the round closes without the killed leaves",
+            )

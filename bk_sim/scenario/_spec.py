@@ -318,6 +318,95 @@ class LoadSpec:
     )
 
 
+# --------------------------------------------------------------------------- chaos
+
+ChaosKind = Literal[
+    "kill_connections",
+    "close_channel",
+    "restart_broker",
+    "latency",
+    "bandwidth",
+    "blackhole",
+    "reset_peer",
+    "slow_close",
+    "http",
+    "kill_leaf",
+]
+ChaosPhase = Literal[
+    "round_start", "first_upload", "uploads_half_done", "awaiting_aggregate", "round_closed"
+]
+AggregatesExpectation = Literal["correct", "any"]
+#: Chaos kinds that last (they need ``duration_s``); the others are instantaneous.
+LASTING_CHAOS: tuple[str, ...] = ("latency", "bandwidth", "blackhole", "slow_close", "http")
+#: Chaos kinds that act on the leaves' TCP path to the broker (through the chaos proxy).
+PROXY_CHAOS: tuple[str, ...] = ("latency", "bandwidth", "blackhole", "reset_peer", "slow_close")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChaosFaultSpec:
+    """One scheduled fault of `bk-sim chaos`: when (`at_s` or `round` + `when`), what, whom."""
+
+    kind: ChaosKind = _f(
+        doc="`kill_connections`, `close_channel`, `restart_broker`, `latency`, `bandwidth`, "
+        "`blackhole`, `reset_peer`, `slow_close`, `http` or `kill_leaf`"
+    )
+    name: str | None = _f(None, "label in events and results (default: `<kind>-<index>`)")
+    at_s: float | None = _f(
+        None, "start this long after the leaves spawn (or give `round`)", ge=0.0
+    )
+    round: int | None = _f(None, "start in this round, at the phase `when`", ge=1)
+    when: ChaosPhase = _f(
+        "round_start",
+        "`round_start` (previous round's uploads all in), `first_upload`, `uploads_half_done`, "
+        "`awaiting_aggregate` (all uploads in, before notifications), `round_closed`",
+    )
+    delay_s: float = _f(0.0, "extra wait after the trigger", ge=0.0)
+    duration_s: float | None = _f(
+        None, "how long it lasts (latency, bandwidth, blackhole, slow_close, http)", gt=0.0
+    )
+    leaves: float = _f(
+        1.0,
+        "fraction of leaves hit, drawn with the seed (connection, channel and leaf faults)",
+        gt=0.0,
+        le=1.0,
+    )
+    latency_s: float = _f(0.0, "latency: added per direction", ge=0.0)
+    jitter_s: float = _f(0.0, "latency: extra uniform random delay up to this", ge=0.0)
+    bandwidth_kbps: float | None = _f(None, "bandwidth: kB/s per direction and connection", gt=0.0)
+    close_delay_s: float = _f(1.0, "slow_close: delay before the other side is closed", ge=0.0)
+    http: HttpFaultSpec | None = _f(None, "http: the platform fault rule set for `duration_s`")
+    restart: bool = _f(False, "kill_leaf: start the killed leaves again for the next round")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChaosExpectSpec:
+    """What must hold despite the faults; each key becomes a check (null = not judged)."""
+
+    lost_notifications: int | None = _f(0, "most notifications lost", ge=0)
+    duplicate_notifications: int | None = _f(0, "most notifications handled twice", ge=0)
+    max_reconnect_s: float | None = _f(
+        30.0, "longest disconnect -> connected again, per leaf and fault", gt=0.0
+    )
+    max_detect_s: float | None = _f(None, "longest fault start -> disconnect seen", gt=0.0)
+    aggregates: AggregatesExpectation = _f("correct", "`correct`: every round validates")
+    duplicate_uploads: int | None = _f(0, "most uploads a round record counts twice", ge=0)
+    backoff: bool = _f(True, "reconnect waits follow min(factor^n, max_delay)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChaosSpec:
+    """`bk-sim chaos`: the fault schedule and what is expected to survive it."""
+
+    faults: tuple[ChaosFaultSpec, ...] = _f((), "scheduled faults (list)")
+    expect: ChaosExpectSpec = _f(ChaosExpectSpec, "checks judged after the run")
+    broker_restartable: bool = _f(
+        False, "the broker is this run's own: `restart_broker` may stop and start it"
+    )
+    restart_command: tuple[str, ...] = _f(
+        ("rabbitmqctl",), "command prefix of `stop_app`/`start_app` for a local broker"
+    )
+
+
 # --------------------------------------------------------------------------- scenario
 
 
@@ -339,6 +428,7 @@ class Scenario:
     validation: ValidationSpec = _f(ValidationSpec, "aggregate checks")
     report: ReportSpec = _f(ReportSpec, "report output")
     load: LoadSpec = _f(LoadSpec, "`bk-sim load` settings")
+    chaos: ChaosSpec = _f(ChaosSpec, "`bk-sim chaos` fault schedule")
     source: Path | None = field(default=None, metadata={"doc": "", "internal": True})
 
     def to_dict(self) -> dict[str, Any]:
