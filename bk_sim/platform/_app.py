@@ -563,6 +563,7 @@ class Platform:
         if request.method == "PUT":
             config = _parse_config(await _json_body(request), base=_config_view(branch))
             branch = self.store.update_branch(branch["id"], **config)
+            await self.rounds.config_changed(branch["id"])
         return _ok(_config_view(branch))
 
     async def admin_rounds(self, request: web.Request) -> web.Response:

@@ -129,6 +129,19 @@ class RoundManager:
                 if row is not None and row["closed_at"] is None and not row["timed_out"]:
                     self._arm_timer(branch, row)
 
+    async def config_changed(self, branch_id: str) -> None:
+        """Apply a new timeout or quorum to the branch's open round at once."""
+        async with self._locks[branch_id]:
+            branch = self._store.branch(branch_id)
+            row = self._store.latest_round(branch_id)
+            if branch is None or row is None or row["closed_at"] is not None:
+                return
+            handle = self._timers.pop((branch_id, row["round"]), None)
+            if handle is not None:
+                handle.cancel()
+            if not await self._maybe_close(branch, row) and not row["timed_out"]:
+                self._arm_timer(branch, row)
+
     async def shutdown(self) -> None:
         for handle in self._timers.values():
             handle.cancel()

@@ -229,3 +229,13 @@ def test_a_round_whose_upload_vanished_fails_and_the_next_one_works(
         assert rec["status"] == "aggregated"
         assert_layers(b.download(0, rec["aggregation_id"]),
                       reference("fedavg", [1.0, 2.0], [m0, m1]))
+
+
+def test_config_change_applies_to_the_open_round(platform: PlatformHandle) -> None:
+    rng = np.random.default_rng(18)
+    with make_branch(platform, 3) as b:  # no timeout: waits for all three
+        m0 = model(rng)
+        b.upload_ok(0, 1.0, m0)
+        b.admin.set_config(b.branch_id, quorum=1, round_timeout_s=0.3)
+        rec = b.wait(1, timeout=5)
+        assert rec["close_reason"] == "timeout_quorum" and len(rec["uploads"]) == 1
