@@ -154,8 +154,24 @@ class _Aggregates:
         return layers
 
 
-def _words(leaf_ids: Sequence[str], names: Mapping[str, str]) -> str:
-    return ", ".join(names.get(i, i) for i in leaf_ids)
+class _Regenerated(Mapping[str, tuple[float, list[np.ndarray]]]):
+    """Leaf id -> (weighting, layers), regenerated on access: one upload in memory at a time."""
+
+    def __init__(self, scenario: Scenario, uploads: Sequence[_Upload], aggregates: Any) -> None:
+        self._sc = scenario
+        self._by_leaf = {u.leaf_id: u for u in uploads}
+        self._aggregates = aggregates
+
+    def __getitem__(self, leaf_id: str) -> tuple[float, list[np.ndarray]]:
+        up = self._by_leaf[leaf_id]
+        base = None if up.base is None else self._aggregates.get(up.base)
+        return up.weighting, leaf_update(self._sc.seed, up.leaf, up.round, base, self._sc.model)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_leaf)
+
+    def __len__(self) -> int:
+        return len(self._by_leaf)
 
 
 def judge(
@@ -271,13 +287,9 @@ def _judge_round(
         row["reason"] = f"aggregate {agg_id} could not be downloaded"
         return row
 
-    def regenerate() -> Iterator[tuple[float, list[np.ndarray]]]:
-        for up in mine:
-            base = None if up.base is None else aggregates.get(up.base)
-            yield up.weighting, leaf_update(scenario.seed, up.leaf, up.round, base, scenario.model)
-
+    contributions = _Regenerated(scenario, mine, aggregates)
     reference = reference_aggregate(
-        regenerate(), strategy, trim_fraction=scenario.platform.trim_fraction
+        contributions.values(), strategy, trim_fraction=scenario.platform.trim_fraction
     )
     cmp = compare(reference, actual, rtol=scenario.validation.rtol, atol=scenario.validation.atol)
     row["max_abs_error"] = cmp.max_abs_error
@@ -306,9 +318,6 @@ def _judge_round(
         }
         row["reason"] = row["forensics"]["summary"]
         return row
-    contributions = {
-        up.leaf_id: (w, layers) for up, (w, layers) in zip(mine, regenerate(), strict=True)
-    }
     previous = {a: layers for a in earlier if (layers := aggregates.get(a)) is not None}
     found = forensics(
         actual,
@@ -317,11 +326,12 @@ def _judge_round(
         previous_aggregates=previous,
         sample=max(scenario.validation.forensics_sample, 4 * len(contributions)),
         seed=scenario.seed,
+        trim_fraction=scenario.platform.trim_fraction,
     )
     details = found.to_dict()
     summary = found.summary
-    for leaf_id, label in names.items():
-        summary = summary.replace(leaf_id, label) if label not in summary else summary
+    for up in mine:  # "Leaf <uuid>" -> "Leaf 3 (<uuid>)": people count leaves by index
+        summary = summary.replace(up.leaf_id, f"{up.leaf} ({up.leaf_id})")
     if found.stale_of is not None and found.stale_of in earlier:
         summary += f" (round {earlier[found.stale_of]})"
     details["summary"] = summary
