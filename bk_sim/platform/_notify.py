@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -56,6 +57,11 @@ def message(message_type: str, **body: Any) -> str:
 # --------------------------------------------------------------------------- AMQP
 
 
+def connection_name() -> str:
+    """How this platform's AMQP connections are named on the broker (one per process)."""
+    return f"bk-sim-platform-{os.getpid()}"
+
+
 def amqp_user(amqp_url: str) -> str:
     """The user the platform publishes as (it needs full rights on every tree vhost)."""
     return unquote(urlsplit(amqp_url).username or "guest")
@@ -87,7 +93,7 @@ class AmqpPublisher:
         except Exception as exc:  # pika raises assorted errors for a malformed URL
             raise PlatformError(f"bad --amqp-url: {exc}") from exc
         params.virtual_host = vhost
-        params.client_properties = {"connection_name": "bk-sim-platform"}
+        params.client_properties = {"connection_name": connection_name()}
         params.connection_attempts = 1
         params.socket_timeout = 5
         params.blocked_connection_timeout = 30

@@ -215,3 +215,25 @@ def test_bad_fault_specs_and_stats(platform: PlatformHandle) -> None:
         stats = b.admin.stats()
         assert stats["run"] == {"429": 1, "200": 1}
         assert stats["upload"] == {"201": 1}
+
+
+def test_publisher_reconnects_after_the_broker_drops_it(platform: PlatformHandle,
+                                                        management: ManagementAPI) -> None:
+    """The broker force-closes the platform's publishing connection; the next notice still
+    arrives (the publisher reconnects and republishes under confirms)."""
+    with make_branch(platform, 1) as b:
+        read_queue(b.leaves[0], 1)
+        name = f"bk-sim-platform-{platform.pid}"
+        deadline = time.monotonic() + 15  # the connection list lags by the stats interval
+        ours: list[str] = []
+        while not ours and time.monotonic() < deadline:
+            ours = [c["name"] for c in management.connections()
+                    if c.get("client_properties", {}).get("connection_name") == name
+                    and c.get("vhost") == b.tree_id]
+            if not ours:
+                time.sleep(0.5)
+        assert ours, "the platform's connection to the tree's vhost never showed up"
+        for conn in ours:
+            management.close_connection(conn)
+        b.admin.set_run_status(b.branch_id, "pause")
+        assert read_queue(b.leaves[0], 1)[0]["body"] == {"run_status": "pause"}
