@@ -275,10 +275,16 @@ class Platform:
         rule = faults.pick_http(name) if faults is not None and name != "ws" else None
         if rule is not None:
             await self._inject_before(request, rule)
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except RequestRejected:
+            if rule is None or not rule.drop_response:
+                raise
+            response = None  # a refusal is an answer too, and it is lost as well
         if rule is not None and rule.drop_response:
             _abort(request)  # the work is done; the answer is lost
             raise _Dropped()
+        assert response is not None
         return response
 
     async def _inject_before(self, request: web.Request, rule: HttpFault) -> None:
