@@ -180,11 +180,14 @@ class Platform:
         await self.rounds.resume()
         log.info("platform ready: data in %s", self.config.data_dir)
 
+    async def shutdown(self, _app: web.Application) -> None:
+        """Close WebSockets first: aiohttp waits for open handlers before cleanup."""
+        await self.hub.close_all()
+
     async def cleanup(self, _app: web.Application) -> None:
         await self.rounds.shutdown()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
-        await self.hub.close_all()
         if self.publisher is not None:
             await self.in_thread(self.publisher.stop)
         if self.provisioner is not None:
@@ -733,6 +736,7 @@ def build_app(config: PlatformConfig) -> web.Application:
                           client_max_size=4 * 1024 * 1024)
     app[PLATFORM_KEY] = platform
     app.on_startup.append(platform.startup)
+    app.on_shutdown.append(platform.shutdown)
     app.on_cleanup.append(platform.cleanup)
     p = platform
     r = app.router

@@ -74,3 +74,24 @@ def test_messages_wait_for_a_reconnecting_websocket_leaf(platform: PlatformHandl
 
 def test_no_amqp_health(platform: PlatformHandle, tmp_path: Path) -> None:
     assert platform.admin.health() == {"status": "ok", "store": "ok", "broker": "disabled"}
+
+
+def test_stop_with_a_websocket_open_is_prompt_and_public_url_is_used(tmp_path: Path) -> None:
+    import time
+
+    handle = start_platform(tmp_path / "data", no_amqp=True,
+                            public_url="http://files.example.test:9")
+    try:
+        with make_branch(handle, 1) as b:
+            fid = b.upload_ok(0, 1.0, [np.ones(2)])
+            resp = requests.get(f"{b.url}/api/v1/file/download/{fid}",
+                                headers=leaf_headers(b.leaves[0]), timeout=5)
+            assert resp.json()["data"]["download_url"].startswith(
+                f"http://files.example.test:9/files/{fid}?expires=")
+            with connect(_ws_url(b.url, _ticket(b.url, b.leaves[0])), open_timeout=5):
+                t0 = time.monotonic()
+                handle.stop()
+                assert time.monotonic() - t0 < 5
+            handle.restart()  # so the branch can be deleted
+    finally:
+        handle.stop()
