@@ -17,6 +17,9 @@ from bk_sim.platform._app import ACCESS_LOGGER, PlatformConfig, build_app
 
 log = logging.getLogger(__name__)
 
+#: How long a stop waits for requests in flight (an upload mid-body) before cutting them.
+SHUTDOWN_GRACE_S = 5.0
+
 
 def serve(config: PlatformConfig, *, host: str = "127.0.0.1", port: int = 8080,
           ready_file: Path | None = None, exit_on_stdin_eof: bool = False) -> None:
@@ -38,7 +41,8 @@ def serve(config: PlatformConfig, *, host: str = "127.0.0.1", port: int = 8080,
 async def _serve(config: PlatformConfig, host: str, port: int, ready_file: Path | None,
                  exit_on_stdin_eof: bool) -> None:
     app = build_app(config)
-    runner = web.AppRunner(app, access_log_class=ACCESS_LOGGER, handle_signals=False)
+    runner = web.AppRunner(app, access_log_class=ACCESS_LOGGER, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
