@@ -134,10 +134,6 @@ class Store:
     def _all(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute(sql, args).fetchall()]
 
-    def transaction(self) -> sqlite3.Connection:
-        """``with store.transaction(): ...`` groups writes into one commit."""
-        return self._db
-
     # -- meta
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self._one("SELECT value FROM meta WHERE key = ?", key)
@@ -215,10 +211,6 @@ class Store:
         if row is not None:
             row["model_config"] = json.loads(row["model_config"])
         return row
-
-    def branches(self) -> list[dict[str, Any]]:
-        rows = self._all("SELECT id FROM branches")
-        return [b for r in rows if (b := self.branch(r["id"])) is not None]
 
     def update_branch(self, branch_id: str, **fields: Any) -> dict[str, Any]:
         if "model_config" in fields:
