@@ -53,5 +53,9 @@ from bk_sim.scenario._cli import scenario  # noqa: E402
 
 main.add_command(scenario)
 
+from bk_sim.load._cli import load  # noqa: E402
+
+main.add_command(load)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,699 @@
+"""``LoadRun``: one ``bk-sim load``, headless, with the web UI, or as master / worker.
+
+Locust in library mode (``locust.env.Environment``): the run gets a broker, starts (or
+reaches) the platform, creates the leaves, makes the upload payloads, then lets Locust's
+runner drive ``LeafUser``s. Locust writes its own CSVs (``StatsCSVFileWriter``) and HTML
+report (``get_html_report``); bk-sim adds ``results.json`` with the verdict: thresholds
+(``load.p95_ms``, ``load.error_rate``) and, against the local platform, a reconciliation
+of the HTTP attempts Locust counted with the ones the platform answered.
+
+Distributed mode is Locust's own: ``--master`` runs the platform side and the load shape,
+``--worker`` processes (any machine) run users. A worker asks the master for its setup
+(platform URL, broker address, its share of leaf credentials) with a custom message; its
+users wait for that before they start. Worker tallies ride on Locust's worker reports.
+This module must be imported after gevent has monkey-patched (``bk_sim.load.__main__``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import gevent
+from locust.env import Environment
+from locust.html import get_html_report
+from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner, Runner
+from locust.stats import (
+    CSV_STATS_INTERVAL_SEC,
+    PERCENTILES_TO_REPORT,
+    StatsCSVFileWriter,
+    StatsEntry,
+    stats_history,
+)
+
+from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
+from bk_sim.client import Credentials
+from bk_sim.errors import BkSimError, ScenarioError
+from bk_sim.load._observer import HTTP_TYPES, NOTIFY
+from bk_sim.load._payloads import build_payloads
+from bk_sim.load._shape import stages_shape
+from bk_sim.load._user import LoadContext, user_class
+from bk_sim.scenario import Scenario
+
+_log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+Role = Literal["local", "master", "worker"]
+
+#: Rounds close on this timeout (with a quorum of 1) when the scenario sets none: load
+#: users come and go, so "every leaf uploaded" may never happen.
+DEFAULT_ROUND_TIMEOUT_S = 5.0
+#: How long a stopping user may finish its current task before it is killed.
+STOP_GRACE_S = 5.0
+WORKERS_TIMEOUT_S = 60.0
+_PROGRESS_EVERY_S = 2.0
+_SOCKET_MARGIN = 50
+_SETUP = "bk_sim_setup"
+_HELLO = "bk_sim_hello"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to run: role, web UI, and Locust's distributed-mode addresses."""
+
+    role: Role = "local"
+    web: bool = False
+    web_host: str = "127.0.0.1"
+    web_port: int = 8089
+    master_host: str = "127.0.0.1"
+    master_port: int = 5557
+    master_bind_host: str = "*"
+    expect_workers: int = 1
+    advertise_host: str | None = None
+    run_dir: Path | None = None
+
+
+@dataclass
+class LoadResult:
+    """``exit_code`` 0 passed, 1 a threshold or check failed, 2 the load could not run."""
+
+    exit_code: int
+    run_dir: Path | None
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def check_load_spec(sc: Scenario) -> None:
+    """Cross-field rules of ``load`` (the loader checks types and ranges)."""
+    spec = sc.load
+    where = sc.source or sc.name
+    if spec.wait_max_s < spec.wait_min_s:
+        raise ScenarioError(
+            f"{where}: load.wait_max_s: expected a number >= load.wait_min_s "
+            f"({spec.wait_min_s}); found {spec.wait_max_s}"
+        )
+    t = spec.tasks
+    if not any((t.upload, t.download, t.metrics, t.branch_config)):
+        raise ScenarioError(f"{where}: load.tasks: every weight is 0; give one task a weight")
+    last = 0.0
+    for i, stage in enumerate(spec.stages):
+        if stage.until_s <= last:
+            raise ScenarioError(
+                f"{where}: load.stages[{i}].until_s: expected a time after the previous "
+                f"stage's ({last:g}); found {stage.until_s:g}"
+            )
+        last = stage.until_s
+
+
+def peak_users(sc: Scenario) -> int:
+    spec = sc.load
+    return max([spec.users, *(s.users for s in spec.stages)])
+
+
+def load_seconds(sc: Scenario) -> float:
+    spec = sc.load
+    return spec.stages[-1].until_s if spec.stages else spec.duration_s
+
+
+class LoadRun:
+    """One ``bk-sim load``; build it, call ``execute()``."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        options: LoadOptions | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> None:
+        check_load_spec(scenario)
+        self.scenario = scenario
+        self.options = options or LoadOptions()
+        self._say = progress or (lambda line: _log.info("%s", line))
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.run_dir = self.options.run_dir or Path(scenario.report.dir) / (
+            f"{scenario.name}-load-{stamp}"
+        )
+
+    def execute(self) -> LoadResult:
+        if self.options.role == "worker":
+            return self._worker()
+        return self._drive()
+
+    # ------------------------------------------------------------------ local / master
+
+    def _drive(self) -> LoadResult:
+        sc, opt = self.scenario, self.options
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        started = time.time()
+        checks: list[dict[str, Any]] = []
+        with contextlib.ExitStack() as stack:
+            endpoints = self._broker(stack)
+            transport = sc.transport
+            if endpoints.provider == "none" and transport == "amqp":
+                transport = "websocket"
+                self._say("no broker: users use the WebSocket transport")
+            spare = opt.expect_workers if opt.role == "master" else 0
+            need = max(peak_users(sc), sc.leaves.count) + spare
+            api_url, creds, admin = stack.enter_context(self._platform(endpoints, need))
+            if transport == "amqp" and sc.load.notifications and endpoints.amqp_url:
+                check_socket_capacity(endpoints, peak_users(sc) + _SOCKET_MARGIN)
+            amqp_host, amqp_port = self._amqp_address(endpoints)
+            payloads = build_payloads(sc, self.run_dir / "payloads")
+            self._say(
+                f"{len(payloads.paths)} payloads of {payloads.mean_bytes / 1e3:,.1f} kB made "
+                f"in {payloads.build_s:.2f} s"
+            )
+            ctx = LoadContext(sc, self.run_dir / "downloads")
+            ctx.payloads = payloads
+            ctx.configure(
+                api_url=api_url,
+                credentials=creds,
+                transport=transport,
+                amqp_host=amqp_host,
+                amqp_port=amqp_port,
+            )
+            env = self._environment(ctx, api_url)
+            runner = self._runner(env)
+            setup = {
+                "api_url": api_url,
+                "transport": transport,
+                "amqp_host": amqp_host,
+                "amqp_port": amqp_port,
+            }
+            if isinstance(runner, MasterRunner):
+                self._serve_workers(runner, ctx, creds, setup)
+            if admin is not None:
+                admin.reset_stats()
+            csv_base = str(self.run_dir / "locust")
+            writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, csv_base, full_history=True)
+            greenlets = [gevent.spawn(writer), gevent.spawn(stats_history, runner)]
+            interrupted = False
+            load_started = time.time()
+            try:
+                if opt.web:
+                    self._web(env)
+                else:
+                    interrupted = self._headless(env, runner)
+            except KeyboardInterrupt:
+                interrupted = True
+                self._say("interrupted: stopping users and writing what was measured")
+            load_s = time.time() - load_started
+            self._stop(runner)
+            gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)  # one more CSV pass with final stats
+            ctx.close_all()
+            platform_stats = admin.stats() if admin is not None else None
+            if runner is not None:
+                runner.quit()
+            for g in greenlets:
+                g.kill(block=True)
+            writer.close_files()
+            report = self.run_dir / "locust_report.html"
+            report.write_text(get_html_report(env, show_download_link=False), encoding="utf-8")
+            summary = summarise(env)
+            checks = judge(sc, summary, platform_stats, reconcile=not opt.web and not interrupted)
+            if interrupted:
+                checks.append(_check("load: completed", False, "interrupted (Ctrl-C)"))
+        passed = all(c["passed"] for c in checks)
+        exit_code = 2 if interrupted else (0 if passed else 1)
+        results = {
+            "passed": passed,
+            "exit_code": exit_code,
+            "verdict": _verdict(checks),
+            "scenario": sc.to_dict(),
+            "run": {
+                "dir": str(self.run_dir),
+                "role": opt.role,
+                "workers": opt.expect_workers if opt.role == "master" else 0,
+                "started_at": _iso(started),
+                "ended_at": _iso(time.time()),
+                "load_s": load_s,
+                "interrupted": interrupted,
+                "web": opt.web,
+            },
+            "payloads": {
+                "variants": len(payloads.paths),
+                "mean_bytes": payloads.mean_bytes,
+                "build_s": payloads.build_s,
+            },
+            "checks": checks,
+            **summary,
+            "client": ctx.counters.take(),
+            "platform_requests": platform_stats,
+            "files": {
+                "stats_csv": "locust_stats.csv",
+                "history_csv": "locust_stats_history.csv",
+                "failures_csv": "locust_failures.csv",
+                "html": "locust_report.html",
+            },
+        }
+        _write_json(self.run_dir / "results.json", results)
+        shutil.rmtree(self.run_dir / "payloads", ignore_errors=True)
+        shutil.rmtree(self.run_dir / "downloads", ignore_errors=True)
+        return LoadResult(exit_code, self.run_dir, results)
+
+    def _environment(self, ctx: LoadContext, api_url: str) -> Environment:
+        sc = self.scenario
+        shape = stages_shape(sc.load) if sc.load.stages else None
+        env = Environment(
+            user_classes=[user_class(ctx)],
+            shape_class=shape,
+            host=api_url,
+            stop_timeout=STOP_GRACE_S,
+        )
+        counters = ctx.counters
+
+        def merge(client_id: str, data: dict[str, Any]) -> None:
+            for key, n in data.get("bk_sim", {}).items():
+                counters.add(key, n)
+
+        env.events.worker_report.add_listener(merge)
+        return env
+
+    def _runner(self, env: Environment) -> Runner:
+        opt = self.options
+        if opt.role == "master":
+            return env.create_master_runner(opt.master_bind_host, opt.master_port)
+        return env.create_local_runner()
+
+    def _serve_workers(
+        self,
+        runner: MasterRunner,
+        ctx: LoadContext,
+        creds: list[dict[str, str]],
+        setup: dict[str, Any],
+    ) -> None:
+        """Answer each worker's hello with its setup; wait for ``expect_workers``."""
+        width = self.options.expect_workers
+        ordinals: dict[str, int] = {}
+
+        def hello(environment: Environment, msg: Any, **_: Any) -> None:
+            k = ordinals.setdefault(msg.node_id, len(ordinals))
+            share = creds[k % width :: width]
+            runner.send_message(_SETUP, {**setup, "credentials": share}, client_id=msg.node_id)
+            _log.info("worker %s gets %d leaves", msg.node_id, len(share))
+
+        runner.register_message(_HELLO, hello)
+        self._say(
+            f"master on {self.options.master_bind_host}:{self.options.master_port}: "
+            f"waiting for {width} worker(s)"
+        )
+        deadline = time.monotonic() + WORKERS_TIMEOUT_S
+        while len(ordinals) < width or runner.worker_count < width:
+            if time.monotonic() > deadline:
+                raise BkSimError(
+                    f"only {min(len(ordinals), runner.worker_count)} of {width} Locust workers "
+                    f"connected to {self.options.master_bind_host}:{self.options.master_port} "
+                    f"within {WORKERS_TIMEOUT_S:.0f} s"
+                )
+            gevent.sleep(0.2)
+        self._say(f"{width} worker(s) ready")
+
+    def _headless(self, env: Environment, runner: Runner) -> bool:
+        sc = self.scenario
+        spec = sc.load
+        seconds = load_seconds(sc)
+        if spec.stages:
+            runner.start_shape()
+            self._say(f"load: {len(spec.stages)} stages over {seconds:g} s")
+        else:
+            runner.start(spec.users, spawn_rate=spec.spawn_rate)
+            self._say(f"load: {spec.users} users at {spec.spawn_rate:g}/s for {seconds:g} s")
+        t0 = time.monotonic()
+        last = 0.0
+        while True:
+            elapsed = time.monotonic() - t0
+            if elapsed >= seconds:
+                break
+            if spec.stages and elapsed > 1.0 and runner.state == "stopped":
+                break
+            if elapsed - last >= _PROGRESS_EVERY_S:
+                self._say(_progress_line(env, elapsed))
+                last = elapsed
+            gevent.sleep(0.2)
+        self._say(_progress_line(env, time.monotonic() - t0))
+        return False
+
+    def _web(self, env: Environment) -> None:
+        opt = self.options
+        spec = self.scenario.load
+        import argparse
+
+        # The web UI's form is prefilled from parsed_options.
+        env.parsed_options = argparse.Namespace(
+            num_users=spec.users,
+            spawn_rate=spec.spawn_rate,
+            run_time=None,
+            host=env.host,
+        )
+        env.create_web_ui(host=opt.web_host, port=opt.web_port)
+        self._say(f"Locust web UI on http://{opt.web_host}:{opt.web_port}/ (Ctrl-C ends the run)")
+        while True:
+            gevent.sleep(1.0)
+
+    def _stop(self, runner: Runner) -> None:
+        """Graceful stop; a master then waits one worker report for the final numbers."""
+        if runner.state not in ("stopped", "ready"):
+            runner.stop()
+        if isinstance(runner, MasterRunner):
+            gevent.sleep(WORKER_REPORT_INTERVAL + 0.5)
+
+    # ------------------------------------------------------------------ resources
+
+    def _broker(self, stack: contextlib.ExitStack) -> BrokerEndpoints:
+        b = self.scenario.broker
+        if self.scenario.platform.mode == "remote":
+            return BrokerEndpoints(
+                provider="external",
+                amqp_url=b.amqp_url,
+                management_url=b.management_url,
+                reason="remote platform",
+            )
+        provider = b.provider
+        if self.scenario.transport == "websocket" and provider == "auto" and not b.amqp_url:
+            provider = "none"
+        endpoints: BrokerEndpoints = stack.enter_context(
+            provide_broker(
+                provider, amqp_url=b.amqp_url, management_url=b.management_url, on_status=self._say
+            )
+        )
+        self._say(f"broker: {endpoints.reason}")
+        return endpoints
+
+    def _amqp_address(self, endpoints: BrokerEndpoints) -> tuple[str | None, int | None]:
+        if not endpoints.amqp_url:
+            return None, None
+        host, port = endpoints.amqp_host_port()
+        adv = self.options.advertise_host
+        if adv and host in ("127.0.0.1", "localhost", "::1"):
+            host = adv
+        return host, port
+
+    @contextlib.contextmanager
+    def _platform(
+        self, endpoints: BrokerEndpoints, need: int
+    ) -> Iterator[tuple[str, list[dict[str, str]], Any]]:
+        sc = self.scenario
+        p = sc.platform
+        if p.mode == "remote":
+            yield self._remote(need)
+            return
+        from bk_sim.platform import start_platform
+
+        broker_urls = (
+            {"amqp_url": endpoints.amqp_url, "management_url": endpoints.management_url}
+            if endpoints.amqp_url and endpoints.management_url
+            else {"no_amqp": True}
+        )
+        adv = self.options.advertise_host
+        bind = "0.0.0.0" if adv and adv not in ("127.0.0.1", "localhost") else "127.0.0.1"
+        self._say("starting the reference platform")
+        handle = start_platform(
+            self.run_dir / "platform",
+            admin_token=secrets.token_urlsafe(24),
+            host=bind,
+            **broker_urls,  # type: ignore[arg-type]
+        )
+        try:
+            url = handle.url
+            if bind == "0.0.0.0" and adv:
+                url = url.replace("0.0.0.0", adv).replace("127.0.0.1", adv)
+            admin = handle.admin
+            tree_id = admin.create_tree(f"bk-sim-load-{sc.name}")
+            timeout = p.round_timeout_s or DEFAULT_ROUND_TIMEOUT_S
+            branch = admin.create_branch(
+                tree_id,
+                name=sc.name,
+                strategy=p.strategy,
+                quorum=p.quorum or 1,
+                round_timeout_s=timeout,
+                trim_fraction=p.trim_fraction,
+            )
+            branch_id = str(branch["branch_id"])
+            creds = admin.create_leaves(branch_id, need)
+            admin.set_faults(branch_id, _faults_payload(sc))
+            admin.set_run_status(branch_id, "start")
+            self._say(f"platform at {url}: branch {branch_id}, {len(creds)} leaves")
+            try:
+                yield url, creds, admin
+            finally:
+                with contextlib.suppress(BkSimError):
+                    admin.delete_tree(tree_id)
+        finally:
+            handle.stop()
+
+    def _remote(self, need: int) -> tuple[str, list[dict[str, str]], Any]:
+        p = self.scenario.platform
+        assert p.host is not None and p.credentials_file is not None
+        try:
+            raw = json.loads(Path(p.credentials_file).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ScenarioError(
+                f"platform.credentials_file {p.credentials_file}: cannot read: {exc}"
+            ) from exc
+        if not isinstance(raw, list) or len(raw) < need:
+            have = len(raw) if isinstance(raw, list) else 0
+            raise ScenarioError(
+                f"platform.credentials_file {p.credentials_file}: holds {have} leaves, "
+                f"the load needs {need} (peak users, leaves.count, one spare per worker)"
+            )
+        creds = [Credentials.from_dict(c).to_dict() for c in raw[:need]]
+        self._say(f"remote platform {p.host}: {len(creds)} leaves")
+        return p.host, creds, None
+
+    # ------------------------------------------------------------------ worker
+
+    def _worker(self) -> LoadResult:
+        opt = self.options
+        sc = self.scenario
+        work = Path(tempfile.mkdtemp(prefix="bk-sim-load-worker-"))
+        try:
+            ctx = LoadContext(sc, work / "downloads")
+            ctx.payloads = build_payloads(sc, work / "payloads")
+            env = Environment(user_classes=[user_class(ctx)], stop_timeout=STOP_GRACE_S)
+            runner = env.create_worker_runner(opt.master_host, opt.master_port)
+
+            def setup(environment: Environment, msg: Any, **_: Any) -> None:
+                d = msg.data
+                ctx.configure(
+                    api_url=d["api_url"],
+                    credentials=d["credentials"],
+                    transport=d["transport"],
+                    amqp_host=d["amqp_host"],
+                    amqp_port=d["amqp_port"],
+                )
+                self._say(f"worker: {len(d['credentials'])} leaves on {d['api_url']}")
+
+            def report(client_id: str, data: dict[str, Any]) -> None:
+                data["bk_sim"] = ctx.counters.take()
+
+            runner.register_message(_SETUP, setup)
+            env.events.report_to_master.add_listener(report)
+
+            def say_hello() -> None:
+                while not ctx.ready.is_set():
+                    runner.send_message(_HELLO, {"pid": os.getpid()})
+                    gevent.sleep(1.0)
+
+            hello = gevent.spawn(say_hello)
+            self._say(f"worker: connecting to master {opt.master_host}:{opt.master_port}")
+            try:
+                runner.greenlet.join()
+            except KeyboardInterrupt:
+                runner.quit()
+            hello.kill(block=False)
+            ctx.close_all()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return LoadResult(0, None, {})
+
+
+# ---------------------------------------------------------------------- judging
+
+
+def _http_total(env: Environment) -> StatsEntry:
+    stats = env.runner.stats if env.runner is not None else env.stats
+    total = StatsEntry(stats, "HTTP", "", use_response_times_cache=False)
+    for entry in stats.entries.values():
+        if entry.method in HTTP_TYPES:
+            total.extend(entry)
+    return total
+
+
+def _row(e: StatsEntry) -> dict[str, Any]:
+    return {
+        "type": e.method,
+        "name": e.name,
+        "requests": e.num_requests,
+        "failures": e.num_failures,
+        "median_ms": e.median_response_time if e.num_requests else None,
+        "p95_ms": e.get_response_time_percentile(0.95) if e.num_requests else None,
+        "avg_ms": e.avg_response_time if e.num_requests else None,
+        "max_ms": e.max_response_time if e.num_requests else None,
+        "rps": e.total_rps,
+        "avg_bytes": e.avg_content_length if e.num_requests else None,
+    }
+
+
+def summarise(env: Environment) -> dict[str, Any]:
+    """Locust's numbers in results.json: per row, HTTP total, notifications, failures."""
+    stats = env.runner.stats if env.runner is not None else env.stats
+    rows = [_row(e) for e in sorted(stats.entries.values(), key=lambda e: (e.method, e.name))]
+    total = _http_total(env)
+    n = total.num_requests
+    http = {
+        "requests": n,
+        "failures": total.num_failures,
+        "error_rate": total.num_failures / n if n else None,
+        "p50_ms": total.get_response_time_percentile(0.5) if n else None,
+        "p95_ms": total.get_response_time_percentile(0.95) if n else None,
+        "rps": total.total_rps,
+    }
+    notify = {r["name"]: r["requests"] for r in rows if r["type"] == NOTIFY}
+    failures = [
+        {"type": f.method, "name": f.name, "error": f.error, "occurrences": f.occurrences}
+        for f in stats.errors.values()
+    ]
+    return {"http": http, "requests": rows, "notifications": notify, "failures": failures}
+
+
+def judge(
+    sc: Scenario,
+    summary: dict[str, Any],
+    platform_stats: dict[str, dict[str, int]] | None,
+    *,
+    reconcile: bool,
+) -> list[dict[str, Any]]:
+    """The run's checks: some load reached the platform, thresholds, reconciliation."""
+    http = summary["http"]
+    checks = [
+        _check(
+            "load: HTTP requests made",
+            http["requests"] > 0,
+            f"{http['requests']} HTTP attempts",
+        )
+    ]
+    spec = sc.load
+    if spec.p95_ms is not None:
+        p95 = http["p95_ms"]
+        checks.append(
+            _check(
+                "threshold: p95_ms",
+                p95 is not None and p95 <= spec.p95_ms,
+                f"p95 {_fmt(p95)} ms, limit {spec.p95_ms:g} ms",
+            )
+        )
+    if spec.error_rate is not None:
+        rate = http["error_rate"]
+        checks.append(
+            _check(
+                "threshold: error_rate",
+                rate is not None and rate <= spec.error_rate,
+                f"{http['failures']} of {http['requests']} HTTP attempts failed "
+                f"({_fmt(rate, pct=True)}), limit {spec.error_rate:.2%}",
+            )
+        )
+    if reconcile and platform_stats is not None:
+        checks.append(_reconcile(summary["requests"], platform_stats))
+    return checks
+
+
+def _reconcile(
+    rows: list[dict[str, Any]], platform_stats: dict[str, dict[str, int]]
+) -> dict[str, Any]:
+    ours: dict[str, int] = {}
+    for r in rows:
+        if r["type"] in HTTP_TYPES:
+            ours[r["name"]] = ours.get(r["name"], 0) + r["requests"]
+    theirs = {name: sum(counts.values()) for name, counts in platform_stats.items()}
+    diffs = {
+        name: (ours.get(name, 0), theirs.get(name, 0))
+        for name in sorted(set(ours) | set(theirs))
+        if ours.get(name, 0) != theirs.get(name, 0)
+    }
+    total = sum(ours.values())
+    if not diffs:
+        return _check(
+            "reconciliation: Locust counted every attempt the platform answered",
+            True,
+            f"{total} HTTP attempts on both sides",
+        )
+    text = ", ".join(f"{n}: Locust {a}, platform {b}" for n, (a, b) in diffs.items())
+    return _check("reconciliation: Locust counted every attempt the platform answered", False, text)
+
+
+def _check(name: str, passed: bool, message: str) -> dict[str, Any]:
+    return {"name": name, "passed": passed, "message": message}
+
+
+def _verdict(checks: list[dict[str, Any]]) -> str:
+    failed = [c for c in checks if not c["passed"]]
+    if not failed:
+        return f"passed: all {len(checks)} checks"
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"failed: {failed[0]['name']}: {failed[0]['message']}{more}"
+
+
+def _fmt(value: float | None, *, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.2%}" if pct else f"{value:,.0f}"
+
+
+def _progress_line(env: Environment, elapsed: float) -> str:
+    total = _http_total(env)
+    runner = env.runner
+    users = runner.user_count if runner is not None else 0
+    p95 = total.get_response_time_percentile(0.95) if total.num_requests else None
+    stats = runner.stats if runner is not None else env.stats
+    notes = sum(e.num_requests for e in stats.entries.values() if e.method == NOTIFY)
+    return (
+        f"[{elapsed:6.1f}s] users {users}  HTTP {total.num_requests} "
+        f"({total.current_rps:.0f}/s)  failed {total.num_failures}  p95 {_fmt(p95)} ms  "
+        f"notifications {notes}"
+    )
+
+
+def _faults_payload(sc: Scenario) -> dict[str, Any]:
+    f = sc.platform.faults
+    return {
+        "aggregation": f.aggregation,
+        "dedupe": f.dedupe,
+        "notifications": {
+            "delay_s": f.notifications.delay_s,
+            "drop_rate": f.notifications.drop_rate,
+        },
+        "http": [
+            {
+                "endpoint": h.endpoint,
+                "status": h.status,
+                "rate": h.rate,
+                "count": h.count,
+                "retry_after": h.retry_after,
+                "latency_s": h.latency_s,
+                "reset": h.reset,
+                "drop_response": h.drop_response,
+            }
+            for h in f.http
+        ],
+    }
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
