@@ -57,5 +57,9 @@ from bk_sim.load._cli import load  # noqa: E402
 
 main.add_command(load)
 
+from bk_sim.chaos._cli import chaos  # noqa: E402
+
+main.add_command(chaos)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

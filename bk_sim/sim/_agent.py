@@ -42,6 +42,8 @@ class LeafPlan:
     straggle_s: float = 0.0  # extra wait before every upload
     skip_rounds: frozenset[int] = frozenset()  # rounds the leaf does not upload in
     die_round: int | None = None  # the round in which the leaf dies mid-upload
+    first_round: int = 1  # > 1: a leaf started again (chaos) joins from this round
+    known_aggregates: frozenset[str] = frozenset()  # ids not to take as this run's next
 
     @property
     def leaf_id(self) -> str:
@@ -111,14 +113,14 @@ class LeafAgent:
         self._stop = stop
         self._base_id: str | None = None
         self._base: Sequence[np.ndarray] | None = None
-        self._seen: set[str] = set()
+        self._seen: set[str] = set(plan.known_aggregates)
 
     def _event(self, kind: str, **fields: Any) -> None:
         self._emit(harness_event(kind, leaf=self.plan.index, leaf_id=self.plan.leaf_id, **fields))
 
     def run(self) -> bool:
         """Play every round; False when the leaf stopped early (error, death or stop)."""
-        for round_index in range(1, self._rounds + 1):
+        for round_index in range(self.plan.first_round, self._rounds + 1):
             if self._stop.is_set():
                 self._event("leaf_stopped", round=round_index, reason="run stopped")
                 return False

@@ -17,10 +17,10 @@ import queue
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import multiprocess as mp
 import numpy as np
@@ -105,6 +105,120 @@ class _Counters:
             self.done += 1
 
 
+@dataclass
+class HookContext:
+    """What a run hook (chaos) may use while the leaves play.
+
+    ``emit`` puts an event into the run's stream (thread-safe; it reaches the log and
+    ``on_event`` like a leaf's). ``admin`` and ``branch_id`` are None for a remote platform.
+    """
+
+    scenario: Scenario
+    run_dir: Path
+    endpoints: BrokerEndpoints
+    admin: Any
+    branch_id: str | None
+    base_faults: dict[str, Any]
+    credentials: list[dict[str, str]]
+    plans: list[LeafPlan]
+    emit: Callable[[dict[str, Any]], None]
+    workers: WorkerControl
+
+
+class RunHooks(Protocol):
+    """Optional hooks into a run (``bk-sim chaos``), all called on the orchestrator thread;
+    none may block it for long."""
+
+    #: The results.json key ``judge``'s section is written under.
+    section: str
+
+    def prepare(
+        self, endpoints: BrokerEndpoints, host: str | None, port: int | None
+    ) -> tuple[str | None, int | None]:
+        """Before any leaf starts: refuse what cannot be done; where leaves connect for
+        AMQP (e.g. a proxy in front of ``host:port``)."""
+        ...
+
+    def begin(self, ctx: HookContext) -> None:
+        """The leaves are spawned; the run's resources are in ``ctx``."""
+        ...
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Every event of the run, as it is logged."""
+        ...
+
+    def end(self) -> None:
+        """The leaves are done or being stopped (also on errors and Ctrl-C); idempotent."""
+        ...
+
+    def judge(
+        self,
+        events: list[dict[str, Any]],
+        records: list[dict[str, Any]] | None,
+        judgement: Judgement,
+    ) -> tuple[list[Check], dict[str, Any]]:
+        """Extra checks and a results.json section of their own."""
+        ...
+
+
+@dataclass
+class WorkerControl:
+    """The run's leaf processes: kill one, or start its leaves again from a later round."""
+
+    ctx: Any
+    specs: list[WorkerSpec]
+    events: Any
+    stop: Any
+    procs: list[Any] = field(default_factory=list)
+    _live: dict[int, Any] = field(default_factory=dict)
+
+    def start_all(self) -> None:
+        for spec in self.specs:
+            self._spawn(spec)
+
+    def _spawn(self, spec: WorkerSpec) -> Any:
+        suffix = f"-r{spec.incarnation}" if spec.incarnation else ""
+        proc = self.ctx.Process(
+            target=worker_main,
+            args=(spec, self.events, self.stop),
+            name=f"bk-sim-w{spec.worker}{suffix}",
+        )
+        proc.start()
+        self.procs.append(proc)
+        self._live[spec.worker] = proc
+        return proc
+
+    def worker_of(self, leaf_index: int) -> int:
+        """The worker (process slot) hosting a leaf."""
+        for spec in self.specs:
+            if any(p.index == leaf_index for p in spec.plans):
+                return spec.worker
+        raise KeyError(leaf_index)
+
+    def leaves_of(self, worker: int) -> list[LeafPlan]:
+        return list(self.specs[worker].plans)
+
+    def kill(self, worker: int) -> int | None:
+        """SIGKILL the live process of ``worker``; its pid, or None when it is not running."""
+        proc = self._live.get(worker)
+        if proc is None or not proc.is_alive():
+            return None
+        proc.kill()
+        proc.join(timeout=5)
+        return int(proc.pid)
+
+    def restart(self, worker: int, first_round: int, known: frozenset[str]) -> Any:
+        """A new process for ``worker``'s leaves, playing rounds ``first_round`` on."""
+        old = self.specs[worker]
+        plans = tuple(
+            replace(p, first_round=first_round, known_aggregates=known, start_delay_s=0.0)
+            for p in old.plans
+        )
+        spec = replace(old, plans=plans, incarnation=old.incarnation + 1)
+        self.specs[worker] = spec
+        return self._spawn(spec)
+
+
 def plan_leaves(scenario: Scenario, credentials: list[dict[str, str]]) -> list[LeafPlan]:
     """Each leaf's weighting and schedule, a pure function of the scenario's seed."""
     spec = scenario.leaves
@@ -161,9 +275,15 @@ class SimulationRun:
         progress: Progress | None = None,
         run_dir: Path | None = None,
         may_enable_plugin: bool = False,
+        hooks: RunHooks | None = None,
     ) -> None:
         _check_schedule(scenario)
         self.scenario = scenario
+        self._hooks = hooks
+        self._admin: Any = None
+        self._branch_id: str | None = None
+        self._base_faults: dict[str, Any] = {}
+        self._endpoints: BrokerEndpoints | None = None
         self._may_enable_plugin = may_enable_plugin
         self._say = progress or (lambda line: _log.info("%s", line))
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -204,8 +324,17 @@ class SimulationRun:
                 amqp_host, amqp_port = (
                     endpoints.amqp_host_port() if endpoints.amqp_url else (None, None)
                 )
+                if self._hooks is not None:
+                    amqp_host, amqp_port = self._hooks.prepare(endpoints, amqp_host, amqp_port)
                 plans = plan_leaves(sc, credentials)
-                interrupted = self._play(plans, api_url, transport, amqp_host, amqp_port, log)
+                self._endpoints = endpoints
+                try:
+                    interrupted = self._play(
+                        plans, api_url, transport, amqp_host, amqp_port, log, credentials
+                    )
+                finally:
+                    if self._hooks is not None:
+                        self._hooks.end()
                 try:
                     records = fetch_records()
                 except BkSimError as exc:
@@ -227,9 +356,15 @@ class SimulationRun:
             run_started=started_at,
         )
         judgement.checks.extend(checks_extra)
+        hook_section: dict[str, Any] | None = None
+        if self._hooks is not None:
+            hook_checks, hook_section = self._hooks.judge(events, records, judgement)
+            judgement.checks.extend(hook_checks)
         if interrupted:
             judgement.checks.append(Check("run: completed", False, "interrupted (Ctrl-C)"))
         results = _results(sc, judgement, self.run_dir, started_at, interrupted)
+        if self._hooks is not None and hook_section is not None:
+            results[self._hooks.section] = hook_section
         _write_json(self.run_dir / "results.json", results)
         return RunResult(self.run_dir, judgement.passed, results, interrupted)
 
@@ -286,7 +421,9 @@ class SimulationRun:
             )
             branch_id = str(branch["branch_id"])
             creds = admin.create_leaves(branch_id, sc.leaves.count)
-            admin.set_faults(branch_id, _faults_payload(sc))
+            self._admin, self._branch_id = admin, branch_id
+            self._base_faults = _faults_payload(sc)
+            admin.set_faults(branch_id, self._base_faults)
             admin.set_run_status(branch_id, "start")
             _write_credentials(self.run_dir / "leaves.json", creds)
             self._say(f"platform at {handle.url}: branch {branch_id}, {len(creds)} leaves")
@@ -308,6 +445,7 @@ class SimulationRun:
         amqp_host: str | None,
         amqp_port: int | None,
         log: EventLog,
+        credentials: list[dict[str, str]] | None = None,
     ) -> bool:
         """Run the leaf processes to the end; True when interrupted."""
         sc = self.scenario
@@ -330,12 +468,26 @@ class SimulationRun:
         ]
         t0 = time.time()
         log.write(harness_event("leaves_spawning", processes=nproc, leaves=len(plans)))
-        procs = [
-            ctx.Process(target=worker_main, args=(s, events, stop), name=f"bk-sim-w{s.worker}")
-            for s in specs
-        ]
-        for proc in procs:
-            proc.start()
+        workers = WorkerControl(ctx, specs, events, stop)
+        workers.start_all()
+        procs = workers.procs  # grows when a hook restarts a worker
+        hooks = self._hooks
+        if hooks is not None:
+            assert self._endpoints is not None
+            hooks.begin(
+                HookContext(
+                    scenario=sc,
+                    run_dir=self.run_dir,
+                    endpoints=self._endpoints,
+                    admin=self._admin,
+                    branch_id=self._branch_id,
+                    base_faults=self._base_faults,
+                    credentials=credentials or [],
+                    plans=plans,
+                    emit=events.put,
+                    workers=workers,
+                )
+            )
         counters = _Counters()
         deadline = time.monotonic() + sc.timeouts.run_s
         last_progress = 0.0
@@ -346,10 +498,14 @@ class SimulationRun:
                     e = events.get(timeout=0.25)
                     log.write(e)
                     counters.count(e)
+                    if hooks is not None:
+                        hooks.on_event(e)
                     while True:  # drain what is already there without waiting
                         e = events.get_nowait()
                         log.write(e)
                         counters.count(e)
+                        if hooks is not None:
+                            hooks.on_event(e)
                 except queue.Empty:
                     pass
                 now = time.monotonic()
@@ -368,6 +524,8 @@ class SimulationRun:
             self._say("interrupted: stopping leaves and writing what was measured")
             interrupted = True
             stop.set()
+        if hooks is not None:
+            hooks.end()  # faults undone, and their last events drained below
         self._stop_workers(procs, events, log, counters)
         self._say(counters.line(len(plans), sc.rounds, time.time() - t0))
         return interrupted

@@ -47,6 +47,7 @@ class WorkerSpec:
     amqp_port: int | None
     aggregates_dir: Path
     plans: tuple[LeafPlan, ...] = field(repr=False)
+    incarnation: int = 0  # > 0: started again after being killed (chaos)
 
 
 class _QueueObserver:
@@ -107,7 +108,12 @@ def _leaf_thread(
     sc = spec.scenario
     leaf_dir = work_dir / f"leaf-{plan.index}"
     leaf_dir.mkdir(parents=True, exist_ok=True)
-    event("leaf_starting", weighting=plan.weighting, process=spec.worker)
+    event(
+        "leaf_starting",
+        weighting=plan.weighting,
+        process=spec.worker,
+        first_round=plan.first_round if plan.first_round > 1 else None,
+    )
     try:
         client = make_client(spec, plan, _QueueObserver(put, plan.index), leaf_dir)
     except BkSimError as exc:

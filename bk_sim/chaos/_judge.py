@@ -1,0 +1,462 @@
+"""What the faults did, from the run's event log and the platform's round records.
+
+Per fault and per leaf: time to detect the loss (fault start -> ``disconnect``), time to
+reconnect (``disconnect`` -> next ``connect``), the attempts and the waits between them
+(each ``reconnect_wait`` checked against ``min(factor ** n, max_delay)``), HTTP retries by
+status; over the run: notifications lost, duplicated or late (a leaf killed and started
+again is owed only what closed while one of its processes was alive), and uploads a round
+record counts twice. ``judge_chaos`` is pure: it can be re-run on a finished run's folder.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from bk_sim.client._backoff import reconnect_delay
+from bk_sim.scenario import Scenario
+from bk_sim.sim._checks import Check
+
+Event = Mapping[str, Any]
+#: A notification this much later than its round's close (plus any platform notification
+#: delay) counts as late.
+LATE_AFTER_S = 2.0
+_HTTP_RETRY_WINDOW_S = 60.0
+#: Fault kinds that act on the leaves' notification connections.
+DISCONNECTING = (
+    "kill_connections", "close_channel", "restart_broker",
+    "latency", "bandwidth", "blackhole", "reset_peer", "slow_close",
+)  # fmt: skip
+
+
+def _as_time(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "p50": None, "max": None}
+    arr = np.asarray(values, dtype=np.float64)
+    return {"n": len(values), "p50": float(np.percentile(arr, 50)), "max": float(arr.max())}
+
+
+def detection_window_s(scenario: Scenario) -> float:
+    """How long after a fault ends a disconnect may still be its doing: pika notices a
+    stalled peer after one to two heartbeat checks (heartbeat + 5 s each)."""
+    hb = scenario.client.reconnect.heartbeat
+    return 2.0 * (hb + 5.0) + 2.0 if hb > 0 else 30.0
+
+
+def judge_chaos(
+    scenario: Scenario,
+    events: Sequence[Event],
+    records: Sequence[Mapping[str, Any]] | None,
+    judgement: Any = None,
+) -> tuple[list[Check], dict[str, Any]]:
+    """The chaos checks (from ``chaos.expect``) and the results.json ``chaos`` section."""
+    names = {int(e["leaf"]): str(e["leaf_id"]) for e in events if "leaf" in e and "leaf_id" in e}
+    by_leaf: dict[int, list[Event]] = defaultdict(list)
+    for e in events:
+        if "leaf" in e and isinstance(e.get("leaf"), int):
+            by_leaf[int(e["leaf"])].append(e)
+    faults = _faults(events)
+    rc = scenario.client.reconnect
+    window = detection_window_s(scenario)
+    violations: list[dict[str, Any]] = []
+    slow: list[tuple[float, str]] = []
+    never: list[str] = []
+    detects: list[float] = []
+    for f in faults:
+        _per_fault(f, by_leaf, names, rc, window, events, records, violations, slow, never)
+        detects += [p["detect_s"] for p in f["per_leaf"] if p.get("detect_s") is not None]
+    notes = _notifications(scenario, events, records or [])
+    doubles = _double_counted(records or [], names)
+    killed = [
+        {
+            "leaf": e["leaf"],
+            "leaf_id": e.get("leaf_id"),
+            "round": e.get("round"),
+            "process": e.get("process"),
+            "reason": e.get("reason"),
+        }
+        for e in events
+        if e.get("kind") == "leaf_died" and str(e.get("reason", "")).startswith("chaos:")
+    ]
+    restarted = [
+        {
+            "process": e.get("process"),
+            "leaves": e.get("leaves"),
+            "first_round": e.get("first_round"),
+        }
+        for e in events
+        if e.get("kind") == "leaf_restarted"
+    ]
+    http_total: Counter[str] = Counter()
+    for e in events:
+        if e.get("kind") == "retry_wait" and e.get("transport") == "http":
+            http_total[_retry_key(e)] += 1
+    section: dict[str, Any] = {
+        "faults": faults,
+        "notifications": notes,
+        "uploads": {"double_counted": doubles},
+        "http_retries": dict(http_total),
+        "killed": killed,
+        "restarted": restarted,
+        "backoff_violations": violations[:50],
+        "detect_s": _stats(detects),
+        "reconnect_s": _stats([s for s, _ in slow]),
+    }
+    checks = _checks(
+        scenario, faults, notes, doubles, violations, slow, never, detects, judgement, records
+    )
+    return checks, section
+
+
+def _faults(events: Sequence[Event]) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for e in events:
+        kind = e.get("kind")
+        if kind not in ("fault_start", "fault_end", "fault_error", "fault_skipped"):
+            continue
+        name = str(e.get("fault"))
+        f = out.setdefault(
+            name,
+            {
+                "name": name,
+                "kind": e.get("fault_kind"),
+                "target": e.get("target"),
+                "round": e.get("round"),
+                "start_t": None,
+                "end_t": None,
+                "leaves": [],
+                "injected": False,
+                "error": None,
+            },
+        )
+        if kind == "fault_start":
+            f.update(
+                start_t=float(e["t"]),
+                leaves=list(e.get("leaves", [])),
+                injected=True,
+                round=e.get("round"),
+                target=e.get("target"),
+            )
+        elif kind == "fault_end":
+            f["end_t"] = float(e["t"])
+        elif kind == "fault_error":
+            f["error"] = e.get("error")
+            if f["start_t"] is None:
+                f["injected"] = False
+        else:
+            f["error"] = e.get("reason")
+    for f in out.values():
+        if f["start_t"] is not None and f["end_t"] is None:
+            f["end_t"] = f["start_t"]
+    return list(out.values())
+
+
+def _retry_key(e: Event) -> str:
+    return str(e["status"]) if e.get("status") is not None else "no answer"
+
+
+def _per_fault(
+    f: dict[str, Any],
+    by_leaf: Mapping[int, Sequence[Event]],
+    names: Mapping[int, str],
+    rc: Any,
+    window: float,
+    events: Sequence[Event],
+    records: Sequence[Mapping[str, Any]] | None,
+    violations: list[dict[str, Any]],
+    slow: list[tuple[float, str]],
+    never: list[str],
+) -> None:
+    f["per_leaf"] = []
+    if f["start_t"] is None:
+        return
+    start, end = float(f["start_t"]), float(f["end_t"])
+    # Only faults on the notification path are expected to disconnect leaves.
+    hit_leaves = f["leaves"] if f["kind"] in DISCONNECTING else []
+    for leaf in hit_leaves:
+        evs = by_leaf.get(int(leaf), [])
+        disc = next(
+            (
+                e
+                for e in evs
+                if e.get("kind") == "disconnect" and start <= float(e["t"]) <= end + window
+            ),
+            None,
+        )
+        row: dict[str, Any] = {"leaf": leaf, "leaf_id": names.get(int(leaf))}
+        if disc is None:
+            f["per_leaf"].append(row | {"disconnected": False})
+            continue
+        t_disc = float(disc["t"])
+        conn = next(
+            (e for e in evs if e.get("kind") == "connect" and float(e["t"]) >= t_disc), None
+        )
+        t_conn = float(conn["t"]) if conn is not None else None
+        upto = t_conn if t_conn is not None else float("inf")
+        waits = [
+            {"attempt": int(e.get("attempt", 0)), "delay_s": float(e.get("delay_s", 0.0))}
+            for e in evs
+            if e.get("kind") == "reconnect_wait" and t_disc <= float(e["t"]) <= upto
+        ]
+        failed = sum(
+            1 for e in evs if e.get("kind") == "connect_failed" and t_disc <= float(e["t"]) <= upto
+        )
+        ok = True
+        for w in waits:
+            want = reconnect_delay(w["attempt"], rc.backoff_factor, rc.max_delay)
+            if abs(w["delay_s"] - want) > 1e-6:
+                ok = False
+                violations.append(
+                    {
+                        "fault": f["name"],
+                        "leaf": leaf,
+                        "attempt": w["attempt"],
+                        "delay_s": w["delay_s"],
+                        "expected_s": want,
+                    }
+                )
+        row.update(
+            disconnected=True,
+            error=disc.get("error"),
+            detect_s=t_disc - start,
+            reconnect_s=None if t_conn is None else t_conn - t_disc,
+            attempts=int(conn.get("attempt", 0)) if conn is not None else len(waits),
+            failed_attempts=failed,
+            waits=waits,
+            backoff_ok=ok,
+        )
+        label = f"leaf {leaf} ({names.get(int(leaf))}) after {f['name']}"
+        if t_conn is None:
+            gone = any(
+                e.get("kind") in ("leaf_died", "leaf_closed", "give_up") and float(e["t"]) >= t_disc
+                for e in evs
+            )
+            if not gone or any(e.get("kind") == "give_up" for e in evs):
+                never.append(label)
+        else:
+            slow.append((t_conn - t_disc, label))
+        f["per_leaf"].append(row)
+    hit = [p for p in f["per_leaf"] if p.get("disconnected")]
+    f["disconnected"] = len(hit)
+    f["reconnected"] = sum(1 for p in hit if p.get("reconnect_s") is not None)
+    f["detect_s"] = _stats([p["detect_s"] for p in hit])
+    f["reconnect_s"] = _stats([p["reconnect_s"] for p in hit if p.get("reconnect_s") is not None])
+    retries: Counter[str] = Counter()
+    per_leaf_retries: Counter[int] = Counter()
+    for e in events:
+        if (
+            e.get("kind") == "retry_wait"
+            and e.get("transport") == "http"
+            and start <= float(e["t"]) <= end + _HTTP_RETRY_WINDOW_S
+        ):
+            retries[f"{e.get('endpoint')} {_retry_key(e)}"] += 1
+            if isinstance(e.get("leaf"), int):
+                per_leaf_retries[int(e["leaf"])] += 1
+    if f["kind"] == "http":
+        f["http_retries"] = dict(retries)
+        f["retrying_leaves"] = dict(sorted(per_leaf_retries.items()))
+    closed = [
+        t
+        for r in records or []
+        if (t := _as_time(r.get("closed_at"))) is not None and start <= t <= end + window
+    ]
+    f["rounds_closed_during"] = len(closed)
+
+
+def _notifications(
+    scenario: Scenario, events: Sequence[Event], records: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    spans: dict[str, list[list[float]]] = defaultdict(list)
+    got: Counter[tuple[str, int, str]] = Counter()
+    first: dict[tuple[str, str], float] = {}
+    for e in events:
+        kind, leaf = e.get("kind"), e.get("leaf_id")
+        if leaf is None:
+            continue
+        leaf = str(leaf)
+        if kind == "leaf_started":
+            if not spans[leaf] or spans[leaf][-1][1] != float("inf"):
+                spans[leaf].append([float(e["t"]), float("inf")])
+        elif kind in ("leaf_closed", "leaf_died") and spans[leaf]:
+            last = spans[leaf][-1]
+            last[1] = min(last[1], float(e["t"]))
+        elif kind == "notification" and e.get("message_type") == "aggregation_status":
+            agg = str(e.get("value"))
+            got[(leaf, len(spans[leaf]), agg)] += 1
+            first.setdefault((leaf, agg), float(e["t"]))
+    closed = {
+        str(r["aggregation_id"]): _as_time(r.get("closed_at"))
+        for r in records
+        if r.get("status") == "aggregated" and r.get("aggregation_id")
+    }
+    expected = {
+        (leaf, agg)
+        for agg, t in closed.items()
+        for leaf, ss in spans.items()
+        if t is None or any(a <= t <= b for a, b in ss)
+    }
+    lost = sorted(pair for pair in expected if pair not in first)
+    duplicates = sum(n - 1 for n in got.values() if n > 1)
+    delay = scenario.platform.faults.notifications.delay_s
+    late = [
+        (first[pair] - t, pair)
+        for pair in expected
+        if pair in first
+        and (t := closed.get(pair[1])) is not None
+        and first[pair] - t > LATE_AFTER_S + delay
+    ]
+    return {
+        "expected": len(expected),
+        "received": len(expected) - len(lost),
+        "lost": len(lost),
+        "duplicates": duplicates,
+        "late": len(late),
+        "late_after_s": LATE_AFTER_S + delay,
+        "max_delivery_s": max(
+            (first[p] - t for p in expected if p in first and (t := closed.get(p[1])) is not None),
+            default=None,
+        ),
+        "lost_examples": [{"leaf_id": a, "aggregation_id": b} for a, b in lost[:10]],
+    }
+
+
+def _double_counted(
+    records: Sequence[Mapping[str, Any]], names: Mapping[int, str]
+) -> list[dict[str, Any]]:
+    index = {v: k for k, v in names.items()}
+    out = []
+    for rec in records:
+        counts = Counter(str(u.get("leaf_id")) for u in rec.get("uploads", []))
+        for leaf_id, n in sorted(counts.items()):
+            if n > 1:
+                out.append(
+                    {
+                        "round": rec.get("round"),
+                        "leaf": index.get(leaf_id),
+                        "leaf_id": leaf_id,
+                        "count": n,
+                    }
+                )
+    return out
+
+
+def _checks(
+    scenario: Scenario,
+    faults: Sequence[Mapping[str, Any]],
+    notes: Mapping[str, Any],
+    doubles: Sequence[Mapping[str, Any]],
+    violations: Sequence[Mapping[str, Any]],
+    slow: Sequence[tuple[float, str]],
+    never: Sequence[str],
+    detects: Sequence[float],
+    judgement: Any,
+    records: Sequence[Mapping[str, Any]] | None,
+) -> list[Check]:
+    x = scenario.chaos.expect
+    checks: list[Check] = []
+    planned = len(scenario.chaos.faults)
+    bad = [f for f in faults if not f["injected"] or f.get("error")]
+    checks.append(
+        Check(
+            "chaos: every scheduled fault was injected",
+            len(faults) == planned and not bad,
+            "; ".join(f"{f['name']}: {f.get('error') or 'not injected'}" for f in bad)
+            or f"{len([f for f in faults if f['injected']])} of {planned} injected",
+        )
+    )
+    if x.lost_notifications is not None:
+        ex = ", ".join(
+            f"{d['leaf_id']} missed {d['aggregation_id']}" for d in notes["lost_examples"][:3]
+        )
+        checks.append(
+            Check(
+                f"chaos: at most {x.lost_notifications} notifications lost",
+                notes["lost"] <= x.lost_notifications,
+                f"{notes['lost']} lost of {notes['expected']} expected"
+                + (f" ({ex})" if ex else ""),
+            )
+        )
+    if x.duplicate_notifications is not None:
+        checks.append(
+            Check(
+                f"chaos: at most {x.duplicate_notifications} notifications handled twice",
+                notes["duplicates"] <= x.duplicate_notifications,
+                f"{notes['duplicates']} duplicated",
+            )
+        )
+    if x.max_reconnect_s is not None:
+        worst = max(slow, default=None)
+        over = [label for s, label in slow if s > x.max_reconnect_s]
+        msg = f"worst {worst[0]:.2f} s ({worst[1]})" if worst else "no leaf disconnected"
+        if never:
+            msg = f"never reconnected: {', '.join(never[:3])}; " + msg
+        elif over:
+            msg = f"{len(over)} over the bound; " + msg
+        checks.append(
+            Check(
+                f"chaos: every disconnected leaf reconnected within {x.max_reconnect_s:g} s",
+                not never and not over,
+                msg,
+            )
+        )
+    if x.max_detect_s is not None:
+        worst_detect = max(detects, default=None)
+        checks.append(
+            Check(
+                f"chaos: every loss detected within {x.max_detect_s:g} s",
+                worst_detect is not None and worst_detect <= x.max_detect_s,
+                "no disconnect seen" if worst_detect is None else f"worst {worst_detect:.2f} s",
+            )
+        )
+    if x.backoff:
+        v = violations[0] if violations else None
+        checks.append(
+            Check(
+                "chaos: reconnect waits follow min(factor^n, max_delay)",
+                not violations,
+                ""
+                if v is None
+                else f"{len(violations)} off, e.g. leaf {v['leaf']} attempt "
+                f"{v['attempt']} waited {v['delay_s']} s, expected {v['expected_s']} s",
+            )
+        )
+    if x.aggregates == "correct":
+        rows = list(getattr(judgement, "rounds", []) or [])
+        failing = [r for r in rows if not r.get("passed")]
+        checks.append(
+            Check(
+                "chaos: every aggregate correct despite the faults",
+                bool(rows) and not failing,
+                "; ".join(f"round {r.get('round')}: {r.get('reason')}" for r in failing[:3])
+                or ("no round closed" if not rows else f"{len(rows)} rounds validated"),
+            )
+        )
+    if x.duplicate_uploads is not None:
+        checks.append(
+            Check(
+                f"chaos: at most {x.duplicate_uploads} uploads counted twice",
+                len(doubles) <= x.duplicate_uploads,
+                "; ".join(
+                    f"round {d['round']}: leaf {d['leaf']} ({d['leaf_id']}) "
+                    f"counted {d['count']} times"
+                    for d in doubles[:3]
+                )
+                or ("no round records" if records is None else "each leaf counted once per round"),
+            )
+        )
+    return checks
