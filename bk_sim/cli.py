@@ -53,6 +53,10 @@ from bk_sim.scenario._cli import scenario  # noqa: E402
 
 main.add_command(scenario)
 
+from bk_sim.report._cli import report  # noqa: E402
+
+main.add_command(report)
+
 from bk_sim.load._cli import load  # noqa: E402
 
 main.add_command(load)

@@ -16,6 +16,7 @@
     │   └── AggregationError         uploads that cannot be aggregated together
     ├── ScenarioError                a scenario file or override that is wrong
     ├── BrokerError                  no usable RabbitMQ where one was needed
+    ├── ReportError                  a folder that is not a run folder (bk-sim report)
     └── CheckFailed                  a validation check failed (exit code 1)
 
 Third-party exceptions (requests, pika, websockets, aiohttp) are translated at the edge
@@ -92,6 +93,10 @@ class ScenarioError(BkSimError, ValueError):
 
 class BrokerError(BkSimError):
     """No usable RabbitMQ where the run needs one; the message says how to fix it."""
+
+
+class ReportError(BkSimError):
+    """A report cannot be rendered: the folder is not a run folder, or its files are unreadable."""
 
 
 class CheckFailed(BkSimError):

@@ -1,5 +1,19 @@
 """Turning a run folder (events.jsonl, results.json) into what people and CI read."""
 
-from bk_sim.report._summary import summary_lines
+from bk_sim.report._junit import junit_tree as junit_tree
+from bk_sim.report._load import RunData as RunData
+from bk_sim.report._load import load_run as load_run
+from bk_sim.report._render import Rendered as Rendered
+from bk_sim.report._render import render_run as render_run
+from bk_sim.report._summary import headline as headline
+from bk_sim.report._summary import summary_lines as summary_lines
 
-__all__ = ["summary_lines"]
+__all__ = [
+    "Rendered",
+    "RunData",
+    "headline",
+    "junit_tree",
+    "load_run",
+    "render_run",
+    "summary_lines",
+]

@@ -12,9 +12,41 @@ def _num(value: Any, fmt: str = ".3g", unit: str = "") -> str:
     return f"{value:{fmt}}{unit}"
 
 
+def headline(results: Mapping[str, Any]) -> str:
+    """The verdict in one sentence: what passed, or the first failure and how many more.
+
+    The terminal summary and the HTML report both lead with it, so they never disagree.
+    """
+    checks = list(results.get("checks") or [])
+    failed = [c for c in checks if not c.get("passed")]
+    if not results.get("passed"):
+        if not failed:
+            return str(results.get("verdict") or "the run failed")
+        first = failed[0]
+        msg = str(first.get("message") or "").strip()
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        text = f"{len(failed)} of {len(checks)} checks failed; first: {first.get('name')}"
+        return text + (f": {msg}" if msg else "") + more
+    parts = []
+    rounds = results.get("rounds") or []
+    if rounds:
+        ok = sum(1 for r in rounds if r.get("passed"))
+        parts.append(f"{ok} of {len(rounds)} rounds aggregated correctly")
+    n = results.get("notifications") or {}
+    if n.get("expected"):
+        parts.append(f"{n.get('received', 0)} of {n['expected']} notifications arrived")
+    lv = results.get("leaves") or {}
+    if lv.get("count"):
+        died = lv.get("died_as_planned") or 0
+        extra = f" ({died} died as planned)" if died else ""
+        parts.append(f"{lv.get('completed', 0)} of {lv['count']} leaves finished{extra}")
+    text = f"all {len(checks)} checks passed"
+    return text + (": " + ", ".join(parts) if parts else "")
+
+
 def summary_lines(results: Mapping[str, Any]) -> list[str]:
     """Lines for the terminal: verdict, a table of rounds, notifications and timings."""
-    lines = [("PASSED" if results.get("passed") else "FAILED") + f"  {results.get('verdict', '')}"]
+    lines = [("PASSED" if results.get("passed") else "FAILED") + f"  {headline(results)}"]
     rounds = results.get("rounds") or []
     if rounds:
         lines.append("")

@@ -1,0 +1,189 @@
+"""Render a run folder: ``junit.xml`` and ``report.html`` from its results and event log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bk_sim.report._compare import Delta, compare_lines, compare_runs
+from bk_sim.report._html import render_html
+from bk_sim.report._junit import write_junit
+from bk_sim.report._load import RunData, load_run
+from bk_sim.report._metrics import (
+    MAX_TIMELINE_LEAVES,
+    aggregate_out_times,
+    connection_events,
+    fault_spans,
+    http_statuses,
+    leaf_index_by_id,
+    leaf_of,
+    leaf_timeline,
+    notification_fanout,
+    notification_waits,
+    retries_by_status,
+    run_metrics,
+    sample_leaves,
+    throughput,
+    upload_durations,
+)
+
+_log = logging.getLogger(__name__)
+
+JUNIT = "junit.xml"
+HTML = "report.html"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What ``render_run`` wrote, and the terminal diff when it compared two runs."""
+
+    junit: Path
+    html: Path
+    seconds: float
+    compare_lines: list[str] = field(default_factory=list)
+    deltas: list[Delta] = field(default_factory=list)
+
+
+def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
+    """Every plot's SVG and caption; a plot with nothing to show gets a sentence instead."""
+    from bk_sim.report import _plots  # matplotlib loads only when a report is drawn
+
+    ev, t0 = run.events, run.t0
+    plots: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    rounds = run.results.get("rounds") or []
+    if rounds:
+        plots["round_errors"] = _plots.round_error_plot(rounds)
+    faults = fault_spans(ev, t0)
+    names = leaf_index_by_id(ev)
+    spans, marks = leaf_timeline(ev, t0)
+    all_leaves = {s.leaf for s in spans} | {m.leaf for m in marks} | set(names.values())
+    notable = {m.leaf for m in marks if m.kind != "notified"} | {
+        f.leaf for f in faults if f.leaf is not None
+    }
+    notable |= {
+        leaf
+        for e in ev
+        if e.get("kind") in ("retry_wait", "reconnect_wait", "connect_failed")
+        and (leaf := leaf_of(e, names)) is not None
+    }
+    shown = sample_leaves(all_leaves, notable)
+    conn = connection_events(ev)
+    starts = [s.start for s in spans] + [m.t for m in marks] + [f.start for f in faults]
+    starts += [float(e["t"]) - t0 for e in conn]
+    # The platform's start-up is dead air: time plots begin where the leaves do.
+    x_from = max(0.0, min(starts) - 0.05 * (max(starts) - min(starts) + 1.0)) if starts else 0.0
+    fault_note = (
+        f" Shaded red: {len(faults)} injected fault(s) "
+        f"({', '.join(sorted({f.label for f in faults}))})."
+        if faults
+        else ""
+    )
+    wide = [f for f in faults if f.leaf is None]
+    wide_note = (
+        f" Shaded red: {len(wide)} run-wide fault(s) "
+        f"({', '.join(sorted({f.label for f in wide}))}); leaf faults are on the timeline."
+        if wide
+        else ""
+    )
+    if shown:
+        plots["timeline"] = _plots.timeline_plot(
+            spans, marks, faults, shown, aggregate_out_times(ev, t0), x_from=x_from
+        )
+        sampled = (
+            f"Showing {len(shown)} of {len(all_leaves)} leaves (at most {MAX_TIMELINE_LEAVES}): "
+            "those with errors, deaths, skips or faults first, the rest evenly spaced."
+            if len(shown) < len(all_leaves)
+            else f"All {len(all_leaves)} leaves."
+        )
+        notes["timeline"] = sampled + fault_note
+    else:
+        notes["timeline"] = "No leaf events in the log."
+    ups = upload_durations(ev)
+    if ups:
+        plots["upload_latency"] = _plots.upload_latency_plot(ups)
+        notes["upload_latency"] = (
+            "Box: quartiles, whiskers 1.5 IQR; dots: single uploads (hidden past 400 a round)."
+        )
+    else:
+        notes["upload_latency"] = "No upload finished."
+    waits, fanout = notification_waits(ev), notification_fanout(ev)
+    if waits or fanout:
+        plots["notification_latency"] = _plots.notification_latency_plot(waits, fanout)
+        nl = (run.results.get("timings") or {}).get("notification_latency_s") or {}
+        if isinstance(nl.get("p50"), (int, float)) and isinstance(nl.get("p99"), (int, float)):
+            notes["notification_latency"] = (
+                f"From the platform's round close to a leaf notified: p50 {nl['p50'] * 1000:.1f} "
+                f"ms, p99 {nl['p99'] * 1000:.1f} ms (results.json)."
+            )
+    else:
+        notes["notification_latency"] = "No leaf was notified of an aggregate."
+    up_tp, down_tp = throughput(ev, t0, "upload"), throughput(ev, t0, "download")
+    if up_tp[0] or down_tp[0]:
+        plots["throughput"] = _plots.throughput_plot(up_tp, down_tp, faults, x_from=x_from)
+        notes["throughput"] = "Payload bytes of finished uploads and downloads." + wide_note
+    else:
+        notes["throughput"] = "No upload or download finished."
+    statuses, retries = http_statuses(ev), retries_by_status(ev)
+    if statuses:
+        plots["retries"] = _plots.retries_plot(statuses, retries)
+        total = sum(retries.values())
+        notes["retries"] = (
+            f"{sum(sum(c.values()) for c in statuses.values())} HTTP attempts, "
+            f"{total} retr{'y' if total == 1 else 'ies'}."
+        )
+    else:
+        notes["retries"] = "No HTTP requests in the log."
+    lost = [e for e in conn if e.get("kind") != "connect"]
+    if lost or faults:
+        plots["reconnects"] = _plots.reconnect_plot(conn, t0, faults, names, x_from=x_from)
+        notes["reconnects"] = (
+            f"{sum(1 for e in conn if e.get('kind') == 'disconnect')} disconnects, "
+            f"{sum(1 for e in conn if e.get('kind') == 'reconnect_wait')} reconnect waits, "
+            f"{sum(1 for e in conn if e.get('kind') == 'connect')} connects." + wide_note
+        )
+    else:
+        connects = sum(1 for e in conn if e.get("kind") == "connect")
+        notes["reconnects"] = (
+            f"No disconnects: {connects} connects, each leaf's notification transport stayed up."
+            if connects
+            else "No notification-transport events in the log."
+        )
+    return plots, notes
+
+
+def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Rendered:
+    """Write ``junit.xml`` and ``report.html`` into ``run_dir``; ``ReportError`` if not a run.
+
+    With ``compare_to`` (another run folder, the baseline) the page gains a side-by-side
+    section and ``Rendered.compare_lines`` holds the short terminal diff.
+    """
+    began = time.perf_counter()
+    run = load_run(run_dir)
+    junit = write_junit(run.results, run.dir / JUNIT)
+    comparison = None
+    lines: list[str] = []
+    deltas: list[Delta] = []
+    if compare_to is not None:
+        base = load_run(compare_to)
+        deltas = compare_runs(base, run)
+        comparison = (base, deltas)
+        lines = compare_lines(base, run, deltas)
+    plots, notes = _plots_for(run)
+    page = render_html(
+        run,
+        names=leaf_index_by_id(run.events),
+        metrics=run_metrics(run.results, run.events),
+        plots=plots,
+        notes=notes,
+        comparison=comparison,
+    )
+    html_path = run.dir / HTML
+    tmp = html_path.with_name(f".{HTML}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(html_path)
+    took = time.perf_counter() - began
+    _log.info("rendered %s and %s in %.2f s", junit, html_path, took)
+    return Rendered(junit, html_path, took, lines, deltas)
