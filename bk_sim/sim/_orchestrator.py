@@ -366,6 +366,12 @@ class SimulationRun:
         if self._hooks is not None and hook_section is not None:
             results[self._hooks.section] = hook_section
         _write_json(self.run_dir / "results.json", results)
+        try:  # junit.xml and report.html; a report failure never changes the verdict
+            from bk_sim.report import render_run
+
+            render_run(self.run_dir)
+        except Exception:  # noqa: BLE001
+            _log.exception("could not render the report of %s", self.run_dir)
         return RunResult(self.run_dir, judgement.passed, results, interrupted)
 
     # ------------------------------------------------------------------ resources
