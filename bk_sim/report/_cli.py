@@ -29,7 +29,8 @@ def report(run_dir: Path, compare_to: Path | None) -> None:
     """
     rendered = render_run(run_dir, compare_to)
     for line in summary_lines(load_run(run_dir).results):
-        click.echo(line)
+        if not line.startswith(("run folder: ", "report: ")):  # paths follow, as rendered
+            click.echo(line)
     if rendered.compare_lines:
         click.echo("")
         for line in rendered.compare_lines:

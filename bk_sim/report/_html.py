@@ -28,7 +28,11 @@ def esc(value: Any) -> str:
 def _num(x: Any, fmt: str = ".3g", unit: str = "") -> str:
     if not isinstance(x, (int, float)):
         return "–"
-    return f"{x:{fmt}}{unit}"
+    text = f"{x:{fmt}}{unit}"
+    # "-0.0000" reads as a sign that means something; it is only rounding.
+    if text.startswith("-") and not any(c in text[1:] for c in "123456789"):
+        return text[1:]
+    return text
 
 
 def _ms(x: Any) -> str:
@@ -142,6 +146,11 @@ def _forensics_html(
             if len(order) > len(shown)
             else ""
         )
+        if f.get("dropped") and len(order) > len(f.get("dropped") or []):
+            note += (
+                "<p class='note'>The other leaves' weights rise together because the "
+                "aggregate is normalised over the leaves it kept.</p>"
+            )
         parts.append(
             "<table><tr><th>leaf</th><th>id</th><th class='n'>expected weight</th>"
             "<th class='n'>effective weight</th><th class='n'>ratio</th><th>verdict</th></tr>"

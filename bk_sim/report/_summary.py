@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -92,4 +93,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
     run = results.get("run") or {}
     if run.get("dir"):
         lines.append(f"run folder: {run['dir']}")
+        page = Path(run["dir"]) / "report.html"
+        if page.is_file():
+            lines.append(f"report: {page} (re-render: bk-sim report {run['dir']})")
     return lines
