@@ -120,7 +120,7 @@ def aggregate(
     log.debug("aggregating %d uploads with %s", len(uploads), strategy)
     with contextlib.closing(_decoded(uploads, max_decompressed_bytes)) as stream:
         if strategy in ("fedavg", "mean"):
-            acc = _Accumulator(weighted=weighted)
+            acc = _Accumulator(weighted=weighted, expected=len(uploads))
             for up, layers in stream:
                 acc.add(up.leaf_id, up.weighting, layers)
             return acc.result()
@@ -268,8 +268,11 @@ class _Accumulator:
     ``acc += w * x`` (which, under NEP 50, also computes w * x in float32).
     """
 
-    def __init__(self, *, weighted: bool) -> None:
+    def __init__(self, *, weighted: bool, expected: int | None = None) -> None:
+        """``expected``: how many uploads will come, when known. Batches are then at most a
+        quarter of them, so that adding overlaps decoding even for small rounds."""
         self._weighted = weighted
+        self._expected = expected
         self._layout: _Layout | None = None
         self._acc: list[np.ndarray] = []
         self._pending: list[tuple[float, list[np.ndarray]]] = []
@@ -307,6 +310,8 @@ class _Accumulator:
         self._acc = [buffer[end - size : end] for size, end in zip(sizes, ends, strict=True)]
         upload_bytes = max(1, sum(x.nbytes for x in layers))
         self._batch = max(1, min(BATCH_UPLOADS, BATCH_BYTES // upload_bytes))
+        if self._expected is not None:
+            self._batch = max(1, min(self._batch, math.ceil(self._expected / 4)))
         cols = max(256, STAGING_BYTES // (8 * self._batch))
         self._staging = np.empty((self._batch, cols), dtype=np.float64)
         self._part = np.empty(cols, dtype=np.float64)
