@@ -165,10 +165,11 @@ class LoadRun:
                 self._say("no broker: users use the WebSocket transport")
             spare = opt.expect_workers if opt.role == "master" else 0
             need = max(peak_users(sc), sc.leaves.count) + spare
-            api_url, creds, admin = stack.enter_context(self._platform(endpoints, need))
+            api_url, creds, admin, rounds = stack.enter_context(self._platform(endpoints, need))
             if transport == "amqp" and sc.load.notifications and endpoints.amqp_url:
                 check_socket_capacity(endpoints, peak_users(sc) + _SOCKET_MARGIN)
             amqp_host, amqp_port = self._amqp_address(endpoints)
+            amqp_ssl = self._amqp_ssl(endpoints)
             payloads = build_payloads(sc, self.run_dir / "payloads")
             self._say(
                 f"{len(payloads.paths)} payloads of {payloads.mean_bytes / 1e3:,.1f} kB made "
@@ -182,6 +183,7 @@ class LoadRun:
                 transport=transport,
                 amqp_host=amqp_host,
                 amqp_port=amqp_port,
+                amqp_ssl=amqp_ssl,
             )
             env = self._environment(ctx, api_url)
             runner = self._runner(env)
@@ -190,6 +192,7 @@ class LoadRun:
                 "transport": transport,
                 "amqp_host": amqp_host,
                 "amqp_port": amqp_port,
+                "amqp_ssl": amqp_ssl,
             }
             if isinstance(runner, MasterRunner):
                 self._serve_workers(runner, ctx, creds, setup)
@@ -213,6 +216,7 @@ class LoadRun:
             gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)  # one more CSV pass with final stats
             ctx.close_all()
             platform_stats = admin.stats() if admin is not None else None
+            aggregated = rounds() if rounds is not None else None
             if runner is not None:
                 runner.quit()
             for g in greenlets:
@@ -250,6 +254,7 @@ class LoadRun:
             **summary,
             "client": ctx.counters.take(),
             "platform_requests": platform_stats,
+            "platform_rounds_aggregated": aggregated,
             "files": {
                 "stats_csv": "locust_stats.csv",
                 "history_csv": "locust_stats_history.csv",
@@ -399,10 +404,16 @@ class LoadRun:
             host = adv
         return host, port
 
+    def _amqp_ssl(self, endpoints: BrokerEndpoints) -> bool:
+        """TLS to the broker: an ``amqps://`` URL, or a remote platform's default (5671)."""
+        if endpoints.amqp_url:
+            return endpoints.amqp_url.startswith("amqps:")
+        return self.scenario.platform.mode == "remote"
+
     @contextlib.contextmanager
     def _platform(
         self, endpoints: BrokerEndpoints, need: int
-    ) -> Iterator[tuple[str, list[dict[str, str]], Any]]:
+    ) -> Iterator[tuple[str, list[dict[str, str]], Any, Callable[[], int] | None]]:
         sc = self.scenario
         p = sc.platform
         if p.mode == "remote":
@@ -445,14 +456,19 @@ class LoadRun:
             admin.set_run_status(branch_id, "start")
             self._say(f"platform at {url}: branch {branch_id}, {len(creds)} leaves")
             try:
-                yield url, creds, admin
+                yield (
+                    url,
+                    creds,
+                    admin,
+                    lambda: sum(r["status"] == "aggregated" for r in admin.rounds(branch_id)),
+                )
             finally:
                 with contextlib.suppress(BkSimError):
                     admin.delete_tree(tree_id)
         finally:
             handle.stop()
 
-    def _remote(self, need: int) -> tuple[str, list[dict[str, str]], Any]:
+    def _remote(self, need: int) -> tuple[str, list[dict[str, str]], Any, None]:
         p = self.scenario.platform
         assert p.host is not None and p.credentials_file is not None
         try:
@@ -469,7 +485,7 @@ class LoadRun:
             )
         creds = [Credentials.from_dict(c).to_dict() for c in raw[:need]]
         self._say(f"remote platform {p.host}: {len(creds)} leaves")
-        return p.host, creds, None
+        return p.host, creds, None, None
 
     # ------------------------------------------------------------------ worker
 
@@ -491,6 +507,7 @@ class LoadRun:
                     transport=d["transport"],
                     amqp_host=d["amqp_host"],
                     amqp_port=d["amqp_port"],
+                    amqp_ssl=d["amqp_ssl"],
                 )
                 self._say(f"worker: {len(d['credentials'])} leaves on {d['api_url']}")
 

@@ -94,6 +94,7 @@ class LoadContext:
     api_url: str = ""
     amqp_host: str | None = None
     amqp_port: int | None = None
+    amqp_ssl: bool = False
     transport: str = "amqp"
     credentials: list[dict[str, str]] = field(default_factory=list)
     payloads: PayloadCache | None = None
@@ -110,12 +111,14 @@ class LoadContext:
         transport: str,
         amqp_host: str | None,
         amqp_port: int | None,
+        amqp_ssl: bool = False,
     ) -> None:
         self.api_url = api_url
         self.credentials = list(credentials)
         self.transport = transport
         self.amqp_host = amqp_host
         self.amqp_port = amqp_port
+        self.amqp_ssl = amqp_ssl
         self.ready.set()
 
     def take_slot(self) -> int:
@@ -140,8 +143,8 @@ class LoadContext:
             api_config=APIConfig(host=self.api_url, ssl=self.api_url.startswith("https")),
             rabbitmq_config=RabbitMQConfig(
                 host=self.amqp_host,
-                port=self.amqp_port or 5672,
-                ssl=False,
+                port=self.amqp_port or (5671 if self.amqp_ssl else 5672),
+                ssl=self.amqp_ssl,
                 max_reconnect_attempts=rc.max_attempts,
                 reconnect_backoff_factor=rc.backoff_factor,
                 reconnect_max_delay=rc.max_delay,
