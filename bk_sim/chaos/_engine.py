@@ -200,6 +200,7 @@ class ChaosRun:
                 leaves=targets,
                 round=round_now,
                 duration_s=fault.duration_s,
+                http=_http_rule(fault) if fault.http is not None else None,
             )
         )
         self._say(f"chaos: {name} ({fault.kind}) on {target}")

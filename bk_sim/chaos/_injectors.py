@@ -143,6 +143,23 @@ class HttpInjector:
             self._apply()
 
     def _apply(self) -> None:
+        """Set base + active rules; rules already set keep what is left of their ``count``
+        (setting faults resets the platform's counters)."""
+        current = list(self._admin.faults(self._branch).get("http") or [])
+        rules = [*self._base.get("http", []), *self._active.values()]
+        merged = []
+        for rule in rules:
+            rule = dict(rule)
+            match = next((c for c in current if _same_rule(c, rule)), None)
+            if match is not None:
+                current.remove(match)
+                rule["count"] = match.get("count")
+            merged.append(rule)
         payload = dict(self._base)
-        payload["http"] = [*self._base.get("http", []), *self._active.values()]
+        payload["http"] = merged
         self._admin.set_faults(self._branch, payload)
+
+
+def _same_rule(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("endpoint", "status", "rate", "retry_after", "latency_s", "reset", "drop_response")
+    return all(a.get(k) == b.get(k) for k in keys)

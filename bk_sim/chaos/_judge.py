@@ -25,7 +25,8 @@ Event = Mapping[str, Any]
 #: A notification this much later than its round's close (plus any platform notification
 #: delay) counts as late.
 LATE_AFTER_S = 2.0
-_HTTP_RETRY_WINDOW_S = 60.0
+#: A retry this soon after an HTTP fault ended still answers a request the fault hit.
+_HTTP_RETRY_GRACE_S = 2.0
 #: Fault kinds that act on the leaves' notification connections.
 DISCONNECTING = (
     "kill_connections", "close_channel", "restart_broker",
@@ -151,6 +152,7 @@ def _faults(events: Sequence[Event]) -> list[dict[str, Any]]:
                 injected=True,
                 round=e.get("round"),
                 target=e.get("target"),
+                http=e.get("http"),
             )
         elif kind == "fault_end":
             f["end_t"] = float(e["t"])
@@ -168,6 +170,13 @@ def _faults(events: Sequence[Event]) -> list[dict[str, Any]]:
 
 def _retry_key(e: Event) -> str:
     return str(e["status"]) if e.get("status") is not None else "no answer"
+
+
+def _rule_key(rule: Mapping[str, Any]) -> str:
+    """The retry key an HTTP fault rule causes: its status, or no answer at all."""
+    if rule.get("reset") or rule.get("drop_response") or rule.get("status") is None:
+        return "no answer"
+    return str(rule["status"])
 
 
 def _per_fault(
@@ -258,11 +267,15 @@ def _per_fault(
     f["reconnect_s"] = _stats([p["reconnect_s"] for p in hit if p.get("reconnect_s") is not None])
     retries: Counter[str] = Counter()
     per_leaf_retries: Counter[int] = Counter()
+    rule = f.get("http") or {}
     for e in events:
         if (
-            e.get("kind") == "retry_wait"
+            f["kind"] == "http"
+            and e.get("kind") == "retry_wait"
             and e.get("transport") == "http"
-            and start <= float(e["t"]) <= end + _HTTP_RETRY_WINDOW_S
+            and start <= float(e["t"]) <= end + _HTTP_RETRY_GRACE_S
+            and rule.get("endpoint", "*") in ("*", e.get("endpoint"))
+            and _retry_key(e) == _rule_key(rule)
         ):
             retries[f"{e.get('endpoint')} {_retry_key(e)}"] += 1
             if isinstance(e.get("leaf"), int):
@@ -332,6 +345,9 @@ def _notifications(
             default=None,
         ),
         "lost_examples": [{"leaf_id": a, "aggregation_id": b} for a, b in lost[:10]],
+        "late_examples": [
+            {"leaf_id": a, "aggregation_id": b, "after_s": d} for d, (a, b) in sorted(late)[-10:]
+        ],
     }
 
 
