@@ -116,9 +116,10 @@ def test_blackhole_stalls_without_closing_then_drops_corrupt_streams(
 ) -> None:
     with ToxicProxy(*echo) as proxy:
         assert proxy.address is not None
-        with socket.create_connection(proxy.address, timeout=5) as s, socket.create_connection(
-            proxy.address, timeout=5
-        ) as idle:
+        with (
+            socket.create_connection(proxy.address, timeout=5) as s,
+            socket.create_connection(proxy.address, timeout=5) as idle,
+        ):
             _rtt(s)
             proxy.set_blackhole(True)
             s.sendall(b"lost")
