@@ -23,6 +23,8 @@ import math
 import os
 import secrets
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import gevent
+import gevent.event
 from locust.env import Environment
 from locust.html import get_html_report
 from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner, Runner
@@ -141,6 +144,7 @@ class LoadRun:
         self.options = options or LoadOptions()
         self._say = progress or (lambda line: _log.info("%s", line))
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self._ended = gevent.event.Event()
         self.run_dir = self.options.run_dir or Path(scenario.report.dir) / (
             f"{scenario.name}-load-{stamp}"
         )
@@ -203,14 +207,16 @@ class LoadRun:
             greenlets = [gevent.spawn(writer), gevent.spawn(stats_history, runner)]
             interrupted = False
             load_started = time.time()
+            # SIGTERM ends the load like Ctrl-C (a shell's background job ignores SIGINT).
+            gevent.signal_handler(signal.SIGTERM, self._ended.set)
             try:
                 if opt.web:
                     self._web(env)
                 else:
                     interrupted = self._headless(env, runner)
             except KeyboardInterrupt:
-                interrupted = True
-                self._say("interrupted: stopping users and writing what was measured")
+                interrupted = not opt.web  # with the web UI, Ctrl-C is how a run ends
+                self._say("stopping users and writing what was measured")
             load_s = time.time() - load_started
             self._stop(runner)
             gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)  # one more CSV pass with final stats
@@ -340,6 +346,9 @@ class LoadRun:
             elapsed = time.monotonic() - t0
             if elapsed >= seconds:
                 break
+            if self._ended.is_set():
+                self._say("terminated: stopping users and writing what was measured")
+                return True
             if spec.stages and elapsed > 1.0 and runner.state == "stopped":
                 break
             if elapsed - last >= _PROGRESS_EVERY_S:
@@ -352,19 +361,18 @@ class LoadRun:
     def _web(self, env: Environment) -> None:
         opt = self.options
         spec = self.scenario.load
-        import argparse
+        from locust.argument_parser import get_parser
 
-        # The web UI's form is prefilled from parsed_options.
-        env.parsed_options = argparse.Namespace(
-            num_users=spec.users,
-            spawn_rate=spec.spawn_rate,
-            run_time=None,
-            host=env.host,
+        # The web UI reads its form's defaults (and more) from a full Locust namespace.
+        env.parsed_options = get_parser().parse_args(
+            ["-u", str(spec.users), "-r", str(spec.spawn_rate), "-H", env.host or ""]
         )
+        # Locust's UI parses sys.argv with its own parser on every page load; ours are not
+        # its options (click has parsed them already).
+        sys.argv = sys.argv[:1]
         env.create_web_ui(host=opt.web_host, port=opt.web_port)
         self._say(f"Locust web UI on http://{opt.web_host}:{opt.web_port}/ (Ctrl-C ends the run)")
-        while True:
-            gevent.sleep(1.0)
+        self._ended.wait()
 
     def _stop(self, runner: Runner) -> None:
         """Graceful stop; a master then waits one worker report for the final numbers."""
