@@ -15,6 +15,7 @@ from typing import Any
 
 from bk_sim.report._compare import Delta
 from bk_sim.report._load import RunData
+from bk_sim.report._metrics import FaultSpan
 from bk_sim.report._summary import headline
 
 _BAD = ' class="bad"'
@@ -35,8 +36,25 @@ def _num(x: Any, fmt: str = ".3g", unit: str = "") -> str:
     return text
 
 
-def _ms(x: Any) -> str:
-    return _num(x * 1000 if isinstance(x, (int, float)) else None, ".1f", " ms")
+def _durations(values: Sequence[Any]) -> str:
+    """Several durations in one unit: "20.2 / 36.4 / 41.2 ms" or "1.58 / 18.3 s"."""
+    nums = [v for v in values if isinstance(v, (int, float))]
+    if not nums:
+        return "–"
+    if max(nums) >= 1.0:
+        return " / ".join(_num(v, ".3g") for v in values) + " s"
+    return (
+        " / ".join(
+            _num(
+                v * 1000 if isinstance(v, (int, float)) else None,
+                ".0f" if v * 1000 >= 100 else ".1f",
+            )
+            if isinstance(v, (int, float))
+            else "–"
+            for v in values
+        )
+        + " ms"
+    )
 
 
 _CSS = """
@@ -62,12 +80,13 @@ h3 { font-size:14.5px; margin:18px 0 6px; }
 p.note { color:var(--muted); font-size:12.5px; margin:4px 0 8px; }
 table { border-collapse: collapse; width:100%; font-size:13px; }
 th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line);
-  vertical-align: top; overflow-wrap:anywhere; }
+  vertical-align: top; overflow-wrap:break-word; }
+th { white-space: nowrap; }
 th { color:var(--muted); font-weight:600; font-size:12px; }
 td.n, th.n { text-align:right; font-variant-numeric: tabular-nums; white-space:nowrap; }
 tr.bad td { background:#fff5f5; }
 .ok { color:var(--ok); font-weight:600; } .no { color:var(--bad); font-weight:700; }
-.tiles { display:grid; grid-template-columns: repeat(auto-fill, minmax(205px, 1fr)); gap:10px; }
+.tiles { display:grid; grid-template-columns: repeat(auto-fill, minmax(215px, 1fr)); gap:10px; }
 .tile { border:1px solid var(--line); border-radius:8px; padding:8px 12px; }
 .tile .k { color:var(--muted); font-size:12px; }
 .tile .v { font-size:17px; font-weight:600; white-space:nowrap; }
@@ -235,16 +254,12 @@ def _tiles(run: RunData, metrics: Mapping[str, float | None]) -> str:
     tiles: list[tuple[str, str, bool]] = [
         (
             "upload p50 / p95 / p99",
-            " / ".join(_ms(metrics.get(f"upload latency p{q} (s)")) for q in (50, 95, 99)).replace(
-                " ms /", " /"
-            ),
+            _durations([metrics.get(f"upload latency p{q} (s)") for q in (50, 95, 99)]),
             False,
         ),
         (
             "notification p50 / p99",
-            " / ".join(
-                _ms(metrics.get(f"notification latency p{q} (s)")) for q in (50, 99)
-            ).replace(" ms /", " /"),
+            _durations([metrics.get(f"notification latency p{q} (s)") for q in (50, 99)]),
             False,
         ),
         (
@@ -379,6 +394,29 @@ def _rounds(run: RunData, names: Mapping[str, int], error_plot: str) -> str:
     return "".join(out)
 
 
+def _faults_table(faults: Sequence[FaultSpan]) -> str:
+    if not faults:
+        return ""
+    rows = []
+    for f in faults:
+        who = "all (run-wide)" if f.run_wide else ", ".join(f"leaf {x}" for x in f.leaves[:12])
+        if len(f.leaves) > 12:
+            who += f" and {len(f.leaves) - 12} more"
+        status = f.error or ("" if f.ended else "no fault_end: drawn to the end of the log")
+        rows.append(
+            f"<tr{_BAD if f.error else ''}><td>{esc(f.label)}</td><td>{esc(f.kind)}</td>"
+            f"<td>{esc(f.target)}</td><td>{esc(who)}</td>"
+            f"<td class='n'>{_num(f.start, '.2f', ' s')}</td>"
+            f"<td class='n'>{_num(f.end - f.start, '.2f', ' s')}</td><td>{esc(status)}</td></tr>"
+        )
+    return (
+        f"<h3>Faults injected ({len(faults)})</h3><table><tr><th>fault</th><th>kind</th>"
+        "<th>target</th><th>leaves</th><th class='n'>from</th><th class='n'>lasted</th>"
+        "<th>note</th></tr>" + "".join(rows) + "</table>"
+        "<p class='note'>Shaded red in the plots below (times in seconds since run start).</p>"
+    )
+
+
 def render_html(
     run: RunData,
     *,
@@ -387,6 +425,7 @@ def render_html(
     plots: Mapping[str, str],
     notes: Mapping[str, str],
     comparison: tuple[RunData, Sequence[Delta]] | None = None,
+    faults: Sequence[FaultSpan] = (),
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> str:
     """The whole page. ``plots`` maps a section key to inline SVG, ``notes`` to a caption."""
@@ -412,6 +451,7 @@ def render_html(
         _checks(run),
         _rounds(run, names, plots.get("round_errors", "")),
         "<section><h2>What happened over time</h2>",
+        _faults_table(faults),
         plot("timeline", "Per-leaf timeline"),
         plot("upload_latency", "Upload latency"),
         plot("notification_latency", "Notification latency"),

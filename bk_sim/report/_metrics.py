@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 Event = Mapping[str, Any]
@@ -208,42 +208,78 @@ class FaultSpan:
     label: str
     start: float
     end: float
-    leaf: int | None  # None: the fault hit the whole run (broker, network, platform)
+    leaves: tuple[int, ...] = ()  # empty: the fault hit the whole run (broker, network)
+    kind: str = ""
+    target: str = ""
+    error: str = ""  # set by a fault_error event (injection or undo failed)
+    ended: bool = True  # False: no fault_end, drawn to the end of the log
+
+    @property
+    def run_wide(self) -> bool:
+        return not self.leaves
 
 
 def _fault_label(e: Event) -> str:
-    for key in ("fault", "name", "action", "type", "target"):
+    for key in ("fault", "name", "fault_kind", "action", "type"):
         if e.get(key):
             return str(e[key])
     return "fault"
 
 
-def fault_spans(events: Sequence[Event], t0: float) -> list[FaultSpan]:
-    """Pair ``fault_start``/``fault_end`` events (by id, else by label and leaf).
+def _fault_leaves(e: Event, ids: Mapping[str, int], all_leaves: int) -> tuple[int, ...]:
+    """The leaves a fault targets; () when it targets all of them (or the run itself)."""
+    raw = e.get("leaves")
+    if isinstance(raw, list):
+        leaves = tuple(sorted({int(x) for x in raw if isinstance(x, int)}))
+    else:
+        one = leaf_of(e, ids)
+        leaves = () if one is None else (one,)
+    return () if all_leaves and len(leaves) >= all_leaves else leaves
 
-    A fault that never ends lasts to the last event; an end without a start is ignored.
+
+def fault_spans(events: Sequence[Event], t0: float) -> list[FaultSpan]:
+    """Pair the chaos engine's ``fault_start``/``fault_end`` events (by fault name).
+
+    ``fault_start`` carries ``fault`` (the name), ``fault_kind``, ``target`` and
+    ``leaves`` (indices; all of them for a broker or network fault, drawn as run-wide).
+    A fault that never ends lasts to the last event; an end without a start is ignored;
+    ``fault_error`` is kept as the span's error.
     """
     ids = leaf_index_by_id(events)
-    open_: dict[Any, tuple[str, float, int | None]] = {}
+    n_leaves = len({e["leaf"] for e in events if isinstance(e.get("leaf"), int)})
+    spawning = [e for e in events if e.get("kind") == "leaves_spawning"]
+    if spawning and isinstance(spawning[0].get("leaves"), int):
+        n_leaves = int(spawning[0]["leaves"])
+    open_: dict[Any, FaultSpan] = {}
     out: list[FaultSpan] = []
+    errors: dict[Any, str] = {}
     last = (max(float(e["t"]) for e in events) - t0) if events else 0.0
     for e in events:
         kind = e.get("kind")
-        if kind not in ("fault_start", "fault_end"):
+        if kind not in ("fault_start", "fault_end", "fault_error"):
             continue
         label = _fault_label(e)
-        leaf = leaf_of(e, ids)
-        key = e.get("fault_id") or e.get("id") or (label, leaf)
+        key = e.get("fault_id") or e.get("id") or label
         t = float(e["t"]) - t0
-        if kind == "fault_start":
-            if key in open_:  # a restart of the same fault: close the first one here
-                lbl, start, lf = open_.pop(key)
-                out.append(FaultSpan(lbl, start, t, lf))
-            open_[key] = (label, t, leaf)
+        if kind == "fault_error":
+            errors[label] = str(e.get("error") or "failed")
+        elif kind == "fault_start":
+            if key in open_:  # started again before it ended: close the first one here
+                out.append(replace(open_.pop(key), end=t))
+            leaves = _fault_leaves(e, ids, n_leaves)
+            open_[key] = FaultSpan(
+                label,
+                t,
+                last,
+                leaves,
+                str(e.get("fault_kind") or ""),
+                str(e.get("target") or ""),
+                ended=False,
+            )
         elif key in open_:
-            lbl, start, lf = open_.pop(key)
-            out.append(FaultSpan(lbl, start, t, lf))
-    out.extend(FaultSpan(lbl, start, last, lf) for lbl, start, lf in open_.values())
+            out.append(replace(open_.pop(key), end=t, ended=True))
+    out.extend(open_.values())
+    out = [replace(f, error=errors.get(f.label, "")) if f.label in errors else f for f in out]
     return sorted(out, key=lambda f: f.start)
 
 

@@ -95,10 +95,19 @@ def _styled(fn: Callable[_P, str]) -> Callable[_P, str]:
     return wrapper
 
 
-def _shade_faults(ax: Any, faults: Sequence[FaultSpan], label: bool = True) -> None:
+def _min_width(faults: Sequence[FaultSpan], *times: Sequence[float]) -> float:
+    """A width an instant fault (a connection kill) still shows at: 0.8 % of the time axis."""
+    pts = [t for ts in times for t in ts] + [x for f in faults for x in (f.start, f.end)]
+    return 0.008 * (max(pts) - min(pts)) if pts else 0.05
+
+
+def _shade_faults(
+    ax: Any, faults: Sequence[FaultSpan], min_w: float = 0.05, label: bool = True
+) -> None:
     for i, f in enumerate(faults):
-        if f.leaf is None:
-            ax.axvspan(f.start, max(f.end, f.start + 0.05), color=COLORS["fault"], alpha=0.12, lw=0)
+        if f.run_wide:
+            end = max(f.end, f.start + min_w)
+            ax.axvspan(f.start, end, color=COLORS["fault"], alpha=0.12, lw=0)
             if label:
                 ax.annotate(
                     f.label,
@@ -179,16 +188,18 @@ def timeline_plot(
     row = {leaf: i for i, leaf in enumerate(leaves)}
     fig = _figure(10.0, 1.3 + 0.2 * max(len(leaves), 4))
     ax = fig.add_subplot()
-    _shade_faults(ax, faults)
+    min_w = _min_width(faults, [sp.start for sp in spans] + [sp.end for sp in spans])
+    _shade_faults(ax, faults, min_w)
     for f in faults:
-        if f.leaf in row:
-            ax.broken_barh(
-                [(f.start, max(f.end - f.start, 0.05))],
-                (row[f.leaf] - 0.5, 1.0),
-                color=COLORS["fault"],
-                alpha=0.2,
-                lw=0,
-            )
+        for leaf in f.leaves:
+            if leaf in row:
+                ax.broken_barh(
+                    [(f.start, max(f.end - f.start, min_w))],
+                    (row[leaf] - 0.5, 1.0),
+                    color=COLORS["fault"],
+                    alpha=0.45,
+                    lw=0,
+                )
     by_kind: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for s in spans:
         if s.leaf in row:
@@ -210,7 +221,7 @@ def timeline_plot(
     for r, t in round_closes.items():
         ax.axvline(t, color="#6b7280", lw=0.8, ls=":")
         ax.annotate(
-            f"round {r} aggregate out",
+            f"R{r}",
             xy=(t, 1.0),
             xycoords=("data", "axes fraction"),
             xytext=(2, 2),
@@ -263,9 +274,9 @@ def reconnect_plot(
     x_from: float = 0.0,
 ) -> str:
     """Connects, disconnects and reconnect waits over time: per leaf, or counted past 2,000."""
-    fig = _figure(10.0, 3.0)
+    fig = _figure(10.0, 1.6 + 0.09 * min(max(len(leaf_ids), 10), 40))
     ax = fig.add_subplot()
-    _shade_faults(ax, faults)
+    _shade_faults(ax, faults, _min_width(faults, [float(e["t"]) - t0 for e in events]))
     kinds = [
         k
         for k in ("connect", "disconnect", "reconnect_wait", "connect_failed", "give_up")
@@ -292,9 +303,10 @@ def reconnect_plot(
                 marker=marker[k],
                 color=COLORS[k],
                 label=k.replace("_", " "),
-                zorder=3,
+                zorder={"disconnect": 6, "give_up": 6, "connect_failed": 5}.get(k, 4),
             )
         ax.set_ylabel("leaf")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.invert_yaxis()
     else:
         end = max(float(e["t"]) for e in events) - t0
@@ -316,7 +328,7 @@ def reconnect_plot(
     ax.set_xlabel("seconds since run start")
     ax.set_xlim(left=x_from)
     ax.set_title("Notification transport: connects, disconnects, reconnect waits", loc="left")
-    ax.legend(loc="upper right", fontsize=8, ncols=len(kinds))
+    fig.legend(loc="outside upper right", fontsize=8, ncols=max(len(kinds), 1))
     return _svg(fig)
 
 

@@ -46,6 +46,10 @@ class Rendered:
     deltas: list[Delta] = field(default_factory=list)
 
 
+def _dur(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
+
+
 def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
     """Every plot's SVG and caption; a plot with nothing to show gets a sentence instead."""
     from bk_sim.report import _plots  # matplotlib loads only when a report is drawn
@@ -61,7 +65,7 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
     spans, marks = leaf_timeline(ev, t0)
     all_leaves = {s.leaf for s in spans} | {m.leaf for m in marks} | set(names.values())
     notable = {m.leaf for m in marks if m.kind != "notified"} | {
-        f.leaf for f in faults if f.leaf is not None
+        leaf for f in faults for leaf in f.leaves
     }
     notable |= {
         leaf
@@ -81,7 +85,7 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
         if faults
         else ""
     )
-    wide = [f for f in faults if f.leaf is None]
+    wide = [f for f in faults if f.run_wide]
     wide_note = (
         f" Shaded red: {len(wide)} run-wide fault(s) "
         f"({', '.join(sorted({f.label for f in wide}))}); leaf faults are on the timeline."
@@ -98,7 +102,11 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
             if len(shown) < len(all_leaves)
             else f"All {len(all_leaves)} leaves."
         )
-        notes["timeline"] = sampled + fault_note
+        notes["timeline"] = (
+            sampled
+            + " Dotted lines R1, R2...: the first leaf hears of that round's aggregate."
+            + fault_note
+        )
     else:
         notes["timeline"] = "No leaf events in the log."
     ups = upload_durations(ev)
@@ -115,8 +123,8 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
         nl = (run.results.get("timings") or {}).get("notification_latency_s") or {}
         if isinstance(nl.get("p50"), (int, float)) and isinstance(nl.get("p99"), (int, float)):
             notes["notification_latency"] = (
-                f"From the platform's round close to a leaf notified: p50 {nl['p50'] * 1000:.1f} "
-                f"ms, p99 {nl['p99'] * 1000:.1f} ms (results.json)."
+                f"From the platform's round close to a leaf notified: p50 {_dur(nl['p50'])}, "
+                f"p99 {_dur(nl['p99'])} (results.json)."
             )
     else:
         notes["notification_latency"] = "No leaf was notified of an aggregate."
@@ -172,6 +180,7 @@ def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Ren
         comparison = (base, deltas)
         lines = compare_lines(base, run, deltas)
     plots, notes = _plots_for(run)
+    faults = fault_spans(run.events, run.t0)
     page = render_html(
         run,
         names=leaf_index_by_id(run.events),
@@ -179,6 +188,7 @@ def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Ren
         plots=plots,
         notes=notes,
         comparison=comparison,
+        faults=faults,
     )
     html_path = run.dir / HTML
     tmp = html_path.with_name(f".{HTML}.tmp")

@@ -171,10 +171,41 @@ def write_run(
         for kind, dt in (("disconnect", 0.0), ("reconnect_wait", 0.01), ("connect", 0.6)):
             ev.append({"kind": kind, "t": T0 + 2.5 + dt, "leaf_id": "id-2", "transport": "amqp"})
     if faults:
+        # Shaped like bk_sim.chaos's events: the name in "fault", targets in "leaves".
+        every = list(range(leaves))
         ev += [
-            {"kind": "fault_start", "t": T0 + 2.4, "fault": "broker_kill", "fault_id": "f1"},
-            {"kind": "fault_end", "t": T0 + 3.1, "fault": "broker_kill", "fault_id": "f1"},
-            {"kind": "fault_start", "t": T0 + 4.2, "fault": "leaf_kill", "leaf": 5},
+            {
+                "kind": "fault_start",
+                "t": T0 + 2.4,
+                "fault": "restart",
+                "fault_kind": "restart_broker",
+                "target": "broker",
+                "leaves": every,
+                "round": 1,
+            },
+            {
+                "kind": "fault_end",
+                "t": T0 + 3.1,
+                "fault": "restart",
+                "fault_kind": "restart_broker",
+                "target": "broker",
+            },
+            {
+                "kind": "fault_start",
+                "t": T0 + 4.2,
+                "fault": "kill-5",
+                "fault_kind": "kill_leaf",
+                "target": f"1 of {leaves} leaves",
+                "leaves": [5],
+                "round": 2,
+            },
+            {
+                "kind": "fault_error",
+                "t": T0 + 4.3,
+                "fault": "kill-5",
+                "fault_kind": "kill_leaf",
+                "error": "<no such process>",
+            },
         ]
     ev.append({"kind": "leaf_error", "t": T0 + 3.5, "leaf": 4, "leaf_id": "id-4", "error": "x"})
     ev.sort(key=lambda e: e["t"])
@@ -329,11 +360,19 @@ def test_faults_are_paired_and_shaded(tmp_path: Path) -> None:
     d = write_run(tmp_path, faults=True)
     run = load_run(d)
     spans = fault_spans(run.events, run.t0)
-    assert [(f.label, f.leaf) for f in spans] == [("broker_kill", None), ("leaf_kill", 5)]
+    assert [(f.label, f.leaves, f.run_wide) for f in spans] == [
+        ("restart", (), True),  # every leaf targeted: the whole run
+        ("kill-5", (5,), False),
+    ]
     assert spans[0].start == pytest.approx(2.4) and spans[0].end == pytest.approx(3.1)
-    assert spans[1].end == pytest.approx(max(e["t"] for e in run.events) - T0)  # never ended
+    assert spans[0].ended and not spans[1].ended
+    assert spans[1].end == pytest.approx(max(e["t"] for e in run.events) - T0)
+    assert spans[1].error == "<no such process>"
     render_run(d)
-    assert "Shaded red: 2 injected fault(s) (broker_kill, leaf_kill)" in _page(d)
+    page = _page(d)
+    assert "Shaded red: 2 injected fault(s) (kill-5, restart)" in page
+    assert "Faults injected (2)" in page and "&lt;no such process&gt;" in page
+    assert "1 run-wide fault(s) (restart); leaf faults are on the timeline" in page
 
 
 def test_retries_and_reconnects_are_plotted_when_present(tmp_path: Path) -> None:
