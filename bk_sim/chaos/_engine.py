@@ -161,7 +161,16 @@ class ChaosRun:
         records: list[dict[str, Any]] | None,
         judgement: Any,
     ) -> tuple[list[Any], dict[str, Any]]:
-        return judge_chaos(self.scenario, events, records, judgement)
+        checks, section = judge_chaos(self.scenario, events, records, judgement)
+        if self.proxy is not None:
+            section["proxy"] = {
+                "address": ":".join(map(str, self.proxy.address or ())),
+                "upstream": ":".join(map(str, self.proxy.upstream)),
+                "connections_accepted": self.proxy.accepted,
+                "bytes_forwarded": self.proxy.bytes_forwarded,
+                "bytes_swallowed": self.proxy.bytes_swallowed,
+            }
+        return checks, section
 
     # ------------------------------------------------------------------ one fault
 

@@ -82,7 +82,8 @@ def judge_chaos(
         _per_fault(f, by_leaf, names, rc, window, events, records, violations, slow, never)
         detects += [p["detect_s"] for p in f["per_leaf"] if p.get("detect_s") is not None]
     notes = _notifications(scenario, events, records or [])
-    doubles = _double_counted(records or [], names)
+    confirmed = {str(e["file_id"]) for e in events if e.get("kind") == "upload"}
+    doubles = _double_counted(records or [], names, confirmed)
     killed = [
         {
             "leaf": e["leaf"],
@@ -352,14 +353,21 @@ def _notifications(
 
 
 def _double_counted(
-    records: Sequence[Mapping[str, Any]], names: Mapping[int, str]
+    records: Sequence[Mapping[str, Any]],
+    names: Mapping[int, str],
+    confirmed: set[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """Uploads the platform counted more than once: a leaf twice in one round, or an
+    upload the leaf never saw confirmed (a retried request also kept, perhaps in the
+    next round) next to the one it did see. ``confirmed``: file ids of upload events."""
     index = {v: k for k, v in names.items()}
-    out = []
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[Any, str]] = set()
     for rec in records:
         counts = Counter(str(u.get("leaf_id")) for u in rec.get("uploads", []))
         for leaf_id, n in sorted(counts.items()):
             if n > 1:
+                seen.add((rec.get("round"), leaf_id))
                 out.append(
                     {
                         "round": rec.get("round"),
@@ -368,6 +376,29 @@ def _double_counted(
                         "count": n,
                     }
                 )
+    if confirmed is None:
+        return out
+    per_leaf: Counter[str] = Counter(
+        str(u.get("leaf_id")) for rec in records for u in rec.get("uploads", [])
+    )
+    for rec in records:
+        for u in rec.get("uploads", []):
+            leaf_id, file_id = str(u.get("leaf_id")), str(u.get("file_id"))
+            if file_id in confirmed or (rec.get("round"), leaf_id) in seen:
+                continue
+            if leaf_id not in index:
+                continue  # not one of this run's leaves: the round check reports it
+            seen.add((rec.get("round"), leaf_id))
+            out.append(
+                {
+                    "round": rec.get("round"),
+                    "leaf": index.get(leaf_id),
+                    "leaf_id": leaf_id,
+                    "count": 2,
+                    "unconfirmed_file_id": file_id,
+                    "uploads_recorded": per_leaf[leaf_id],
+                }
+            )
     return out
 
 

@@ -181,6 +181,8 @@ def _judge_fixture() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     events = [
         _ev("leaf_started", 90.0, leaf=0, leaf_id=a),
         _ev("leaf_started", 90.0, leaf=1, leaf_id=b),
+        _ev("upload", 95.0, leaf=0, leaf_id=a, round=1, file_id="f1"),
+        _ev("upload", 95.0, leaf=1, leaf_id=b, round=1, file_id="f3"),
         _ev(
             "fault_start",
             100.0,
@@ -437,3 +439,38 @@ def test_http_faults_keep_their_remaining_count_when_another_is_added_or_removed
     assert admin.state["dedupe"] is True
     inj.remove("b")
     assert admin.state["http"] == base["http"]
+
+
+def test_a_retried_upload_kept_in_the_next_round_is_a_double_count() -> None:
+    sc = _scenario(
+        [
+            {
+                "kind": "http",
+                "round": 1,
+                "duration_s": 1,
+                "http": {"endpoint": "upload", "drop_response": True},
+            }
+        ]
+    )
+    events = [
+        _ev("leaf_started", 1.0, leaf=0, leaf_id="a"),
+        _ev("leaf_started", 1.0, leaf=1, leaf_id="b"),
+        _ev("upload", 2.0, leaf=0, leaf_id="a", round=1, file_id="fa"),
+        _ev("upload", 2.0, leaf=1, leaf_id="b", round=1, file_id="fb2"),  # the retry's id
+    ]
+    records = [
+        {
+            "round": 1,
+            "uploads": [{"leaf_id": "a", "file_id": "fa"}, {"leaf_id": "b", "file_id": "fb1"}],
+        },  # answer was dropped
+        {"round": 2, "uploads": [{"leaf_id": "b", "file_id": "fb2"}]},
+        {"round": 3, "uploads": [{"leaf_id": "stranger", "file_id": "zz"}]},
+    ]
+    _, section = judge_chaos(sc, events, records, _Judgement([]))
+    (d,) = section["uploads"]["double_counted"]
+    assert (d["round"], d["leaf"], d["unconfirmed_file_id"], d["uploads_recorded"]) == (
+        1,
+        1,
+        "fb1",
+        2,
+    )
