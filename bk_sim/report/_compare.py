@@ -15,6 +15,7 @@ from bk_sim.report._load import RunData
 from bk_sim.report._metrics import run_metrics
 
 _REL = 0.20
+VERDICT = "verdict"
 _ABS_S = 0.005
 
 
@@ -28,14 +29,25 @@ class Delta:
     regression: bool
     improvement: bool
 
+    def show(self, value: float | None) -> str:
+        """A value as people read it (the verdict as PASSED/FAILED)."""
+        if value is None:
+            return "-"
+        if self.name == VERDICT:
+            return "FAILED" if value else "PASSED"
+        return f"{value:.4g}"
+
     @property
     def change(self) -> str:
-        if self.baseline is None or self.current is None:
-            return "-"
+        if self.baseline is None or self.current is None or self.name == VERDICT:
+            return ""
         diff = self.current - self.baseline
-        if self.baseline:
-            return f"{diff:+.3g} ({diff / abs(self.baseline):+.0%})"
-        return f"{diff:+.3g}"
+        if not self.baseline:
+            return f"{diff:+.3g}"
+        ratio = self.current / self.baseline
+        if abs(ratio) >= 10:
+            return f"{diff:+.3g} (x{ratio:.3g})"
+        return f"{diff:+.3g} ({diff / abs(self.baseline):+.0%})"
 
 
 def _worse(name: str, base: float, cur: float) -> bool:
@@ -61,7 +73,7 @@ def compare_runs(baseline: RunData, current: RunData) -> list[Delta]:
     out.insert(
         0,
         Delta(
-            "verdict failed (1 = failed)",
+            VERDICT,
             float(not passed_a),
             float(not passed_b),
             passed_a and not passed_b,
@@ -71,10 +83,6 @@ def compare_runs(baseline: RunData, current: RunData) -> list[Delta]:
     return out
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
-
-
 def compare_lines(baseline: RunData, current: RunData, deltas: Sequence[Delta]) -> list[str]:
     """The short terminal diff: regressions first, then improvements, one line each."""
     regs = [d for d in deltas if d.regression]
@@ -82,10 +90,21 @@ def compare_lines(baseline: RunData, current: RunData, deltas: Sequence[Delta]) 
     lines = [
         f"compared with {baseline.name}: {len(regs)} regression(s), {len(imps)} improvement(s)"
     ]
-    lines += [
-        f"  worse  {d.name}: {_fmt(d.baseline)} -> {_fmt(d.current)} {d.change}" for d in regs
-    ]
-    lines += [
-        f"  better {d.name}: {_fmt(d.baseline)} -> {_fmt(d.current)} {d.change}" for d in imps
-    ]
+    other = scenario_mismatch(baseline, current)
+    if other:
+        lines.append(f"  note: {other}")
+    for label, group in (("worse ", regs), ("better", imps)):
+        lines += [
+            f"  {label} {d.name}: {d.show(d.baseline)} -> {d.show(d.current)} {d.change}".rstrip()
+            for d in group
+        ]
     return lines
+
+
+def scenario_mismatch(baseline: RunData, current: RunData) -> str:
+    """A warning when the two runs played different scenarios ("" when they match)."""
+    a = (baseline.results.get("scenario") or {}).get("name")
+    b = (current.results.get("scenario") or {}).get("name")
+    if a and b and a != b:
+        return f"different scenarios ({a} vs {b}): figures may not be comparable"
+    return ""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from bk_sim.report._compare import Delta
+from bk_sim.report._compare import Delta, scenario_mismatch
 from bk_sim.report._load import RunData
 from bk_sim.report._metrics import FaultSpan
 from bk_sim.report._summary import headline
@@ -297,6 +297,7 @@ def _tiles(run: RunData, metrics: Mapping[str, float | None]) -> str:
 
 def _compare(current: RunData, baseline: RunData, deltas: Sequence[Delta]) -> str:
     regs = sum(1 for d in deltas if d.regression)
+    mismatch = scenario_mismatch(baseline, current)
     rows = []
     for d in deltas:
         status = (
@@ -308,8 +309,8 @@ def _compare(current: RunData, baseline: RunData, deltas: Sequence[Delta]) -> st
         )
         cls = " class='bad'" if d.regression else ""
         rows.append(
-            f"<tr{cls}><td>{esc(d.name)}</td><td class='n'>{_num(d.baseline, '.4g')}</td>"
-            f"<td class='n'>{_num(d.current, '.4g')}</td><td class='n'>{esc(d.change)}</td>"
+            f"<tr{cls}><td>{esc(d.name)}</td><td class='n'>{esc(d.show(d.baseline))}</td>"
+            f"<td class='n'>{esc(d.show(d.current))}</td><td class='n'>{esc(d.change)}</td>"
             f"<td>{status}</td></tr>"
         )
     b_pass = "PASSED" if baseline.results.get("passed") else "FAILED"
@@ -318,7 +319,9 @@ def _compare(current: RunData, baseline: RunData, deltas: Sequence[Delta]) -> st
         f"<p>{regs} regression{'s' if regs != 1 else ''} against the baseline "
         f"<code>{esc(baseline.dir)}</code> ({esc(b_pass)}: {esc(headline(baseline.results))}). "
         "Latency and wall time count as worse past +20 % and +5 ms; counts on any increase; "
-        "the relative error at 10x.</p>"
+        "the relative error at 10x."
+        + (f" <b>Note: {esc(mismatch)}.</b>" if mismatch else "")
+        + "</p>"
         f"<table><tr><th>figure</th><th class='n'>baseline {esc(baseline.name)}</th>"
         f"<th class='n'>this run {esc(current.name)}</th><th class='n'>change</th><th></th></tr>"
         + "".join(rows)

@@ -424,15 +424,24 @@ def test_compare_flags_slower_uploads_and_new_failures(tmp_path: Path) -> None:
     slow = write_run(tmp_path, "slow", upload_s=0.2, failed_rounds=frozenset({1}))
     deltas = {x.name: x for x in compare_runs(load_run(base), load_run(slow))}
     assert deltas["upload latency p95 (s)"].regression
-    assert deltas["failed checks"].regression and deltas["verdict failed (1 = failed)"].regression
+    assert deltas["failed checks"].regression and deltas["verdict"].regression
     assert not deltas["notification latency p99 (s)"].regression
     same = {x.name: x for x in compare_runs(load_run(base), load_run(base))}
     assert not any(x.regression or x.improvement for x in same.values())
     rendered = render_run(slow, compare_to=base)
     assert rendered.compare_lines[0].startswith("compared with base: ")
-    assert any("worse  upload latency p95 (s): 0.02 -> 0.2" in x for x in rendered.compare_lines)
+    assert "  worse  upload latency p95 (s): 0.02 -> 0.2 +0.18 (x10)" in rendered.compare_lines
+    assert "  worse  verdict: PASSED -> FAILED" in rendered.compare_lines
     page = _page(slow)
     assert "Compared with base" in page and "worse" in page
+    other = write_run(tmp_path, "other")
+    results = json.loads((other / "results.json").read_text())
+    results["scenario"]["name"] = "retry_storm"
+    (other / "results.json").write_text(json.dumps(results))
+    lines = render_run(slow, compare_to=other).compare_lines
+    assert lines[1] == (
+        "  note: different scenarios (retry_storm vs synthetic): figures may not be comparable"
+    )
 
 
 def test_report_cli_renders_and_rejects_non_run_folders(tmp_path: Path) -> None:
