@@ -286,6 +286,11 @@ class SimulationRun:
         self._endpoints: BrokerEndpoints | None = None
         self._may_enable_plugin = may_enable_plugin
         self._say = progress or (lambda line: _log.info("%s", line))
+        if hooks is None and scenario.chaos.faults:
+            self._say(
+                f"the scenario schedules {len(scenario.chaos.faults)} chaos faults; "
+                "bk-sim run ignores them (bk-sim chaos plays them)"
+            )
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_dir = run_dir or Path(scenario.report.dir) / f"{scenario.name}-{stamp}"
 

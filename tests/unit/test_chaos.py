@@ -474,3 +474,51 @@ def test_a_retried_upload_kept_in_the_next_round_is_a_double_count() -> None:
         "fb1",
         2,
     )
+
+
+class _Ctx:
+    def __init__(self, plans: list[LeafPlan], records: list[dict[str, Any]]) -> None:
+        self.plans = plans
+        self.branch_id = "b"
+        self._records = records
+        self.admin = self
+
+    def rounds(self, branch: str) -> list[dict[str, Any]]:
+        return self._records
+
+
+def test_an_upload_a_killed_leaf_never_saw_answered_is_attributed_to_it() -> None:
+    from bk_sim.chaos import ChaosRun
+
+    sc = _scenario([{"kind": "kill_leaf", "round": 2}])
+    plans = _plans(3)
+    records = [
+        {"round": 1, "uploads": [{"leaf_id": "L0", "file_id": "a1", "weighting": 1.0}]},
+        {
+            "round": 2,
+            "uploads": [
+                {"leaf_id": "L0", "file_id": "a2", "weighting": 2.5},  # in flight at the kill
+                {"leaf_id": "L1", "file_id": "b2", "weighting": 1.0},
+            ],
+        },
+    ]
+    run = ChaosRun(sc)
+    emitted: list[dict[str, Any]] = []
+    run._ctx = _Ctx(plans, records)
+    run._emit = emitted.append
+    run.tracker = PhaseTracker(plans, 3)
+    run.tracker.on_event({"kind": "upload", "round": 1, "leaf": 0, "file_id": "a1", "t": 1.0})
+    run.tracker.on_event({"kind": "download", "leaf": 0, "aggregation_id": "agg1", "t": 2.0})
+    run._killed = {0: (2, 0)}
+    run.end()
+    (e,) = emitted
+    assert (e["kind"], e["leaf"], e["round"], e["file_id"], e["weighting"]) == (
+        "upload",
+        0,
+        2,
+        "a2",
+        2.5,
+    )
+    assert e["base_aggregation_id"] == "agg1" and "killed" in e["inferred"]
+    run.end()  # idempotent: nothing emitted twice
+    assert len(emitted) == 1
