@@ -175,12 +175,12 @@ def test_notification_delay_and_drop(platform: PlatformHandle) -> None:
     with make_branch(platform, 4) as b:
         for leaf in b.leaves:
             read_queue(leaf, 1)  # the run_status start notice
-        b.admin.set_faults(b.branch_id, {"notifications": {"delay_s": 0.6}})
+        b.admin.set_faults(b.branch_id, {"notifications": {"delay_s": 1.5}})
         for i in range(4):
             b.upload_ok(i, 1.0, model(rng))
         rec = b.wait(1)
         assert read_queue(b.leaves[0], 0, timeout=0) == []  # not yet
-        time.sleep(0.8)
+        time.sleep(1.8)
         assert all(len(read_queue(leaf, 1)) == 1 for leaf in b.leaves)
         assert read_queue(b.leaves[1], 0, timeout=0) == []
         b.admin.set_faults(b.branch_id, {"seed": 3, "notifications": {"drop_rate": 0.5}})

@@ -125,7 +125,7 @@ def test_timeout_closes_with_quorum_and_waits_below_it(platform: PlatformHandle)
         rec2 = b.wait(2)
         assert rec2["close_reason"] == "timeout_quorum"
         assert len(rec2["uploads"]) == 2
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 4.0  # the 0.5 s timer, not a wait for all leaves
 
 
 def test_upload_refused_when_run_not_started_and_run_control(platform: PlatformHandle) -> None:
