@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import psutil
 import urllib3
 from locust import FastHttpUser, constant, task
 from locust.env import Environment
@@ -102,16 +103,18 @@ def _fast_user(url: str, creds: list[dict[str, str]], data: bytes) -> type[FastH
     return RawUpload
 
 
-def _phase(env: Environment, users: int, seconds: float) -> dict[str, Any]:
+def _phase(env: Environment, users: int, seconds: float, platform: Any) -> dict[str, Any]:
     runner = env.create_local_runner()
     runner.start(users, spawn_rate=users * 10)
     gevent.sleep(1.0)  # ramp-up and client construction are not measured
     env.runner.stats.reset_all()  # type: ignore[union-attr]
     cpu0, t0 = time.process_time(), time.perf_counter()
+    pcpu0 = _cpu(platform)
     gevent.sleep(seconds)
     entry = env.runner.stats.get("upload", "POST")  # type: ignore[union-attr]
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
+    pcpu = _cpu(platform) - pcpu0
     count, failures = entry.num_requests, entry.num_failures
     p50 = entry.get_response_time_percentile(0.5) if count else None
     runner.quit()
@@ -121,8 +124,18 @@ def _phase(env: Environment, users: int, seconds: float) -> dict[str, Any]:
         "wall_s": wall,
         "uploads_per_s": count / wall,
         "generator_cpu_share": cpu / wall,
+        "platform_cpu_share": pcpu / wall,
+        # CPU the generator spends per upload, and what one saturated core could send.
+        "generator_cpu_ms_per_upload": 1e3 * cpu / count if count else None,
+        "uploads_per_s_per_core": count / cpu if cpu > 0 else None,
         "p50_ms": p50,
     }
+
+
+def _cpu(proc: Any) -> float:
+    """CPU seconds of the platform process and its children so far."""
+    t = proc.cpu_times()
+    return float(t.user + t.system + t.children_user + t.children_system)
 
 
 def run(seconds: float, users: int) -> dict[str, Any]:
@@ -144,10 +157,11 @@ def run(seconds: float, users: int) -> dict[str, Any]:
                 ctx.payloads = payloads
                 ctx.configure(api_url=handle.url, credentials=creds[:users], transport="amqp",
                               amqp_host=None, amqp_port=None)  # fmt: skip
-                ours = _phase(Environment(user_classes=[user_class(ctx)]), users, seconds)
+                proc = psutil.Process(handle.pid)
+                ours = _phase(Environment(user_classes=[user_class(ctx)]), users, seconds, proc)
                 ctx.close_all()
                 raw_cls = _fast_user(handle.url, creds[users:], data)
-                raw = _phase(Environment(user_classes=[raw_cls]), users, seconds)
+                raw = _phase(Environment(user_classes=[raw_cls]), users, seconds, proc)
                 for r in (ours, raw):
                     r["MB_per_s"] = r["uploads_per_s"] * len(data) / 1e6
                 out["results"][label] = {
@@ -164,21 +178,29 @@ def run(seconds: float, users: int) -> dict[str, Any]:
 
 
 def _print(result: dict[str, Any]) -> None:
-    print(f"{'payload':<12} {'user':<10} {'uploads/s':>10} {'MB/s':>8} {'gen CPU':>8} "
-          f"{'p50 ms':>7} {'failed':>6}")  # fmt: skip
+    print(
+        f"{'payload':<12} {'user':<10} {'uploads/s':>10} {'MB/s':>8} {'gen CPU':>8} "
+        f"{'plat CPU':>8} {'p50 ms':>7} {'failed':>6} {'CPU ms/up':>9} {'/s per core':>11}"
+    )
     for label, r in result["results"].items():
         for who in ("leaf_user", "fast_http"):
             x = r[who]
             print(
                 f"{label:<12} {who:<10} {x['uploads_per_s']:>10.1f} {x['MB_per_s']:>8.1f} "
-                f"{x['generator_cpu_share']:>7.0%} {x['p50_ms'] or 0:>7.0f} {x['failures']:>6}"
+                f"{x['generator_cpu_share']:>7.0%} {x['platform_cpu_share']:>8.0%} "
+                f"{x['p50_ms'] or 0:>7.0f} {x['failures']:>6} "
+                f"{x['generator_cpu_ms_per_upload'] or 0:>9.2f} "
+                f"{x['uploads_per_s_per_core'] or 0:>11.0f}"
             )
         print(f"{label:<12} FastHttpUser / LeafUser uploads/s = {r['ratio_fast_over_ours']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bk_sim.load.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bk_sim.load.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per phase")
     parser.add_argument("--users", type=int, default=8, help="users per phase")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
