@@ -212,7 +212,7 @@ def test_a_leaf_process_killed_mid_round(management: Any, tmp_path: Path) -> Non
         platform={
             "mode": "local",
             "quorum": 4,
-            "round_timeout_s": 4,
+            "round_timeout_s": 6,  # the restarted process must upload round 3 in time
             "faults": {"notifications": {"delay_s": 1.0}},
         },
     )
