@@ -640,7 +640,9 @@ def _reconcile(
     for r in rows:
         if r["type"] in HTTP_TYPES:
             ours[r["name"]] = ours.get(r["name"], 0) + r["requests"]
-    theirs = {name: sum(counts.values()) for name, counts in platform_stats.items()}
+    # WebSocket upgrades are the transport's connects (Locust's WEBSOCKET rows), not
+    # HTTP attempts of the client.
+    theirs = {name: sum(counts.values()) for name, counts in platform_stats.items() if name != "ws"}
     diffs = {
         name: (ours.get(name, 0), theirs.get(name, 0))
         for name in sorted(set(ours) | set(theirs))

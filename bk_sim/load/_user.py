@@ -17,7 +17,9 @@ hundreds of consumers in one process. One thing does not: ``client.queue`` subcl
 ``queue.Queue`` and reaches into the standard library's internals (``mutex``,
 ``not_empty``), which gevent's ``Queue`` does not have, so every ``aggregation_status``
 put would fail. ``_GeventClient`` swaps in ``_LatestSlot`` (same newest-wins rule, public
-``Queue`` API only) before the consumer starts.
+``Queue`` API only) before the consumer starts, and for the WebSocket transport uses
+``_ws.GeventWebSocketConsumer`` (the client's runs one asyncio loop per thread, and
+greenlets share one OS thread).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bk_sim.client import APIConfig, Client, RabbitMQConfig, RetryConfig, WebSoc
 from bk_sim.errors import BkSimError, RunBlockedError
 from bk_sim.load._observer import NOTIFY, Counters, LocustObserver, NotificationFailed
 from bk_sim.load._payloads import PayloadCache
+from bk_sim.load._ws import GeventWebSocketConsumer
 from bk_sim.scenario import Scenario
 
 _log = logging.getLogger(__name__)
@@ -73,12 +76,26 @@ class _LatestSlot(queue.Queue):  # type: ignore[type-arg]
 
 
 class _GeventClient(Client):
-    """``Client`` whose aggregation queue works under gevent; nothing else differs."""
+    """``Client`` whose aggregation queue and WebSocket consumer work under gevent.
+
+    The AMQP consumer is the client's own; the WebSocket one is ``_ws``'s (the client's
+    runs an asyncio loop per thread, which greenlets sharing one OS thread cannot host).
+    """
 
     def _make_consumer(self) -> Any:
         # Called in __init__ before the consumer starts, so no message can miss the slot.
         self._queue = _LatestSlot()  # type: ignore[assignment]
-        return super()._make_consumer()
+        s = self.settings
+        if not s.use_websocket:
+            return super()._make_consumer()
+        return GeventWebSocketConsumer(
+            s.websocket_url,
+            s.websocket,
+            self.get_ws_ticket,
+            self._on_notification,
+            self._events,
+            verify_ssl=s.api.ssl,
+        )
 
 
 @dataclass
