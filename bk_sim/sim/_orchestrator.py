@@ -205,7 +205,25 @@ class WorkerControl:
             return None
         proc.kill()
         proc.join(timeout=5)
+        self._unstick_events()
         return int(proc.pid)
+
+    def _unstick_events(self) -> None:
+        """A process killed while its queue feeder held the queue's shared write lock
+        leaves it locked forever, and every other writer would hang: free it then.
+        (Small event messages are written to the pipe in one atomic write, so the stream
+        itself is intact.)"""
+        lock = getattr(self.events, "_wlock", None)  # multiprocess(ing) Queue internals
+        if lock is None:
+            return
+        if lock.acquire(timeout=2.0):
+            lock.release()
+            return
+        _log.warning("a killed leaf process held the event queue's lock: releasing it")
+        try:
+            lock.release()
+        except ValueError:  # released meanwhile after all
+            pass
 
     def restart(self, worker: int, first_round: int, known: frozenset[str]) -> Any:
         """A new process for ``worker``'s leaves, playing rounds ``first_round`` on."""

@@ -522,3 +522,27 @@ def test_an_upload_a_killed_leaf_never_saw_answered_is_attributed_to_it() -> Non
     assert e["base_aggregation_id"] == "agg1" and "killed" in e["inferred"]
     run.end()  # idempotent: nothing emitted twice
     assert len(emitted) == 1
+
+
+def _die_holding(lock: Any) -> None:
+    lock.acquire()
+
+
+def test_a_writer_killed_holding_the_event_queue_lock_does_not_hang_the_others() -> None:
+    import multiprocess as mp
+
+    from bk_sim.sim._orchestrator import WorkerControl
+
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    # A process that dies holding the queue's shared write lock, as a SIGKILLed worker
+    # whose feeder thread was writing an event would.
+    proc = ctx.Process(target=_die_holding, args=(events._wlock,))
+    proc.start()
+    proc.join(30)
+    assert not events._wlock.acquire(timeout=0.2), "the lock should be left held"
+    WorkerControl(ctx, [], events, None)._unstick_events()
+    events.put("after the kill")
+    assert events.get(timeout=5) == "after the kill"
+    events.close()
+    events.join_thread()
