@@ -11,8 +11,9 @@ Strategies, per layer and per coordinate:
 
 Memory. ``fedavg`` and ``mean`` stream: uploads are added in order, in batches of up to
 ``BATCH_UPLOADS`` (16, at most ``BATCH_BYTES`` = 64 MiB of them) into float64
-accumulators, while the next ``READ_AHEAD`` (4) are decoded ahead on ``READ_THREADS`` (2)
-threads (inflate releases the GIL, so decoding overlaps adding and uses both cores).
+accumulators, while the next ``READ_AHEAD`` (4) are decoded ahead by ``READ_THREADS``
+helper threads (cores - 1) and by the caller's thread whenever it would otherwise wait
+(inflate releases the GIL, so decoding overlaps adding and uses every core).
 Peak memory is the accumulators (8 bytes a parameter), one batch and the read-ahead,
 whatever N is.
 ``median`` and ``trimmed_mean`` need all N values of a coordinate at once: every upload is
@@ -74,9 +75,10 @@ BATCH_UPLOADS = 16
 BATCH_BYTES = 64 * 2**20
 #: The float64 staging block (batch x coordinates) of a batch; meant to stay in L2.
 STAGING_BYTES = 2**20
-#: Threads decoding uploads ahead of the one being added (inflate releases the GIL)...
-READ_THREADS = min(2, os.cpu_count() or 1)
-#: ...and how many uploads they may decode ahead, so a batch's dgemv never stalls them.
+#: Helper threads decoding uploads ahead (inflate releases the GIL); the caller's thread
+#: decodes too whenever it would otherwise wait, so together they use every core...
+READ_THREADS = max(1, min(3, (os.cpu_count() or 2) - 1))
+#: ...and how many uploads may be decoded ahead, so a batch's dgemv never stalls them.
 READ_AHEAD = 4
 
 
@@ -192,36 +194,61 @@ def _read(up: Upload, max_decompressed_bytes: int | None) -> list[np.ndarray]:
     return layers
 
 
+class _Pending:
+    """An upload in the read-ahead window: its decode job, or its layers once decoded."""
+
+    __slots__ = ("future", "layers", "upload")
+
+    def __init__(self, upload: Upload, future: Future[list[np.ndarray]]) -> None:
+        self.upload = upload
+        self.future = future
+        self.layers: list[np.ndarray] | None = None
+
+
 def _decoded(
     uploads: Sequence[Upload], max_decompressed_bytes: int | None
 ) -> Iterator[tuple[Upload, list[np.ndarray]]]:
-    """Each upload with its layers, in order, decoded ahead on ``READ_THREADS`` threads.
+    """Each upload with its layers, in order, decoded ahead by ``READ_THREADS`` helpers.
 
-    Inflate and numpy release the GIL, so decoding the next uploads overlaps adding the
-    current one; at most ``READ_AHEAD`` decoded uploads wait besides the one the caller
-    holds, whatever N is. The order of the sums stays the order of ``uploads``.
+    Inflate and numpy release the GIL, so decoding overlaps adding. When the next upload
+    is not decoded yet, the caller's thread decodes a queued one itself instead of waiting
+    (it takes the job back from the pool), so every core decodes and no more threads are
+    busy than cores. At most ``READ_AHEAD`` decoded uploads wait besides the one the caller
+    holds, whatever N is; the order of the sums stays the order of ``uploads``.
     """
-    threads = max(1, min(READ_THREADS, len(uploads) - 1))
-    ahead_max = max(threads, READ_AHEAD)
-    if len(uploads) == 1:
-        yield uploads[0], _read(uploads[0], max_decompressed_bytes)
+    if len(uploads) == 1 or READ_THREADS < 1:
+        for up in uploads:
+            yield up, _read(up, max_decompressed_bytes)
         return
+    threads = min(READ_THREADS, len(uploads))
+    ahead_max = max(threads + 1, READ_AHEAD)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bk-aggregate-read") as pool:
-        ahead: deque[Future[list[np.ndarray]]] = deque()
+        window: deque[_Pending] = deque()
         todo = iter(uploads)
         try:
-            for up in itertools.islice(todo, ahead_max):
-                ahead.append(pool.submit(_read, up, max_decompressed_bytes))
-            for up in uploads:
-                layers = ahead.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    ahead.append(pool.submit(_read, nxt, max_decompressed_bytes))
+            while True:
+                for up in itertools.islice(todo, ahead_max - len(window)):
+                    window.append(_Pending(up, pool.submit(_read, up, max_decompressed_bytes)))
+                if not window:
+                    return
+                head = window[0]
+                while head.layers is None:
+                    if not head.future.done():
+                        stolen = next(
+                            (q for q in window if q.layers is None and q.future.cancel()), None
+                        )
+                        if stolen is not None:
+                            stolen.layers = _read(stolen.upload, max_decompressed_bytes)
+                            continue
+                    head.layers = head.future.result()
+                window.popleft()
+                up, layers = head.upload, head.layers
+                del head
                 yield up, layers
                 del layers
         finally:
-            for future in ahead:
-                future.cancel()
+            for q in window:
+                q.future.cancel()
 
 
 def _native(dtype: np.dtype) -> np.dtype:

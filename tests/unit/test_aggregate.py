@@ -236,6 +236,29 @@ def test_batches_and_blocks_add_up_across_their_edges(
             np.testing.assert_array_equal(got[1], np.rint(ref).astype(np.uint8))
 
 
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_read_ahead_threads_give_the_same_bits_and_the_first_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    monkeypatch.setattr(_aggregate, "READ_THREADS", threads)
+    monkeypatch.setattr(_aggregate, "READ_AHEAD", 3)
+    monkeypatch.setattr(_aggregate, "BATCH_UPLOADS", 4)
+    rng = np.random.default_rng(8)
+    leaves = [[rng.standard_normal((20, 30)).astype(np.float32)] for _ in range(23)]
+    weights = rng.uniform(1.0, 5.0, 23)
+    ups = _uploads(tmp_path, leaves, weights)
+    monkeypatch.setattr(_aggregate, "READ_THREADS", 0)
+    sequential = aggregate(ups)[0]
+    monkeypatch.setattr(_aggregate, "READ_THREADS", threads)
+    np.testing.assert_array_equal(aggregate(ups)[0], sequential)  # same order of sums
+    ups[7].path.write_bytes(b"garbage")  # the first bad upload in order...
+    later = save_weights(tmp_path / "later", 1.0, [np.zeros((2, 2), dtype=np.float32)])
+    ups[15] = Upload("leaf15", later, 1.0)  # ...comes before this mismatch
+    for _ in range(3):
+        with pytest.raises(AggregationError, match="^leaf leaf7: "):
+            aggregate(ups)
+
+
 def _peak_bytes(ups: Sequence[Upload], strategy: str) -> int:
     tracemalloc.start()
     try:
