@@ -84,6 +84,12 @@ def judge_chaos(
     notes = _notifications(scenario, events, records or [])
     confirmed = {str(e["file_id"]) for e in events if e.get("kind") == "upload"}
     doubles = _double_counted(records or [], names, confirmed)
+    for f in faults:
+        if f["start_t"] is None:
+            continue
+        f["notifications"] = _fault_notifications(notes, f, window)
+        if f["kind"] == "http":
+            f["retried_uploads"] = _retried_uploads(f, by_leaf, records or [], confirmed)
     killed = [
         {
             "leaf": e["leaf"],
@@ -108,6 +114,7 @@ def judge_chaos(
     for e in events:
         if e.get("kind") == "retry_wait" and e.get("transport") == "http":
             http_total[_retry_key(e)] += 1
+    notes.pop("_pairs", None)
     section: dict[str, Any] = {
         "faults": faults,
         "notifications": notes,
@@ -334,7 +341,18 @@ def _notifications(
         and (t := closed.get(pair[1])) is not None
         and first[pair] - t > LATE_AFTER_S + delay
     ]
+    pairs = [
+        {
+            "leaf_id": leaf,
+            "aggregation_id": agg,
+            "closed_t": closed.get(agg),
+            "delivered_t": first.get((leaf, agg)),
+            "copies": sum(n for (lf, _, a), n in got.items() if lf == leaf and a == agg),
+        }
+        for leaf, agg in sorted(expected)
+    ]
     return {
+        "_pairs": pairs,
         "expected": len(expected),
         "received": len(expected) - len(lost),
         "lost": len(lost),
@@ -350,6 +368,81 @@ def _notifications(
             {"leaf_id": a, "aggregation_id": b, "after_s": d} for d, (a, b) in sorted(late)[-10:]
         ],
     }
+
+
+def _fault_notifications(
+    notes: Mapping[str, Any], f: Mapping[str, Any], window: float
+) -> dict[str, Any]:
+    """Notifications of the aggregates that closed while the fault (or its aftermath)
+    lasted: how many were owed, lost, handled twice, late, and the slowest delivery."""
+    start, end = float(f["start_t"]), float(f["end_t"])
+    late_after = float(notes["late_after_s"])
+    mine = [
+        p
+        for p in notes["_pairs"]
+        if p["closed_t"] is not None and start <= p["closed_t"] <= end + window
+    ]
+    delays = [p["delivered_t"] - p["closed_t"] for p in mine if p["delivered_t"] is not None]
+    return {
+        "expected": len(mine),
+        "lost": sum(1 for p in mine if p["delivered_t"] is None),
+        "duplicated": sum(max(0, p["copies"] - 1) for p in mine),
+        "late": sum(1 for d in delays if d > late_after),
+        "max_delivery_s": max(delays, default=None),
+    }
+
+
+def _retried_uploads(
+    f: Mapping[str, Any],
+    by_leaf: Mapping[int, Sequence[Event]],
+    records: Sequence[Mapping[str, Any]],
+    confirmed: set[str],
+) -> list[dict[str, Any]]:
+    """Each upload an HTTP fault made a leaf retry: the round it landed in and how many
+    times the platform's records count that leaf there (1 is right)."""
+    start, end = float(f["start_t"]), float(f["end_t"]) + _HTTP_RETRY_GRACE_S
+    out = []
+    for leaf, evs in sorted(by_leaf.items()):
+        retry_t = next(
+            (
+                float(e["t"])
+                for e in evs
+                if e.get("kind") == "retry_wait"
+                and e.get("endpoint") == "upload"
+                and start <= float(e["t"]) <= end
+            ),
+            None,
+        )
+        if retry_t is None:
+            continue
+        up = next((e for e in evs if e.get("kind") == "upload" and float(e["t"]) >= retry_t), None)
+        if up is None:
+            out.append({"leaf": leaf, "round": None, "counted": None, "file_id": None})
+            continue
+        leaf_id = str(up["leaf_id"])
+        landed = next(
+            (
+                r
+                for r in records
+                if any(u.get("file_id") == up["file_id"] for u in r.get("uploads", []))
+            ),
+            None,
+        )
+        counted = 0
+        if landed is not None:
+            number = int(landed.get("round") or 0)
+            for r in records:
+                same = r is landed
+                for u in r.get("uploads", []):
+                    if str(u.get("leaf_id")) != leaf_id:
+                        continue
+                    unconfirmed = str(u.get("file_id")) not in confirmed
+                    if same or (unconfirmed and r.get("round") in (number - 1, number + 1)):
+                        counted += 1
+        out.append(
+            {"leaf": leaf, "round": up.get("round"), "file_id": up["file_id"], "counted": counted}
+        )
+    return out
 
 
 def _double_counted(

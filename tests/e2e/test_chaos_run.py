@@ -168,6 +168,9 @@ def test_dropped_upload_answers_are_counted_once_by_the_platform(
     assert _retry_leaves(events), "no upload answer was dropped"
     assert r["chaos"]["uploads"]["double_counted"] == []
     assert all(row["passed"] for row in r["rounds"])
+    lost = next(f for f in r["chaos"]["faults"] if f["name"] == "lost-answers")
+    assert lost["retried_uploads"], "the dropped answers made no leaf retry"
+    assert all(u["counted"] == 1 for u in lost["retried_uploads"]), lost["retried_uploads"]
     throttle = next(f for f in r["chaos"]["faults"] if f["name"] == "throttle")
     assert set(throttle["http_retries"]) <= {"upload 429"}
 
@@ -201,6 +204,9 @@ def test_without_platform_dedupe_the_double_count_is_reported_by_leaf(
     assert not check["passed"]
     for d in doubles:
         assert f"leaf {d['leaf']} ({d['leaf_id']}) counted 2 times" in check["message"]
+    (drop,) = r["chaos"]["faults"]
+    assert {u["leaf"] for u in drop["retried_uploads"]} == retried
+    assert all(u["counted"] == 2 for u in drop["retried_uploads"]), drop["retried_uploads"]
 
 
 def test_a_leaf_process_killed_mid_round(management: Any, tmp_path: Path) -> None:

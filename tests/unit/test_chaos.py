@@ -263,6 +263,9 @@ def test_judge_counts_lost_and_duplicated_notifications_and_names_double_counts(
     assert section["uploads"]["double_counted"] == [
         {"round": 1, "leaf": 1, "leaf_id": "leaf-b", "count": 2}
     ]
+    per_fault = section["faults"][0]["notifications"]
+    assert (per_fault["expected"], per_fault["lost"], per_fault["duplicated"]) == (2, 1, 1)
+    assert per_fault["max_delivery_s"] == pytest.approx(3.0)  # closed 102, delivered 105
     by_name = {c.name: c for c in checks}
     assert not by_name["chaos: at most 0 notifications lost"].passed
     assert not by_name["chaos: at most 0 notifications handled twice"].passed
@@ -456,6 +459,26 @@ def test_a_retried_upload_kept_in_the_next_round_is_a_double_count() -> None:
         _ev("leaf_started", 1.0, leaf=0, leaf_id="a"),
         _ev("leaf_started", 1.0, leaf=1, leaf_id="b"),
         _ev("upload", 2.0, leaf=0, leaf_id="a", round=1, file_id="fa"),
+        _ev(
+            "fault_start",
+            1.5,
+            fault="drop",
+            fault_kind="http",
+            leaves=[0, 1],
+            http={"endpoint": "upload", "drop_response": True, "status": None},
+        ),
+        _ev("fault_end", 3.0, fault="drop", fault_kind="http"),
+        _ev(
+            "retry_wait",
+            1.9,
+            leaf=1,
+            leaf_id="b",
+            transport="http",
+            endpoint="upload",
+            attempt=1,
+            delay_s=0.1,
+            error="connection aborted",
+        ),
         _ev("upload", 2.0, leaf=1, leaf_id="b", round=1, file_id="fb2"),  # the retry's id
     ]
     records = [
@@ -474,6 +497,9 @@ def test_a_retried_upload_kept_in_the_next_round_is_a_double_count() -> None:
         "fb1",
         2,
     )
+    (fault,) = section["faults"]
+    assert fault["http_retries"] == {"upload no answer": 1}
+    assert fault["retried_uploads"] == [{"leaf": 1, "round": 1, "file_id": "fb2", "counted": 2}]
 
 
 class _Ctx:
