@@ -312,7 +312,9 @@ class LoadSpec:
     notifications: bool = _f(True, "users consume notifications (per `transport`)")
     aggregate_wait_s: float = _f(10.0, "download task: longest wait for a notification", gt=0.0)
     payload_variants: int = _f(4, "distinct upload payloads, made before the load starts", ge=1)
-    p95_ms: float | None = _f(None, "threshold: p95 of HTTP attempts, ms (null = not judged)", gt=0.0)
+    p95_ms: float | None = _f(
+        None, "threshold: p95 of HTTP attempts, ms (null = not judged)", gt=0.0
+    )
     error_rate: float | None = _f(
         None, "threshold: failed fraction of HTTP attempts (null = not judged)", ge=0.0, le=1.0
     )
