@@ -175,6 +175,20 @@ class ChaosRun:
     # ------------------------------------------------------------------ one fault
 
     def _play_fault(self, index: int, fault: ChaosFaultSpec) -> None:
+        try:
+            self._play_fault_inner(index, fault)
+        except Exception as exc:  # noqa: BLE001 - a harness bug must show in the results
+            _log.exception("chaos: fault %s failed", fault_name(index, fault))
+            self._emit(
+                harness_event(
+                    "fault_error",
+                    fault=fault_name(index, fault),
+                    fault_kind=fault.kind,
+                    error=f"unexpected: {type(exc).__name__}: {exc}",
+                )
+            )
+
+    def _play_fault_inner(self, index: int, fault: ChaosFaultSpec) -> None:
         name = fault_name(index, fault)
         assert self.tracker is not None and self.tracker.started_at is not None
         if fault.at_s is not None:
