@@ -13,13 +13,10 @@ retry and notification is the client's own.
 Under Locust, gevent has monkey-patched ``threading``, ``socket``, ``select`` and
 ``queue``. The client's AMQP consumer (pika ``SelectConnection`` on a private IOLoop in a
 "thread") then runs as a greenlet whose ``select`` is cooperative: it works unchanged,
-hundreds of consumers in one process. One thing does not: ``client.queue`` subclasses
-``queue.Queue`` and reaches into the standard library's internals (``mutex``,
-``not_empty``), which gevent's ``Queue`` does not have, so every ``aggregation_status``
-put would fail. ``_GeventClient`` swaps in ``_LatestSlot`` (same newest-wins rule, public
-``Queue`` API only) before the consumer starts, and for the WebSocket transport uses
-``_ws.GeventWebSocketConsumer`` (the client's runs one asyncio loop per thread, and
-greenlets share one OS thread).
+hundreds of consumers in one process; ``client.queue`` uses only the public ``Queue`` API,
+so gevent's ``Queue`` serves it too. One thing does not: for the WebSocket transport
+``_GeventClient`` uses ``_ws.GeventWebSocketConsumer`` (the client's runs one asyncio loop
+per thread, and greenlets share one OS thread).
 """
 
 from __future__ import annotations
@@ -54,37 +51,14 @@ _WAIT_SLICE_S = 0.25
 SETUP_TIMEOUT_S = 60.0
 
 
-class _LatestSlot(queue.Queue):  # type: ignore[type-arg]
-    """One-slot, newest-wins queue using only the public ``Queue`` API (gevent-safe)."""
-
-    def __init__(self) -> None:
-        super().__init__(maxsize=1)
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        while True:
-            try:
-                super().put(item, block=False)
-                return
-            except queue.Full:
-                try:
-                    super().get_nowait()
-                except queue.Empty:
-                    pass
-
-    def put_nowait(self, item: Any) -> None:
-        self.put(item)
-
-
 class _GeventClient(Client):
-    """``Client`` whose aggregation queue and WebSocket consumer work under gevent.
+    """``Client`` whose WebSocket consumer works under gevent.
 
     The AMQP consumer is the client's own; the WebSocket one is ``_ws``'s (the client's
     runs an asyncio loop per thread, which greenlets sharing one OS thread cannot host).
     """
 
     def _make_consumer(self) -> Any:
-        # Called in __init__ before the consumer starts, so no message can miss the slot.
-        self._queue = _LatestSlot()  # type: ignore[assignment]
         s = self.settings
         if not s.use_websocket:
             return super()._make_consumer()
