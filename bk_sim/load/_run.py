@@ -17,6 +17,7 @@ This module must be imported after gevent has monkey-patched (``bk_sim.load.__ma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -460,7 +461,7 @@ class LoadRun:
             )
             branch_id = str(branch["branch_id"])
             creds = admin.create_leaves(branch_id, need)
-            admin.set_faults(branch_id, _faults_payload(sc))
+            admin.set_faults(branch_id, dataclasses.asdict(sc.platform.faults))
             admin.set_run_status(branch_id, "start")
             self._say(f"platform at {url}: branch {branch_id}, {len(creds)} leaves")
             try:
@@ -689,31 +690,6 @@ def _progress_line(env: Environment, elapsed: float) -> str:
         f"({total.current_rps:.0f}/s)  failed {total.num_failures}  p95 {_fmt(p95)} ms  "
         f"notifications {notes}"
     )
-
-
-def _faults_payload(sc: Scenario) -> dict[str, Any]:
-    f = sc.platform.faults
-    return {
-        "aggregation": f.aggregation,
-        "dedupe": f.dedupe,
-        "notifications": {
-            "delay_s": f.notifications.delay_s,
-            "drop_rate": f.notifications.drop_rate,
-        },
-        "http": [
-            {
-                "endpoint": h.endpoint,
-                "status": h.status,
-                "rate": h.rate,
-                "count": h.count,
-                "retry_after": h.retry_after,
-                "latency_s": h.latency_s,
-                "reset": h.reset,
-                "drop_response": h.drop_response,
-            }
-            for h in f.http
-        ],
-    }
 
 
 def _iso(t: float) -> str:

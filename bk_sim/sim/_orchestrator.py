@@ -10,6 +10,7 @@ notification timeouts, and Ctrl-C stops everything and still writes what was mea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -451,7 +452,7 @@ class SimulationRun:
             branch_id = str(branch["branch_id"])
             creds = admin.create_leaves(branch_id, sc.leaves.count)
             self._admin, self._branch_id = admin, branch_id
-            self._base_faults = _faults_payload(sc)
+            self._base_faults = dataclasses.asdict(sc.platform.faults)
             admin.set_faults(branch_id, self._base_faults)
             admin.set_run_status(branch_id, "start")
             _write_credentials(self.run_dir / "leaves.json", creds)
@@ -582,31 +583,6 @@ class SimulationRun:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _faults_payload(sc: Scenario) -> dict[str, Any]:
-    f = sc.platform.faults
-    return {
-        "aggregation": f.aggregation,
-        "dedupe": f.dedupe,
-        "notifications": {
-            "delay_s": f.notifications.delay_s,
-            "drop_rate": f.notifications.drop_rate,
-        },
-        "http": [
-            {
-                "endpoint": h.endpoint,
-                "status": h.status,
-                "rate": h.rate,
-                "count": h.count,
-                "retry_after": h.retry_after,
-                "latency_s": h.latency_s,
-                "reset": h.reset,
-                "drop_response": h.drop_response,
-            }
-            for h in f.http
-        ],
-    }
 
 
 def _write_credentials(path: Path, creds: list[dict[str, str]]) -> None:
