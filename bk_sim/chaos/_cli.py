@@ -10,11 +10,8 @@ from typing import Any
 import click
 
 from bk_sim.report import summary_lines
-from bk_sim.scenario import load_scenario
-
-
-def _progress(line: str) -> None:
-    click.echo(line, err=True)
+from bk_sim.sim._cli import load_for_run, simulation_options
+from bk_sim.sim._cli import progress as _progress
 
 
 def _fmt(value: Any) -> str:
@@ -54,21 +51,10 @@ def chaos_lines(results: Mapping[str, Any]) -> list[str]:
 
 
 @click.command("chaos")
-@click.argument("scenario_file", type=click.Path(path_type=Path))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override a scenario key, e.g. --set leaves.count=10 (repeatable).",
-)
-@click.option(
-    "--broker",
-    type=click.Choice(["auto", "external", "local", "testcontainers", "none"]),
-    default=None,
-    help="Where the broker comes from (overrides broker.provider).",
-)
-def chaos(scenario_file: Path, overrides: tuple[str, ...], broker: str | None) -> None:
+@simulation_options
+def chaos(
+    scenario_file: Path, overrides: tuple[str, ...], broker: str | None, enable_plugin: bool
+) -> None:
     """Run SCENARIO_FILE with its `chaos` fault schedule; judge recovery and correctness.
 
     Exit code 0 when every check passed (the chaos expectations included), 1 when a check
@@ -77,13 +63,13 @@ def chaos(scenario_file: Path, overrides: tuple[str, ...], broker: str | None) -
     from bk_sim.chaos._engine import ChaosRun
     from bk_sim.sim._orchestrator import SimulationRun
 
-    if broker is not None:
-        overrides = (*overrides, f"broker.provider={broker}")
-    scenario = load_scenario(scenario_file, overrides)
+    scenario = load_for_run(scenario_file, overrides, broker)
     if not scenario.chaos.faults:
         _progress("chaos: the scenario schedules no faults (a baseline run)")
     hooks = ChaosRun(scenario, say=_progress)
-    result = SimulationRun(scenario, progress=_progress, hooks=hooks).execute()
+    result = SimulationRun(
+        scenario, progress=_progress, hooks=hooks, may_enable_plugin=enable_plugin
+    ).execute()
     for line in summary_lines(result.results):
         click.echo(line)
     for line in chaos_lines(result.results):

@@ -1,56 +1,73 @@
-"""``bk-sim run``: one scenario, end to end, with a verdict and an exit code."""
+"""``bk-sim run``: one scenario, end to end, with a verdict and an exit code.
+
+``simulation_options`` and ``load_for_run`` are shared with ``bk-sim chaos``, which runs
+the same simulation under a fault schedule.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from bk_sim.report import summary_lines
-from bk_sim.scenario import load_scenario
+from bk_sim.scenario import Scenario, load_scenario
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _progress(line: str) -> None:
+def progress(line: str) -> None:
+    """Progress and status lines go to stderr; the verdict and summary to stdout."""
     click.echo(line, err=True)
 
 
+def simulation_options(func: F) -> F:
+    """SCENARIO_FILE, --set, --broker and --enable-plugin, as run and chaos take them."""
+    func = click.option(
+        "--enable-plugin",
+        is_flag=True,
+        help="Let bk-sim enable RabbitMQ's management plugin on the local broker if it is off.",
+    )(func)
+    func = click.option(
+        "--broker",
+        type=click.Choice(["auto", "external", "local", "testcontainers", "none"]),
+        default=None,
+        help="Where the broker comes from (overrides broker.provider).",
+    )(func)
+    func = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY.PATH=VALUE",
+        help="Override a scenario key, e.g. --set leaves.count=20 (repeatable).",
+    )(func)
+    return click.argument("scenario_file", type=click.Path(path_type=Path))(func)
+
+
+def load_for_run(scenario_file: Path, overrides: tuple[str, ...], broker: str | None) -> Scenario:
+    """The scenario with ``--set`` overrides and ``--broker`` applied."""
+    if broker is not None:
+        overrides = (*overrides, f"broker.provider={broker}")
+    return load_scenario(scenario_file, overrides)
+
+
 @click.command("run")
-@click.argument("scenario_file", type=click.Path(path_type=Path))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY.PATH=VALUE",
-    help="Override a scenario key, e.g. --set leaves.count=20 (repeatable).",
-)
-@click.option(
-    "--broker",
-    type=click.Choice(["auto", "external", "local", "testcontainers", "none"]),
-    default=None,
-    help="Where the broker comes from (overrides broker.provider).",
-)
-@click.option(
-    "--enable-plugin",
-    is_flag=True,
-    help="Let bk-sim enable RabbitMQ's management plugin on the local broker if it is off.",
-)
+@simulation_options
 def run(
     scenario_file: Path, overrides: tuple[str, ...], broker: str | None, enable_plugin: bool
 ) -> None:
     """Run SCENARIO_FILE's leaves as processes and validate every aggregate.
 
     Exit code 0 when every check passed, 1 when a check failed, 2 when the run could not
-    be made (bad scenario, no broker, platform down).
+    be made (bad scenario, no broker, platform down, interrupted).
     """
     from bk_sim.sim._orchestrator import SimulationRun
 
-    if broker is not None:
-        overrides = (*overrides, f"broker.provider={broker}")
-    scenario = load_scenario(scenario_file, overrides)
-    result = SimulationRun(
-        scenario, progress=_progress, may_enable_plugin=enable_plugin
-    ).execute()
+    scenario = load_for_run(scenario_file, overrides, broker)
+    result = SimulationRun(scenario, progress=progress, may_enable_plugin=enable_plugin).execute()
     for line in summary_lines(result.results):
         click.echo(line)
     sys.exit(result.exit_code)
