@@ -55,4 +55,5 @@ class UrlSigner:
             return False
         if exp < (time.time() if now is None else now):
             return False
-        return hmac.compare_digest(self._sig(file_id, exp), str(sig))
+        # bytes, not str: compare_digest raises TypeError for a non-ASCII str (a 500)
+        return hmac.compare_digest(self._sig(file_id, exp).encode(), str(sig).encode())

@@ -33,6 +33,7 @@ def test_signed_urls_verify_expire_and_resist_forgery(tmp_path: Path) -> None:
     assert not signer.verify(new_id(), q["expires"], q["sig"], now=1000)  # other file
     assert not signer.verify(fid, "1061", q["sig"], now=1000)  # extended expiry
     assert not signer.verify(fid, "soon", q["sig"], now=1000)
+    assert not signer.verify(fid, q["expires"], "\u00e9" + q["sig"][1:], now=1000)  # no 500
     assert not UrlSigner(b"x" * 32).verify(fid, q["expires"], q["sig"], now=1000)
 
 
