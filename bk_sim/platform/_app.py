@@ -33,7 +33,7 @@ from bk_sim import __version__
 from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import BrokerError, WeightsFormatError
 from bk_sim.platform._aggregate import STRATEGIES
-from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault
+from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault, is_finite
 from bk_sim.platform._notify import (
     WS_HEARTBEAT_S,
     AmqpPublisher,
@@ -54,6 +54,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_DECOMPRESSED_BYTES = 2 * 1024 * 1024 * 1024
 _MULTIPART_SLACK = 64 * 1024  # form field + multipart framing on top of the file
 _MAX_FORM_FIELD = 32 * 1024
+_MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; a larger Python int raises OverflowError (a 500)
 _CHUNK = 256 * 1024
 _HEALTH_CACHE_S = 2.0
 # Endpoint names as the client's events use them: "download_url" asks for a signed URL,
@@ -589,6 +590,8 @@ class Platform:
             number = int(request.match_info["number"])
         except ValueError as exc:
             raise RequestRejected(400, "round number must be an integer") from exc
+        if not 0 <= number <= _MAX_SQL_INT:
+            raise RequestRejected(404, f"branch {branch['id']} has no round {number}")
         record = self.store.round_record(branch["id"], number)
         if record is None:
             raise RequestRejected(404, f"branch {branch['id']} has no round {number}")
@@ -713,11 +716,11 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
         raise RequestRejected(400, f"strategy must be one of {', '.join(STRATEGIES)}")
     quorum = config["quorum"]
     if quorum is not None and (not isinstance(quorum, int) or isinstance(quorum, bool)
-                               or quorum < 1):
-        raise RequestRejected(400, "quorum must be null or an integer >= 1")
+                               or not 1 <= quorum <= _MAX_SQL_INT):
+        raise RequestRejected(400, "quorum must be null or an integer >= 1 (and < 2**63)")
     timeout = config["round_timeout_s"]
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not math.isfinite(timeout) or timeout <= 0):
+                                or not is_finite(timeout) or timeout <= 0):
         raise RequestRejected(400, "round_timeout_s must be null or a number > 0")
     trim = config["trim_fraction"]
     if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:

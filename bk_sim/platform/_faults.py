@@ -137,8 +137,16 @@ class BranchFaults:
         return rate > 0 and self._rng.random() < rate
 
 
+def is_finite(value: float) -> bool:
+    """``math.isfinite`` that says False, not OverflowError, for an int beyond float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
         raise FaultSpecError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise FaultSpecError(f"{name} must be within [{low}, {high}], got {value!r}")

@@ -62,6 +62,7 @@ def test_fault_rates_follow_the_seed_and_counts_run_out() -> None:
     ({"notifications": {"drop_rate": 1.5}}, "drop_rate must be within"),
     ({"aggregation": "stale2"}, "aggregation must be null"),
     ({"seed": "x"}, "seed must be an integer"),
+    ({"notifications": {"delay_s": 10**400}}, "delay_s must be a finite number"),
 ])
 def test_bad_fault_specs_name_the_field(spec: object, needle: str) -> None:
     with pytest.raises(FaultSpecError, match=needle):
@@ -72,6 +73,8 @@ def test_bad_fault_specs_name_the_field(spec: object, needle: str) -> None:
     ({"strategy": "max"}, "strategy must be one of"),
     ({"quorum": 0}, "quorum must be null or an integer >= 1"),
     ({"quorum": True}, "quorum must be null"),
+    ({"quorum": 2**63}, "quorum must be null"),  # past SQLite INTEGER: was a 500
+    ({"round_timeout_s": 10**400}, "round_timeout_s must be null"),  # was OverflowError
     ({"round_timeout_s": -1}, "round_timeout_s must be null or a number > 0"),
     ({"trim_fraction": 0.5}, r"trim_fraction must be a number in \[0, 0.5\)"),
     ({"model_config": []}, "model_config must be a JSON object"),
