@@ -145,9 +145,23 @@ class AmqpPublisher:
             if job.close_only:
                 self._drop(job.vhost)
                 continue
-            self._publish_with_retry(job)
+            try:
+                self._publish_with_retry(job)
+            except Exception as exc:  # anything else must not kill the thread
+                # A dead thread would leave this and every later future unresolved, and
+                # whoever awaits them (a round's notification, a run-status call) hangs.
+                log.exception("publisher: unexpected error publishing to vhost %s", job.vhost)
+                self._drop(job.vhost)
+                if not job.future.done():
+                    job.future.set_exception(
+                        BrokerError(f"publish to vhost {job.vhost} failed: {exc!r}")
+                    )
         for vhost in list(self._conns):
             self._drop(vhost)
+        while not self._jobs.empty():  # published after stop() raced its check: refuse
+            late = self._jobs.get_nowait()
+            if late is not None and not late.future.done():
+                late.future.set_exception(PlatformError("the publisher is stopped"))
 
     def _heartbeat(self) -> None:
         for vhost, (conn, _) in list(self._conns.items()):

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bk_sim.errors import PlatformError
+from bk_sim.errors import BrokerError, PlatformError
 from bk_sim.platform._app import _declared_size, _parse_config
 from bk_sim.platform._faults import BranchFaults, FaultSpecError
+from bk_sim.platform._notify import AmqpPublisher
 from bk_sim.platform._rounds import RequestRejected, _check_signature, _signature
 from bk_sim.platform._signing import UrlSigner, load_or_create_secret
 from bk_sim.platform._store import Store, is_file_id, new_id
@@ -166,3 +167,19 @@ def test_public_surface_is_pinned() -> None:
         "AdminClient", "PlatformConfig", "PlatformHandle", "build_app", "serve",
         "start_platform",
     ]
+
+
+def test_publisher_resolves_every_future_even_when_a_publish_raises_unexpectedly() -> None:
+    """A non-AMQP error (here the URL's bad port, raised before any socket) used to kill
+    the publisher thread, leaving this and every later publish awaited forever."""
+    publisher = AmqpPublisher("amqp://guest:guest@127.0.0.1:notaport/")
+    publisher.start()
+    try:
+        for _ in range(2):
+            fut = publisher.publish("vhost", "exchange", "", b"{}")
+            with pytest.raises(BrokerError, match="publish to vhost vhost failed"):
+                fut.result(timeout=10)
+    finally:
+        publisher.stop()
+    with pytest.raises(PlatformError, match="stopped"):
+        publisher.publish("vhost", "exchange", "", b"{}").result(timeout=1)
