@@ -307,8 +307,11 @@ class RoundManager:
                     float(branch["trim_fraction"]), self._max_decompressed, target,
                 )
                 self._store.add_file(aggregation_id, branch_id, "aggregate", size, None)
-        except (BkSimError, OSError, ValueError) as exc:
-            log.error("branch %s round %d aggregation failed: %s", branch_id, number, exc)
+        except Exception as exc:  # any failure ends the round as "failed", never half-done
+            if isinstance(exc, (BkSimError, OSError, ValueError)):
+                log.error("branch %s round %d aggregation failed: %s", branch_id, number, exc)
+            else:
+                log.exception("branch %s round %d aggregation failed", branch_id, number)
             self._store.update_round(branch_id, number, status="failed", strategy=strategy,
                                      error=str(exc), fault={"aggregation": bug,
                                                             "victim_leaf_id": victim})

@@ -183,3 +183,38 @@ def test_publisher_resolves_every_future_even_when_a_publish_raises_unexpectedly
         publisher.stop()
     with pytest.raises(PlatformError, match="stopped"):
         publisher.publish("vhost", "exchange", "", b"{}").result(timeout=1)
+
+
+def test_an_unexpected_aggregation_error_fails_the_round_instead_of_leaving_it_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bk_sim.platform import _rounds
+    from bk_sim.platform._notify import Notifier, WsHub
+
+    def boom(*_args: object) -> int:
+        raise RuntimeError("numpy said no")
+
+    monkeypatch.setattr(_rounds, "_aggregate_to_file", boom)
+    store = Store(tmp_path)
+    branch = store.create_branch(store.create_tree("t")["id"], "b", dict(BASE))
+    branch = store.update_branch(branch["id"], run_status="start", run_number=1)
+    leaf = store.add_leaf(branch, new_id(), "leaf-0", "token")
+    info = validate_weights(encode_weights(1.0, [np.ones(2)]))
+
+    async def run() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            rounds = _rounds.RoundManager(store, Notifier(None, WsHub()), lambda _b: None,
+                                          pool, max_decompressed_bytes=None)
+            await rounds.submit(leaf, file_id=new_id(), digest="sha256=x", size=1, info=info)
+            await rounds.shutdown()  # waits for the aggregation task
+
+    asyncio.run(run())
+    record = store.round_record(branch["id"], 1)
+    assert record is not None and record["close_reason"] == "all_uploaded"
+    assert record["status"] == "failed" and "numpy said no" in record["error"]
+    assert store.rounds_to_resume() == []
+    assert "aggregation failed" in caplog.text
+    store.close()
