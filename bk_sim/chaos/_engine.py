@@ -102,6 +102,7 @@ class ChaosRun:
                 tree_id="",
                 branch_id="",
                 restartable=self.scenario.chaos.broker_restartable,
+                restart_command=self.scenario.chaos.restart_command,
             ).check_restartable()
         if any(f.kind in PROXY_CHAOS for f in faults):
             if host is None or port is None:

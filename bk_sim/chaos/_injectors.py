@@ -22,6 +22,7 @@ _log = logging.getLogger(__name__)
 #: Runs a command (argv) and returns its exit code; replaced by a fake in tests.
 CommandRunner = Callable[[Sequence[str]], int]
 BROKER_READY_TIMEOUT_S = 60.0
+DEFAULT_RESTART_COMMAND: tuple[str, ...] = ("rabbitmqctl",)
 _APP_COMMAND_TIMEOUT_S = 120.0
 
 
@@ -48,7 +49,7 @@ class BrokerInjector:
         tree_id: str,
         branch_id: str,
         restartable: bool,
-        restart_command: Sequence[str] = ("rabbitmqctl",),
+        restart_command: Sequence[str] = DEFAULT_RESTART_COMMAND,
         runner: CommandRunner = run_command,
     ) -> None:
         self.endpoints = endpoints
@@ -91,10 +92,17 @@ class BrokerInjector:
                 "chaos: restart_broker needs chaos.broker_restartable: true (it stops the "
                 "broker for everyone using it)"
             )
-        if self.endpoints.provider not in ("testcontainers", "local"):
+        # An external broker only with a command that names it: the default `rabbitmqctl`
+        # would restart the local node, which may not be the run's broker at all.
+        named = self._command != DEFAULT_RESTART_COMMAND
+        if self.endpoints.provider not in ("testcontainers", "local") and not (
+            self.endpoints.provider == "external" and named
+        ):
             raise ScenarioError(
                 f"chaos: restart_broker cannot restart a {self.endpoints.provider!r} broker: "
-                "only 'testcontainers' (docker restart) or 'local' (rabbitmqctl) brokers"
+                "only 'testcontainers' (docker restart), 'local' (rabbitmqctl), or "
+                "'external' with a chaos.restart_command that reaches it (e.g. "
+                "[rabbitmqctl, -n, NODE])"
             )
 
     def restart(self) -> BrokerEndpoints:

@@ -33,6 +33,9 @@ DISCONNECTING = (
     "latency", "bandwidth", "blackhole", "reset_peer", "slow_close",
 )  # fmt: skip
 
+#: Fault kinds that must show up as a disconnect of the leaves they hit.
+_DISCONNECTING_KINDS = ("kill_connections", "close_channel", "restart_broker", "reset")
+
 
 def _as_time(value: Any) -> float | None:
     if value is None:
@@ -519,6 +522,24 @@ def _checks(
             or f"{len([f for f in faults if f['injected']])} of {planned} injected",
         )
     )
+    # A connection fault that disconnected nobody (it landed after the leaves were done,
+    # or never reached them) proves nothing about reconnects: say so instead of passing.
+    idle = [
+        f["name"]
+        for f in faults
+        if f["kind"] in _DISCONNECTING_KINDS and f["injected"] and not f.get("disconnected")
+    ]
+    if any(f["kind"] in _DISCONNECTING_KINDS for f in faults):
+        checks.append(
+            Check(
+                "chaos: every connection fault disconnected at least one leaf",
+                not idle,
+                f"no leaf lost its connection to: {', '.join(idle)} (did it land after the "
+                "leaves finished?)"
+                if idle
+                else "",
+            )
+        )
     if x.lost_notifications is not None:
         ex = ", ".join(
             f"{d['leaf_id']} missed {d['aggregation_id']}" for d in notes["lost_examples"][:3]

@@ -380,6 +380,37 @@ def test_broker_restart_refuses_a_shared_or_foreign_broker() -> None:
     assert calls == []  # nothing was run
 
 
+def test_an_external_broker_restarts_only_through_a_command_that_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[Any] = []
+    named = BrokerInjector(
+        _endpoints("external"),
+        tree_id="t",
+        branch_id="b",
+        restartable=True,
+        restart_command=("rabbitmqctl", "-n", "bk2@localhost"),
+        runner=lambda argv: calls.append(argv) or 0,
+    )
+    monkeypatch.setattr(named, "_wait_ready", lambda: None)
+    named.restart()
+    assert calls == [
+        ("rabbitmqctl", "-n", "bk2@localhost", "stop_app"),
+        ("rabbitmqctl", "-n", "bk2@localhost", "start_app"),
+    ]
+
+
+def test_a_connection_fault_that_disconnected_nobody_fails_its_check() -> None:
+    sc, events, records = _judge_fixture()
+    hit = "chaos: every connection fault disconnected at least one leaf"
+    checks, _ = judge_chaos(sc, events, records, _Judgement([{"round": 1, "passed": True}]))
+    assert next(c for c in checks if c.name == hit).passed
+    quiet = [e for e in events if e["kind"] not in ("disconnect", "reconnect_wait")]
+    checks, _ = judge_chaos(sc, quiet, records, _Judgement([{"round": 1, "passed": True}]))
+    check = next(c for c in checks if c.name == hit)
+    assert not check.passed and "kill" in check.message
+
+
 def test_a_failing_stop_app_is_an_error_and_start_app_is_not_run() -> None:
     calls: list[Any] = []
     inj = BrokerInjector(
