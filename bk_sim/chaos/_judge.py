@@ -34,7 +34,7 @@ DISCONNECTING = (
 )  # fmt: skip
 
 #: Fault kinds that must show up as a disconnect of the leaves they hit.
-_DISCONNECTING_KINDS = ("kill_connections", "close_channel", "restart_broker", "reset")
+_DISCONNECTING_KINDS = ("kill_connections", "close_channel", "restart_broker", "reset_peer")
 
 
 def _as_time(value: Any) -> float | None:
