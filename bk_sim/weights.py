@@ -238,11 +238,25 @@ def read_weights_fast(
     every upload of a round, so inflate speed is its floor. Archives this reader does not
     handle (ZIP64, encryption, other methods, .npy format 3.0) go through ``read_weights``.
     """
-    where = str(source)
-    path = Path(source)
-    if not path.is_file():
-        raise WeightsFormatError(f"{where}: no such file")
-    raw = path.read_bytes()
+    arrays = _load_fast(Path(source), max_decompressed_bytes)
+    info = _check(arrays, require_weighting=True, strict=True)
+    assert info.weighting is not None
+    return info.weighting, [arrays[k] for k in sorted_layer_keys(list(arrays))]
+
+
+def _load_fast(source: Source, max_decompressed_bytes: int | None) -> dict[str, np.ndarray]:
+    """``_load`` through the ISA-L reader where it can (read-only arrays), else ``_load``.
+
+    Besides speed, it refuses a member whose deflate stream goes on past its declared
+    size, which ``zipfile``'s bounded read (hence ``_load``) lets through.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raw, where = bytes(source), "archive"
+    else:
+        where = str(source)
+        if not Path(source).is_file():
+            raise WeightsFormatError(f"{where}: no such file")
+        raw = Path(source).read_bytes()
     try:
         arrays = _fast_members(raw, where, max_decompressed_bytes)
     except WeightsFormatError:
@@ -251,11 +265,7 @@ def read_weights_fast(
         raise WeightsFormatError(f"{where}: not an .npz (ZIP) archive: {exc}") from exc
     except (ValueError, EOFError, isal_zlib.error, struct.error) as exc:
         raise WeightsFormatError(f"{where}: truncated or corrupt archive: {exc}") from exc
-    if arrays is None:
-        return read_weights(path, max_decompressed_bytes=max_decompressed_bytes)
-    info = _check(arrays, require_weighting=True, strict=True)
-    assert info.weighting is not None
-    return info.weighting, [arrays[k] for k in sorted_layer_keys(list(arrays))]
+    return arrays if arrays is not None else _load(source, max_decompressed_bytes)
 
 
 def _fast_members(
@@ -288,7 +298,15 @@ def _fast_members(
         start = off + 30 + name_len + extra_len
         data = view[start : start + info.compress_size]
         if info.compress_type == zipfile.ZIP_DEFLATED:
-            body: bytes | memoryview = isal_zlib.decompress(data, -15, max(info.file_size, 1))
+            # Inflate at most the declared size: a stream that goes on past it (a zip bomb
+            # with a small declared size passes zipfile's bounded read) is refused, not
+            # inflated into memory.
+            inflater = isal_zlib.decompressobj(-15)
+            body: bytes | memoryview = inflater.decompress(data, max(info.file_size, 1))
+            if inflater.decompress(inflater.unconsumed_tail, 1):
+                raise WeightsFormatError(
+                    f"{where}: member {info.filename!r} inflates past its declared size"
+                )
         else:
             body = data
         if len(body) != info.file_size or isal_zlib.crc32(body) != info.CRC:
@@ -333,7 +351,7 @@ def validate_weights(
     also a finite, positive weighting, contiguous layer indices from 0, no other keys,
     numeric layers with finite values.
     """
-    arrays = _load(source, max_decompressed_bytes)
+    arrays = _load_fast(source, max_decompressed_bytes)
     return _check(arrays, require_weighting=True, strict=strict)
 
 

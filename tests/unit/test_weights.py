@@ -176,6 +176,46 @@ def test_decompressed_size_limit_stops_a_zip_bomb_before_inflating() -> None:
     assert W.validate_weights(bomb, max_decompressed_bytes=20_000_000).shapes == ((4_000_000,),)
 
 
+def _lying_size_bomb(extra: int) -> bytes:
+    """An upload whose layer_0 stream inflates ``extra`` bytes past its declared size (and
+    whose declared size and CRC are those of a small, valid .npy)."""
+    import struct
+    import zlib
+
+    out, central = io.BytesIO(), []
+    for key, arr, trailing in (("weighting", np.ones(1), 0), ("layer_0", np.ones(4), extra)):
+        name, npy = f"{key}.npy".encode(), io.BytesIO()
+        np.save(npy, arr)
+        comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+        deflated = comp.compress(npy.getvalue()) + comp.compress(bytes(trailing)) + comp.flush()
+        fields = (20, 0, 8, 0, 0x21, zlib.crc32(npy.getvalue()), len(deflated),
+                  len(npy.getvalue()), len(name))
+        central.append(struct.pack("<IH", 0x02014B50, 20)
+                       + struct.pack("<HHHHHIIIHHHHHII", *fields, 0, 0, 0, 0, 0, out.tell())
+                       + name)
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + name + deflated)
+    cd_offset = out.tell()
+    out.write(b"".join(central))
+    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 2, 2, out.tell() - cd_offset,
+                          cd_offset, 0))
+    return out.getvalue()
+
+
+def test_a_member_inflating_past_its_declared_size_is_refused(tmp_path: Path) -> None:
+    """zipfile stops at the declared size, so this passed validation, and the platform's
+    ISA-L reader then inflated all of it (about 1000x the upload) while aggregating."""
+    bomb = _lying_size_bomb(8 * 2**20)
+    assert len(bomb) < 20_000
+    for limit in (None, 2**20):
+        with pytest.raises(WeightsFormatError, match="inflates past its declared size"):
+            W.validate_weights(bomb, strict=True, max_decompressed_bytes=limit)
+    path = tmp_path / "bomb.npz"
+    path.write_bytes(bomb)
+    with pytest.raises(WeightsFormatError, match="inflates past its declared size"):
+        W.read_weights_fast(path, max_decompressed_bytes=2**20)
+    assert W.validate_weights(_lying_size_bomb(0), strict=True).shapes == ((4,),)
+
+
 def test_non_numeric_layers_are_refused_when_writing() -> None:
     with pytest.raises(WeightsFormatError, match="layer 0 has dtype"):
         W.encode_weights(1.0, [np.array(["a"])])
