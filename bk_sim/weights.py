@@ -394,6 +394,8 @@ def _load(source: Source, max_decompressed_bytes: int | None) -> dict[str, np.nd
         raise WeightsFormatError(f"{where}: cannot load without pickle: {exc}") from exc
     except (OSError, EOFError, zlib.error, struct.error) as exc:
         raise WeightsFormatError(f"{where}: truncated or corrupt archive: {exc}") from exc
+    except MemoryError as exc:  # numpy allocates what a member's header claims, then reads
+        raise WeightsFormatError(f"{where}: a member declares an array too large: {exc}") from exc
 
 
 def _check(

@@ -216,6 +216,23 @@ def test_a_member_inflating_past_its_declared_size_is_refused(tmp_path: Path) ->
     assert W.validate_weights(_lying_size_bomb(0), strict=True).shapes == ((4,),)
 
 
+def test_a_header_claiming_a_huge_array_is_refused_not_a_memory_error() -> None:
+    """numpy allocates what the header claims before reading; through zipfile (here a
+    bzip2 member, which the ISA-L reader leaves to it) that was a MemoryError (a 500)."""
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        npy, {"descr": "<f8", "fortran_order": False, "shape": (2**42,)})
+    npy.write(bytes(64))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_BZIP2) as zf:
+        one = io.BytesIO()
+        np.save(one, np.ones(1))
+        zf.writestr("weighting.npy", one.getvalue())
+        zf.writestr("layer_0.npy", npy.getvalue())
+    with pytest.raises(WeightsFormatError, match="declares an array too large"):
+        W.validate_weights(buf.getvalue(), strict=True, max_decompressed_bytes=2**20)
+
+
 def test_non_numeric_layers_are_refused_when_writing() -> None:
     with pytest.raises(WeightsFormatError, match="layer 0 has dtype"):
         W.encode_weights(1.0, [np.array(["a"])])
