@@ -12,16 +12,19 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import re
 import threading
 import time
 import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+import requests.utils
 import urllib3
 
 from bk_sim.client._config import Credentials, RetryConfig
@@ -36,6 +39,25 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _PREVIEW_CHARS = 200
 # Failures that mean "no usable answer"; requests wraps most urllib3 errors, not all.
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+# Distinct (scheme, host, verify, proxies) settings remembered per environment snapshot.
+_SETTINGS_CACHE_SIZE = 32
+
+
+def _environment_snapshot() -> Mapping[Any, Any] | None:
+    """What requests reads proxy / CA settings from, comparable in well under a microsecond.
+
+    ``os.environ._data`` is the raw dict behind ``os.environ`` (CPython, all platforms):
+    comparing it with a copy is C-speed, while iterating ``os.environ`` decodes every
+    name. None (never cache) where it is missing, or where requests also reads proxies
+    from the system (macOS, Windows), not only from the environment.
+    """
+    if (
+        requests.utils.getproxies is not urllib.request.getproxies_environment
+        or requests.utils.proxy_bypass is not urllib.request.proxy_bypass_environment
+    ):
+        return None
+    data = getattr(os.environ, "_data", None)
+    return data if isinstance(data, dict) else None
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,9 @@ class HttpTransport:
         self._auth = f"Bearer {credentials.id}:{credentials.session_token}"
         self._session = requests.Session()
         self._closed = threading.Event()
+        self._settings_lock = threading.Lock()
+        self._settings_env: dict[Any, Any] | None = None
+        self._settings_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
         self.sleep: Callable[[float], None] = self._wait
 
     # ----------------------------------------------------------------- lifecycle
@@ -184,9 +209,7 @@ class HttpTransport:
         expected = frozenset(expect)
         prepared = self._prepare(method, url, json_body, data, headers, accept, authenticated)
         sent = len(prepared.body or b"") if prepared.body is not None else 0
-        send_kwargs = self._session.merge_environment_settings(
-            prepared.url, self.proxies, None, self.verify, None
-        )
+        send_kwargs = self._send_settings(prepared.url or url)
         retryable_method = method.upper() in self.retry.allowed_methods
         attempts = 1 + self.retry.max_retries
         shown_url = redact_url(url)
@@ -240,6 +263,41 @@ class HttpTransport:
             if self._closed.is_set():
                 raise error  # closed during the wait: the last answer is the final one
         raise AssertionError("unreachable: the retry loop always returns or raises")
+
+    def _send_settings(self, url: str) -> dict[str, Any]:
+        """requests' ``merge_environment_settings`` for ``url``, reused while nothing changed.
+
+        requests re-reads every ``*_proxy`` variable, ``no_proxy`` and
+        ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` from ``os.environ`` on every request
+        (about 0.2 ms, the largest CPU share of a small upload). Its answer depends only on
+        the environment, the URL's scheme and host, ``verify`` and ``proxies``; so it is
+        kept per (scheme, host, verify, proxies) and dropped as soon as the environment
+        differs from the snapshot it was computed under: setting or removing a proxy or
+        CA variable mid-run still takes effect on the next request, as with plain requests.
+        """
+        env = _environment_snapshot()
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc, self.verify, tuple(sorted(self.proxies.items())))
+        cached: dict[str, Any] | None = None
+        if env is not None:
+            with self._settings_lock:
+                if env != self._settings_env:
+                    self._settings_cache.clear()
+                    self._settings_env = dict(env)
+                cached = self._settings_cache.get(key)
+        if cached is None:
+            # A copy: requests adds the environment's proxies to the dict it is given.
+            cached = self._session.merge_environment_settings(
+                url, dict(self.proxies), None, self.verify, None
+            )
+            if env is not None:
+                with self._settings_lock:
+                    if env == self._settings_env:
+                        if len(self._settings_cache) >= _SETTINGS_CACHE_SIZE:
+                            self._settings_cache.clear()
+                        self._settings_cache[key] = cached
+        # Copies, so nothing downstream can change the remembered answer.
+        return {**cached, "proxies": dict(cached["proxies"])}
 
     def _send(
         self, prepared: requests.PreparedRequest, send_kwargs: dict[str, Any]

@@ -228,6 +228,23 @@ def test_upload_refuses_a_broken_file_before_any_request(
     assert platform.seen("upload") == []
 
 
+def test_a_file_changed_after_an_upload_is_checked_again(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    path = weights_file(tmp_path)
+    client, _ = make_client(platform, tmp_path)
+    with client:
+        client.file_upload(path)
+        client.file_upload(path)  # same bytes: remembered verdict
+        path.write_bytes(b"PK\x03\x04 truncated")
+        with pytest.raises(WeightsFormatError):
+            client.file_upload(path)
+        weights_file(tmp_path, "w", compression="fast")  # new valid bytes, same path
+        client.file_upload(path)
+    assert len(platform.seen("upload")) == 3
+    assert platform.uploads[2].file_bytes == path.read_bytes() != platform.uploads[0].file_bytes
+
+
 def test_wait_for_run_waits_until_the_run_starts(platform: FakePlatform, tmp_path: Path) -> None:
     platform.run_status = "stop"
     client, rec = make_client(
@@ -711,6 +728,29 @@ def test_requests_go_through_a_socks5_proxy(platform: FakePlatform, tmp_path: Pa
     assert len(platform.uploads) == 1
 
 
+def test_a_proxy_set_in_the_environment_mid_run_takes_effect_at_once(
+    platform: FakePlatform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    with Socks5Proxy() as proxy:
+        client, _ = make_client(platform, tmp_path)
+        with client:
+            client.get_branch_config()
+            assert proxy.targets == []
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)  # requests reads it per request
+            client.get_branch_config()
+            assert proxy.targets == [("127.0.0.1", platform.port)]
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            client.get_branch_config()
+            monkeypatch.delenv("NO_PROXY")
+            monkeypatch.delenv("HTTP_PROXY")
+            client.get_branch_config()
+        assert len(proxy.targets) == 1
+    assert len(platform.seen("branch_config")) == 4
+
+
 def test_a_dead_socks5_proxy_is_a_transport_error(platform: FakePlatform, tmp_path: Path) -> None:
     with Socks5Proxy() as proxy:
         url = proxy.url
@@ -806,6 +846,21 @@ def test_trusting_the_certificate_works_and_disabling_verification_keeps_working
             client.disable_ssl_verification()
             client.get_branch_config()
         assert len(p.seen("branch_config")) == 2
+
+
+def test_a_ca_bundle_removed_from_the_environment_mid_run_is_no_longer_trusted(
+    self_signed: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", self_signed[0])
+    with FakePlatform(dict(CREDS), tls=self_signed) as p:
+        client, _ = make_client(p, tmp_path)
+        with client:
+            client.get_branch_config()
+            monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+            with pytest.raises(TransportError, match="SSLError"):
+                client.get_branch_config()
+        assert len(p.seen("branch_config")) == 1
 
 
 # --------------------------------------------------------------------------- real AMQP wiring
