@@ -56,6 +56,8 @@ RUN_STATUSES = ("start", "stop", "pause")
 METRIC_MODES = ("test", "train", "non-federated")
 _PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
 _CONSUMER_CLOSE_TIMEOUT = 5.0
+# Upload contents (by SHA-256 digest and size) that passed the client-side check.
+_VALIDATED_MEMORY = 32
 
 
 class _Consumer(Protocol):
@@ -497,6 +499,7 @@ class Client:
         self._status_seq = 0  # counts run_status notifications (see get_run_details)
         self._refresh_lock = threading.Lock()
         self._refreshed = threading.Event()  # set after each post-start refresh (tests)
+        self._validated: dict[tuple[str, int], None] = {}  # see _check_upload
         self._http = HttpTransport(
             self._settings.api.host,
             creds,
@@ -707,8 +710,8 @@ class Client:
             data = path.read_bytes()
         except OSError as exc:
             raise WeightsFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        _weights.validate_weights(data, strict=False)
         digest = _weights.digest_header(data)
+        self._check_upload(data, digest)
         self._wait_for_run()  # after the checks: never wait long for a file that is bad
         meta = upload_metadata(
             file_size=len(data),
@@ -738,6 +741,22 @@ class Client:
         if not isinstance(file_id, str) or not file_id:
             raise ApiError("POST", "upload", result.status, f"answer holds no file_id: {file_id!r}")
         return file_id
+
+    def _check_upload(self, data: bytes, digest: str) -> None:
+        """The client-side archive check (PROTOCOL.md section 3), once per distinct content.
+
+        The check is a pure function of the bytes, and the SHA-256 digest names the bytes:
+        a leaf that uploads the same archive again (a load test does it hundreds of times
+        a second) gets the same verdict without inflating and parsing every member again
+        (~0.3 ms of a 10 kB upload's ~1 ms CPU). Only passes are remembered.
+        """
+        key = (digest, len(data))
+        if key in self._validated:
+            return
+        _weights.validate_weights(data, strict=False)
+        if len(self._validated) >= _VALIDATED_MEMORY:
+            self._validated.clear()
+        self._validated[key] = None
 
     def file_download(self, file_id: str) -> Path:
         """Download an aggregate to ``<output_dir>/<file_id>.npz`` and return the path.
