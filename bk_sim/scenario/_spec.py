@@ -434,11 +434,17 @@ class Scenario:
     source: Path | None = field(default=None, metadata={"doc": "", "internal": True})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for results.json: Paths as strings, tuples as lists, no secrets."""
+        """Plain data for results.json: Paths as strings, tuples as lists, no secrets
+        (the admin token, and the passwords in the broker URLs)."""
+        from bk_sim.broker import mask_url  # pika and requests load only when reporting
+
         out = _plain(self)
         assert isinstance(out, dict)
         if out["platform"].get("admin_token") is not None:
             out["platform"]["admin_token"] = "***"
+        for key in ("amqp_url", "management_url"):
+            if out["broker"].get(key) is not None:
+                out["broker"][key] = mask_url(out["broker"][key])
         return out
 
 

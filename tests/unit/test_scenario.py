@@ -339,13 +339,17 @@ def test_to_dict_is_json_with_paths_as_strings_and_no_secret(tmp_path: Path) -> 
         _write(
             tmp_path,
             BASE + "platform:\n  mode: remote\n  host: https://bk.example\n"
-            "  credentials_file: creds.json\n  admin_token: hunter2\n",
+            "  credentials_file: creds.json\n  admin_token: hunter2\n"
+            "broker:\n  amqp_url: amqp://bk:s3cret@mq.example:5672/\n"
+            "  management_url: http://bk:s3cret@mq.example:15672/\n",
         )
     )
     assert s.platform.credentials_file == tmp_path / "creds.json"  # relative to the file
     d = s.to_dict()
     text = json.dumps(d)
     assert "hunter2" not in text and d["platform"]["admin_token"] == "***"
+    assert "s3cret" not in text and d["broker"]["amqp_url"] == "amqp://bk:***@mq.example:5672/"
+    assert s.broker.amqp_url == "amqp://bk:s3cret@mq.example:5672/"  # the run still has it
     assert d["platform"]["credentials_file"] == str(tmp_path / "creds.json")
     assert d["report"]["dir"] == "reports" and d["source"] == str(tmp_path / "s.yaml")
     assert d["model"]["layers"][0] == {"shape": [16, 32], "dtype": "float32"}
