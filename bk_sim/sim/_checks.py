@@ -417,11 +417,16 @@ def _judge_leaves(j: Judgement, events: Sequence[Mapping[str, Any]], scenario: S
     died = [e for e in events if e.get("kind") == "leaf_died"]
     done = {e["leaf"] for e in events if e.get("kind") == "leaf_done"}
     started = {e["leaf"] for e in events if e.get("kind") == "leaf_started"}
+    # A leaf stopped by the run deadline, or lost with its process, leaves no error event:
+    # it still did not play its rounds.
+    accounted = done | {e.get("leaf") for e in died} | {e.get("leaf") for e in errors}
+    unfinished = sorted(set(range(scenario.leaves.count)) - accounted)
     j.leaves = {
         "count": scenario.leaves.count,
         "started": len(started),
         "completed": len(done),
         "died_as_planned": len(died),
+        "unfinished": unfinished[:50],
         "errors": [
             {"leaf": e.get("leaf"), "round": e.get("round"), "error": e.get("error")}
             for e in errors[:50]
@@ -430,10 +435,14 @@ def _judge_leaves(j: Judgement, events: Sequence[Mapping[str, Any]], scenario: S
     msg = "; ".join(
         f"leaf {e.get('leaf')} round {e.get('round')}: {e.get('error')}" for e in errors[:3]
     )
+    if unfinished:
+        shown = ", ".join(map(str, unfinished[:10])) + (" ..." if len(unfinished) > 10 else "")
+        msg = f"{msg}; " if msg else ""
+        msg += f"{len(unfinished)} leaves stopped before their last round (leaves {shown})"
     j.checks.append(
         Check(
             "leaves: every leaf played its rounds",
-            not errors,
+            not errors and not unfinished,
             f"{len(errors)} errors. {msg}".strip(),
         )
     )
