@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bk_sim import weights
-from bk_sim.errors import WeightsFormatError
+from bk_sim.errors import AggregationError, WeightsFormatError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._synth import leaf_update
 from bk_sim.validate import compare, forensics, reference_aggregate
@@ -288,9 +288,13 @@ def _judge_round(
         return row
 
     contributions = _Regenerated(scenario, mine, aggregates)
-    reference = reference_aggregate(
-        contributions.values(), strategy, trim_fraction=scenario.platform.trim_fraction
-    )
+    try:  # a platform bug (no uploads, a base of the wrong shape) fails the round, not the run
+        reference = reference_aggregate(
+            contributions.values(), strategy, trim_fraction=scenario.platform.trim_fraction
+        )
+    except (AggregationError, ValueError) as exc:
+        row["reason"] = f"no reference for the uploads the platform recorded: {exc}"
+        return row
     cmp = compare(reference, actual, rtol=scenario.validation.rtol, atol=scenario.validation.atol)
     row["max_abs_error"] = cmp.max_abs_error
     row["max_rel_error"] = cmp.max_rel_error

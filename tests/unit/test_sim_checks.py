@@ -91,3 +91,14 @@ def test_leaves_stopped_before_their_last_round_fail_the_leaves_check(tmp_path: 
     assert not check.passed and not j.passed
     assert "2 leaves stopped before their last round (leaves 1, 2)" in check.message
     assert j.leaves["unfinished"] == [1, 2]
+
+
+def test_an_aggregated_round_with_no_uploads_fails_the_round_not_the_judge(
+    tmp_path: Path,
+) -> None:
+    """A platform recording an aggregate of nothing is a failed check (exit 1), not a crash."""
+    j = judge(SC, _events(), _records(uploads=range(0)), _correct(tmp_path / "aggs"))
+    (row,) = j.rounds
+    assert row["passed"] is False
+    assert row["reason"].startswith("no reference for the uploads the platform recorded")
+    assert not _check(j, "round 1: aggregate correct").passed
