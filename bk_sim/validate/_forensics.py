@@ -105,6 +105,10 @@ def forensics(
     if n == 0:
         return _empty("no contributions to compare the aggregate with")
     coords = _float_coordinates(actual)
+    # NaN makes the fit's residual NaN, which reads as a perfect fit: say what it is instead.
+    non_finite = sum(int(np.count_nonzero(~np.isfinite(np.asarray(actual[i])))) for i, _ in coords)
+    if non_finite:
+        return _empty(f"the aggregate holds {non_finite:,} NaN or infinite values")
     total = sum(size for _, size in coords)
     if total < n:
         return _empty(

@@ -141,6 +141,18 @@ def test_garbage_aggregate_is_not_blamed_on_a_leaf() -> None:
     assert f.summary.startswith("The aggregate is not a weighted mean of this round's uploads")
 
 
+def test_nan_in_the_aggregate_is_said_not_read_as_a_perfect_fit() -> None:
+    c = _contributions()
+    agg = _aggregate(list(c.values()), "fedavg")
+    agg[0] = agg[0].copy()
+    agg[0][:2, :3] = np.nan
+    agg[1] = agg[1].copy()
+    agg[1][0] = np.inf
+    f = forensics(agg, c, "fedavg")
+    assert f.summary == "Forensics not possible: the aggregate holds 7 NaN or infinite values."
+    assert not f.found_fault
+
+
 def test_too_few_coordinates_says_so() -> None:
     c = _contributions(n=N)
     small = ModelSpec(layers=(LayerSpec(shape=(4,), dtype="float32"),))
