@@ -340,7 +340,8 @@ def _judge_round(
         summary += f" (round {earlier[found.stale_of]})"
     details["summary"] = summary
     row["forensics"] = details
-    row["reason"] = summary
+    # Forensics that blame no leaf ("all leaves got their weight") must not hide what failed.
+    row["reason"] = summary if found.found_fault else f"{row['reason']}. {summary}"
     return row
 
 

@@ -102,3 +102,15 @@ def test_an_aggregated_round_with_no_uploads_fails_the_round_not_the_judge(
     assert row["passed"] is False
     assert row["reason"].startswith("no reference for the uploads the platform recorded")
     assert not _check(j, "round 1: aggregate correct").passed
+
+
+def test_a_wrong_aggregate_no_leaf_explains_keeps_the_comparisons_reason(tmp_path: Path) -> None:
+    """One corrupted value: forensics blames no leaf, so the reason must still say what failed."""
+    d = _correct(tmp_path / "aggs")
+    layers = weights.read_layers(d / "agg-1.npz")
+    layers[0][0, 0] += 1.0
+    _write_aggregate(d, layers)
+    (row,) = judge(SC, _events(), _records(), d).rounds
+    assert row["passed"] is False
+    assert row["reason"].startswith("layer_0: 1 of 512 values differ by more than")
+    assert row["reason"].endswith(row["forensics"]["summary"])
