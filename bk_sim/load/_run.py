@@ -175,6 +175,8 @@ class LoadRun:
                 check_socket_capacity(endpoints, peak_users(sc) + _SOCKET_MARGIN)
             amqp_host, amqp_port = self._amqp_address(endpoints)
             amqp_ssl = self._amqp_ssl(endpoints)
+            for scratch in ("payloads", "downloads"):  # also when the run fails
+                stack.callback(shutil.rmtree, self.run_dir / scratch, ignore_errors=True)
             payloads = build_payloads(sc, self.run_dir / "payloads")
             self._say(
                 f"{len(payloads.paths)} payloads of {payloads.mean_bytes / 1e3:,.1f} kB made "
@@ -270,8 +272,6 @@ class LoadRun:
             },
         }
         _write_json(self.run_dir / "results.json", results)
-        shutil.rmtree(self.run_dir / "payloads", ignore_errors=True)
-        shutil.rmtree(self.run_dir / "downloads", ignore_errors=True)
         return LoadResult(exit_code, self.run_dir, results)
 
     def _environment(self, ctx: LoadContext, api_url: str) -> Environment:

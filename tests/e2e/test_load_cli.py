@@ -125,6 +125,7 @@ def test_smoke_load_passes_and_counts_match_the_platform(management: Any, tmp_pa
     assert results["notifications"]["aggregation_status"] > 0
     assert int(rows[("AMQP", "connect")]["Request Count"]) == 8
     assert (run_dir / "locust_stats_history.csv").stat().st_size > 0
+    assert not (run_dir / "payloads").exists() and not (run_dir / "downloads").exists()
 
 
 def _free_port() -> int:
