@@ -310,13 +310,33 @@ class SimulationRun:
                 f"the scenario schedules {len(scenario.chaos.faults)} chaos faults; "
                 "bk-sim run ignores them (bk-sim chaos plays them)"
             )
+        self._run_dir_given = run_dir is not None
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_dir = run_dir or Path(scenario.report.dir) / f"{scenario.name}-{stamp}"
 
+    def _make_run_dir(self) -> None:
+        """Create the run folder: a one-line error when report.dir is unusable, and a
+        suffix when another run of the scenario started in the same second."""
+        base = self.run_dir
+        for n in range(2, 100):
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=False)
+                (self.run_dir / "aggregates").mkdir()
+                return
+            except FileExistsError:
+                if self._run_dir_given:
+                    raise ScenarioError(f"{self.run_dir}: the run folder already exists") from None
+                self.run_dir = base.with_name(f"{base.name}-{n}")
+            except OSError as exc:
+                raise ScenarioError(
+                    f"report.dir: cannot create the run folder {self.run_dir}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+        raise ScenarioError(f"report.dir: too many run folders named {base}-N")
+
     def execute(self) -> RunResult:
         sc = self.scenario
-        self.run_dir.mkdir(parents=True, exist_ok=False)
-        (self.run_dir / "aggregates").mkdir()
+        self._make_run_dir()
         log = EventLog(self.run_dir / "events.jsonl")
         started_at = time.time()
         interrupted = False

@@ -151,6 +151,18 @@ def test_bad_scenario_exits_2_with_a_one_line_reason(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_unusable_report_dir_exits_2_with_a_one_line_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc, run_dir = _run(tmp_path, f"report.dir={blocker / 'reports'}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert run_dir is None
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("bk-sim: report.dir: cannot create the run folder ")
+    assert line.endswith(": Not a directory")
+
+
 def test_ctrl_c_stops_everything_and_still_writes_results(management: Any, tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     args = [sys.executable, "-m", "bk_sim.cli", "run", str(SMOKE), "--set", f"report.dir={reports}"]
