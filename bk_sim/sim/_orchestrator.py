@@ -297,6 +297,9 @@ class SimulationRun:
         hooks: RunHooks | None = None,
     ) -> None:
         _check_schedule(scenario)
+        # Weightings that overflow are a ScenarioError: raise it before a platform, a broker
+        # or a chaos proxy is started, not halfway through the run.
+        leaf_weightings(scenario.seed, scenario.leaves.weighting, scenario.leaves.count)
         self.scenario = scenario
         self._hooks = hooks
         self._admin: Any = None

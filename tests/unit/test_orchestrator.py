@@ -39,3 +39,12 @@ def test_an_explicit_run_folder_that_exists_is_refused(tmp_path: Path) -> None:
     run = SimulationRun(_scenario(tmp_path), run_dir=tmp_path)
     with pytest.raises(ScenarioError, match="the run folder already exists"):
         run._make_run_dir()
+
+
+def test_weightings_that_overflow_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    sc = _scenario(
+        tmp_path, leaves={"count": 2, "weighting": {"distribution": "lognormal", "sigma": 1e6}}
+    )
+    with pytest.raises(ScenarioError, match="leaves.weighting: lognormal draws"):
+        SimulationRun(sc)
+    assert list(tmp_path.iterdir()) == []
