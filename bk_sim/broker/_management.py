@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import requests
 
@@ -28,11 +28,17 @@ class ManagementAPI:
     def __init__(self, url: str = DEFAULT_MANAGEMENT_URL, *, timeout: float = 10.0) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BrokerError(f"management URL must be http(s)://user:pass@host:port/, got {url!r}")
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+            shown = url.replace(parts.password, "***") if parts.password else url
+            raise BrokerError(
+                f"management URL must be http(s)://user:pass@host:port/, got {shown!r}"
+            )
+        netloc = parts.netloc.rsplit("@", 1)[-1]
         self.base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/api", "", ""))
         self._session = requests.Session()
-        self._session.auth = (parts.username or "guest", parts.password or "guest")
+        # Percent-decoded, as the broker probe and pika do: a password with '@' or '/' is
+        # written %40 / %2F in a URL.
+        self._session.auth = (unquote(parts.username or "guest"),
+                              unquote(parts.password or "guest"))
         self._timeout = timeout
 
     def close(self) -> None:
@@ -65,7 +71,13 @@ class ManagementAPI:
             )
         if not resp.content:
             return None
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise BrokerError(
+                f"RabbitMQ management API {method} /{path} answered HTTP {resp.status_code} "
+                f"but not with JSON (is {self.base} RabbitMQ's management API?)"
+            ) from exc
 
     # -- reads
     def overview(self) -> dict[str, Any]:

@@ -288,3 +288,47 @@ def test_socket_capacity_without_monitoring_rights_says_which_tag(
             check_socket_capacity(endpoints, 10)
     finally:
         management.delete_user(user)
+
+
+def test_management_api_decodes_url_credentials_and_refuses_non_json(
+    management: ManagementAPI, unique: str
+) -> None:
+    from urllib.parse import quote
+
+    user, password = f"bk-sim-mgmt-{unique}", "p@ss/w:rd%"
+    management.create_user(user, password, tags="management")
+    try:
+        api = ManagementAPI(f"http://{user}:{quote(password, safe='')}@127.0.0.1:15672/")
+        try:
+            assert "rabbitmq_version" in api.overview()  # was a 401: sent still encoded
+        finally:
+            api.close()
+    finally:
+        management.delete_user(user)
+
+    class _Html(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server name
+            body = b"<html>not rabbit</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    with socketserver.TCPServer(("127.0.0.1", 0), _Html) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            api = ManagementAPI(f"http://u:hunter2@127.0.0.1:{server.server_address[1]}/")
+            with pytest.raises(BrokerError, match="not with JSON") as err:
+                api.overview()
+            api.close()
+            assert "hunter2" not in str(err.value)
+        finally:
+            server.shutdown()
+            thread.join(5)
+    with pytest.raises(BrokerError, match="must be http") as err:
+        ManagementAPI("htp://u:hunter2@127.0.0.1:15672/")
+    assert "hunter2" not in str(err.value)
