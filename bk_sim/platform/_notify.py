@@ -87,12 +87,14 @@ class AmqpPublisher:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
-    def _params(self, vhost: str) -> pika.URLParameters:
+    def _params(self, vhost: str | None) -> pika.URLParameters:
+        """Connection parameters for ``vhost`` (None: the URL's own)."""
         try:
             params = pika.URLParameters(self._url)
         except Exception as exc:  # pika raises assorted errors for a malformed URL
             raise PlatformError(f"bad --amqp-url: {exc}") from exc
-        params.virtual_host = vhost
+        if vhost is not None:
+            params.virtual_host = vhost
         params.client_properties = {"connection_name": connection_name()}
         params.connection_attempts = 1
         params.socket_timeout = 5
@@ -101,7 +103,7 @@ class AmqpPublisher:
 
     def check(self) -> None:
         """Connect once to the URL's own vhost: raises ``BrokerError`` when unreachable."""
-        params = self._params(pika.URLParameters(self._url).virtual_host)
+        params = self._params(None)
         try:
             pika.BlockingConnection(params).close()
         except pika.exceptions.AMQPError as exc:

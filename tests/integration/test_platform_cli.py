@@ -45,6 +45,18 @@ def test_serve_without_admin_token_fails_with_a_reason(tmp_path: Path) -> None:
 
 
 @pytest.mark.rabbitmq
+def test_serve_with_a_malformed_amqp_url_says_so_in_one_line(
+    management: ManagementAPI, tmp_path: Path
+) -> None:
+    from bk_sim.errors import PlatformError
+
+    with pytest.raises(PlatformError, match="bad --amqp-url: Port could not be cast") as err:
+        start_platform(tmp_path, amqp_url="amqp://guest:guest@127.0.0.1:notaport/")
+    assert "Traceback" not in (tmp_path / "platform.log").read_text()
+    assert "exited with code 2" in str(err.value)
+
+
+@pytest.mark.rabbitmq
 def test_create_branch_and_run_status(platform: PlatformHandle, tmp_path: Path) -> None:
     out = tmp_path / "leaves.json"
     env = {"BK_SIM_ADMIN_TOKEN": platform.admin_token, "BK_SIM_URL": platform.url}
