@@ -73,6 +73,9 @@ def junit_tree(results: Mapping[str, Any]) -> ET.ElementTree:
 def write_junit(results: Mapping[str, Any], path: Path) -> Path:
     """Write ``junit.xml`` atomically (a reader never sees half a file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    junit_tree(results).write(tmp, encoding="utf-8", xml_declaration=True)
-    tmp.replace(path)
+    try:
+        junit_tree(results).write(tmp, encoding="utf-8", xml_declaration=True)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no temporary file behind
     return path

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bk_sim.errors import ReportError
 from bk_sim.report._compare import Delta, compare_lines, compare_runs
 from bk_sim.report._html import render_html
 from bk_sim.report._junit import write_junit
@@ -162,6 +163,17 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
     return plots, notes
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary name, so a reader never sees half a page (and a failed
+    write leaves no temporary file behind)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Rendered:
     """Write ``junit.xml`` and ``report.html`` into ``run_dir``; ``ReportError`` if not a run.
 
@@ -170,7 +182,6 @@ def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Ren
     """
     began = time.perf_counter()
     run = load_run(run_dir)
-    junit = write_junit(run.results, run.dir / JUNIT)
     comparison = None
     lines: list[str] = []
     deltas: list[Delta] = []
@@ -191,9 +202,12 @@ def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Ren
         faults=faults,
     )
     html_path = run.dir / HTML
-    tmp = html_path.with_name(f".{HTML}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(html_path)
+    junit = run.dir / JUNIT
+    try:
+        write_junit(run.results, junit)
+        _write_atomic(html_path, page)
+    except OSError as exc:
+        raise ReportError(f"{run.dir}: cannot write the report ({exc})") from exc
     took = time.perf_counter() - began
     _log.info("rendered %s and %s in %.2f s", junit, html_path, took)
     return Rendered(junit, html_path, took, lines, deltas)

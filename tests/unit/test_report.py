@@ -478,3 +478,20 @@ def test_truncated_event_log_lines_are_skipped_and_counted(tmp_path: Path) -> No
     assert run.bad_lines == 1 and not math.isnan(run.t0)
     render_run(d)
     assert "1 unreadable lines skipped" in _page(d)
+
+
+@pytest.mark.parametrize("blocked", ["report.html", "junit.xml"])
+def test_a_run_folder_that_cannot_be_written_is_a_report_error(
+    tmp_path: Path, blocked: str
+) -> None:
+    """(Root ignores permissions, so a folder where the file should go blocks the write.)"""
+    d = write_run(tmp_path)
+    (d / blocked).mkdir()
+    (d / blocked / "keep").write_text("x")
+    with pytest.raises(ReportError, match="cannot write the report") as info:
+        render_run(d)
+    assert info.value.exit_code == 2
+    assert not list(d.glob(".*.tmp")), "a failed write left its temporary file"
+    out = CliRunner().invoke(main, ["report", str(d)])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.output.startswith(f"bk-sim: {d}: cannot write the report")
