@@ -116,9 +116,9 @@ def create_branch_cmd(url: str, admin_token: str, leaves: int, strategy: str,
     fields = ("id", "name", "session_token", "owner_id", "tree_id", "branch_id")
     text = json.dumps([{k: c[k] for k in fields} for c in creds], indent=2) + "\n"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode on open: narrow it before writing
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    os.chmod(out, 0o600)
     click.echo(f"tree {tree_id} branch {branch['branch_id']}: {leaves} leaves written to {out}")
 
 

@@ -59,6 +59,8 @@ def test_serve_with_a_malformed_amqp_url_says_so_in_one_line(
 @pytest.mark.rabbitmq
 def test_create_branch_and_run_status(platform: PlatformHandle, tmp_path: Path) -> None:
     out = tmp_path / "leaves.json"
+    out.write_text("old")
+    out.chmod(0o644)  # an existing, readable file is narrowed, not kept as it was
     env = {"BK_SIM_ADMIN_TOKEN": platform.admin_token, "BK_SIM_URL": platform.url}
     runner = CliRunner()
     result = runner.invoke(main, ["platform", "create-branch", "--leaves", "3",
