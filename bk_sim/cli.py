@@ -15,7 +15,8 @@ from bk_sim.errors import BkSimError
 
 
 class _Group(click.Group):
-    """Turns every ``BkSimError`` into a one-line reason and its exit code."""
+    """Turns every ``BkSimError`` into a one-line reason and its exit code, and Ctrl-C
+    into exit code 2 (click's own "Aborted!" exits 1, which means a check failed)."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -23,6 +24,9 @@ class _Group(click.Group):
         except BkSimError as exc:
             click.echo(f"bk-sim: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("bk-sim: interrupted", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)

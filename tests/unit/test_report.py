@@ -495,3 +495,15 @@ def test_a_run_folder_that_cannot_be_written_is_a_report_error(
     out = CliRunner().invoke(main, ["report", str(d)])
     assert out.exit_code == 2 and "Traceback" not in out.output
     assert out.output.startswith(f"bk-sim: {d}: cannot write the report")
+
+
+def test_ctrl_c_exits_2_not_clicks_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 means a check failed: an interrupted command could not run, which is 2."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bk_sim.report._cli.render_run", interrupted)
+    out = CliRunner().invoke(main, ["report", str(write_run(tmp_path))])
+    assert out.exit_code == 2, out.output
+    assert out.output.strip() == "bk-sim: interrupted"
