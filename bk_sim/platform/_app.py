@@ -657,6 +657,7 @@ async def _read_upload_form(request: web.Request, limit: int) -> tuple[bytes, st
         raise RequestRejected(400, f"upload must be multipart/form-data: {exc}") from exc
     data: bytearray | None = None
     form: str | None = None
+    skipped = 0
     try:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
@@ -676,8 +677,14 @@ async def _read_upload_form(request: web.Request, limit: int) -> tuple[bytes, st
                     if len(raw) > _MAX_FORM_FIELD:
                         raise RequestRejected(413, "form field 'data' is over 32 KiB")
                 form = raw.decode("utf-8", errors="replace")
-            else:
-                await part.release()
+            else:  # drained, but counted: a chunked body has no Content-Length to check
+                while chunk := await part.read_chunk(_CHUNK):
+                    skipped += len(chunk)
+                    if skipped > _MULTIPART_SLACK:
+                        raise RequestRejected(
+                            413, f"form parts other than 'file' and 'data' are over "
+                            f"{_MULTIPART_SLACK // 1024} KiB"
+                        )
     except (ValueError, AssertionError) as exc:
         raise RequestRejected(400, f"malformed multipart body: {exc}") from exc
     if data is None:

@@ -137,6 +137,18 @@ def test_oversized_bodies_are_refused_with_413(platform: PlatformHandle) -> None
                              headers={**hdr, "x-bk-file-size": "10"}, data=chunks(), timeout=10)
         assert resp.status_code == 413 and "file part is over" in resp.json()["error"]
 
+        # chunked, no Content-Length, and the bulk in a part the platform does not use:
+        # it is counted too, not drained without limit
+        def junk() -> Iterator[bytes]:
+            yield b"--x\r\nContent-Disposition: form-data; name=\"junk\"\r\n\r\n"
+            for _ in range(4):
+                yield bytes(MAX_UPLOAD)
+            yield b"\r\n--x--\r\n"
+        resp = requests.post(f"{b.url}/api/v1/file/upload", headers=hdr, data=junk(),
+                             timeout=10)
+        assert resp.status_code == 413, resp.text
+        assert "other than 'file' and 'data'" in resp.json()["error"]
+
 
 def test_malformed_requests_are_400(platform: PlatformHandle) -> None:
     with make_branch(platform, 1) as b:
