@@ -268,13 +268,11 @@ def _load_fast(source: Source, max_decompressed_bytes: int | None) -> dict[str, 
     return arrays if arrays is not None else _load(source, max_decompressed_bytes)
 
 
-def _fast_members(
-    raw: bytes, where: str, max_decompressed_bytes: int | None
-) -> dict[str, np.ndarray] | None:
-    """Every member of a plain stored/deflated ZIP of .npy files; None if not plain."""
-    view = memoryview(raw)
-    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-        infos = zf.infolist()
+def _npy_members(
+    zf: zipfile.ZipFile, where: str, max_decompressed_bytes: int | None
+) -> list[zipfile.ZipInfo]:
+    """The archive's members, all ``.npy`` and together within the decompressed limit."""
+    infos = zf.infolist()
     if max_decompressed_bytes is not None:
         total = sum(i.file_size for i in infos)
         if total > max_decompressed_bytes:
@@ -282,10 +280,21 @@ def _fast_members(
                 f"{where}: decompresses to {total} bytes, over the limit of "
                 f"{max_decompressed_bytes}"
             )
-    arrays: dict[str, np.ndarray] = {}
     for info in infos:
         if not info.filename.endswith(".npy"):
             raise WeightsFormatError(f"{where}: member {info.filename!r} is not .npy")
+    return infos
+
+
+def _fast_members(
+    raw: bytes, where: str, max_decompressed_bytes: int | None
+) -> dict[str, np.ndarray] | None:
+    """Every member of a plain stored/deflated ZIP of .npy files; None if not plain."""
+    view = memoryview(raw)
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        infos = _npy_members(zf, where, max_decompressed_bytes)
+    arrays: dict[str, np.ndarray] = {}
+    for info in infos:
         plain = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
         if info.flag_bits & 1 or not plain:
             return None
@@ -367,18 +376,8 @@ def _load(source: Source, max_decompressed_bytes: int | None) -> dict[str, np.nd
             raise WeightsFormatError(f"{where}: no such file")
     try:
         with zipfile.ZipFile(fileobj) as zf:
-            infos = zf.infolist()
-            if max_decompressed_bytes is not None:
-                total = sum(i.file_size for i in infos)
-                if total > max_decompressed_bytes:
-                    raise WeightsFormatError(
-                        f"{where}: decompresses to {total} bytes, over the limit of "
-                        f"{max_decompressed_bytes}"
-                    )
             arrays: dict[str, np.ndarray] = {}
-            for info in infos:
-                if not info.filename.endswith(".npy"):
-                    raise WeightsFormatError(f"{where}: member {info.filename!r} is not .npy")
+            for info in _npy_members(zf, where, max_decompressed_bytes):
                 with zf.open(info) as member:
                     arr = np.lib.format.read_array(member, allow_pickle=False)
                 if max_decompressed_bytes is not None and arr.nbytes > max_decompressed_bytes:
