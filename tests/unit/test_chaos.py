@@ -273,6 +273,23 @@ def test_judge_counts_lost_and_duplicated_notifications_and_names_double_counts(
     assert not dup.passed and "leaf 1 (leaf-b) counted 2 times" in dup.message
 
 
+def test_without_round_records_uploads_counted_twice_cannot_pass() -> None:
+    """A remote platform without its admin API: the check is not made, so it fails, and
+    notifications are owed for the aggregates the leaves heard of."""
+    sc, events, _ = _judge_fixture()
+    events = [{**e, "weighting": 1.0} if e["kind"] == "upload" else e for e in events]
+    events.append(
+        _ev("aggregate_notified", 105.0, leaf=0, leaf_id="leaf-a", round=1, aggregation_id="agg1")
+    )
+    checks, section = judge_chaos(sc, events, None, _Judgement([{"round": 1, "passed": True}]))
+    by_name = {c.name: c for c in checks}
+    dup = by_name["chaos: at most 0 uploads counted twice"]
+    assert not dup.passed and dup.message.startswith("cannot be judged: no round records")
+    n = section["notifications"]
+    assert (n["expected"], n["lost"], n["duplicates"]) == (2, 1, 1)
+    assert not by_name["chaos: at most 0 notifications lost"].passed
+
+
 def test_a_leaf_that_never_reconnects_fails_the_reconnect_check() -> None:
     sc, events, records = _judge_fixture()
     events = [e for e in events if not (e["kind"] == "connect" and e.get("leaf") == 1)]
