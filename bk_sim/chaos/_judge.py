@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 
 from bk_sim.client._backoff import reconnect_delay
 from bk_sim.scenario import Scenario
-from bk_sim.sim._checks import Check, records_from_events
+from bk_sim.sim._checks import Check, as_time, records_from_events
 
 Event = Mapping[str, Any]
 #: A notification this much later than its round's close (plus any platform notification
@@ -35,17 +34,6 @@ DISCONNECTING = (
 
 #: Fault kinds that must show up as a disconnect of the leaves they hit.
 _DISCONNECTING_KINDS = ("kill_connections", "close_channel", "restart_broker", "reset_peer")
-
-
-def _as_time(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
@@ -301,7 +289,7 @@ def _per_fault(
     closed = [
         t
         for r in records or []
-        if (t := _as_time(r.get("closed_at"))) is not None and start <= t <= end + window
+        if (t := as_time(r.get("closed_at"))) is not None and start <= t <= end + window
     ]
     f["rounds_closed_during"] = len(closed)
 
@@ -328,7 +316,7 @@ def _notifications(
             got[(leaf, len(spans[leaf]), agg)] += 1
             first.setdefault((leaf, agg), float(e["t"]))
     closed = {
-        str(r["aggregation_id"]): _as_time(r.get("closed_at"))
+        str(r["aggregation_id"]): as_time(r.get("closed_at"))
         for r in records
         if r.get("status") == "aggregated" and r.get("aggregation_id")
     }

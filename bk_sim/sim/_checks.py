@@ -13,6 +13,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -369,7 +370,7 @@ def _judge_notifications(
         closed = rec.get("closed_at")
         if rec.get("status") != "aggregated" or not agg:
             continue
-        closed_t = _as_time(closed)
+        closed_t = as_time(closed)
         for leaf, (start, end) in open_span.items():
             if closed_t is None or start <= closed_t <= end:
                 expected.add((leaf, str(agg)))
@@ -386,13 +387,12 @@ def _judge_notifications(
     j.checks.append(Check("notifications: every leaf notified once per round", not lost, msg))
 
 
-def _as_time(value: Any) -> float | None:
+def as_time(value: Any) -> float | None:
+    """A record's time (Unix seconds or ISO 8601, as platforms write it) in Unix seconds."""
     if value is None:
         return None
     if isinstance(value, (int, float)):
         return float(value)
-    from datetime import datetime
-
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError:
@@ -472,7 +472,7 @@ def _timings(
     closed_at = {
         str(r["aggregation_id"]): t
         for r in records
-        if r.get("aggregation_id") and (t := _as_time(r.get("closed_at"))) is not None
+        if r.get("aggregation_id") and (t := as_time(r.get("closed_at"))) is not None
     }
     notify_latency = [
         float(e["t"]) - closed_at[str(e.get("value"))]
