@@ -32,7 +32,7 @@ from bk_sim.errors import BkSimError, ScenarioError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import LeafPlan
 from bk_sim.sim._checks import Check, Judgement, judge
-from bk_sim.sim._eventlog import EventLog, harness_event
+from bk_sim.sim._eventlog import EventLog, harness_event, redact
 from bk_sim.sim._synth import leaf_weightings
 from bk_sim.sim._worker import WorkerSpec, worker_main
 
@@ -448,6 +448,7 @@ class SimulationRun:
         sc = self.scenario
         p = sc.platform
         if p.mode == "remote":
+            log.add_secrets((p.admin_token or "",))
             yield _remote(sc, self.run_dir, self._say)
             return
         from bk_sim.platform import start_platform
@@ -681,25 +682,28 @@ def _results(
     sc: Scenario, j: Judgement, run_dir: Path, started_at: float, interrupted: bool
 ) -> dict[str, Any]:
     ended = time.time()
-    return {
-        "passed": j.passed,
-        "exit_code": 2 if interrupted else (0 if j.passed else 1),
-        "verdict": _verdict(j),
-        "scenario": sc.to_dict(),
-        "run": {
-            "dir": str(run_dir),
-            "started_at": datetime.fromtimestamp(started_at, timezone.utc).isoformat(),
-            "ended_at": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
-            "duration_s": ended - started_at,
-            "interrupted": interrupted,
-        },
-        "checks": [c.to_dict() for c in j.checks],
-        "rounds": j.rounds,
-        "notifications": j.notifications,
-        "downloads": j.downloads,
-        "leaves": j.leaves,
-        "timings": j.timings,
-    }
+    # redact: the scenario's broker URLs may carry passwords, and results.json is shared.
+    return redact(
+        {
+            "passed": j.passed,
+            "exit_code": 2 if interrupted else (0 if j.passed else 1),
+            "verdict": _verdict(j),
+            "scenario": sc.to_dict(),
+            "run": {
+                "dir": str(run_dir),
+                "started_at": datetime.fromtimestamp(started_at, timezone.utc).isoformat(),
+                "ended_at": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
+                "duration_s": ended - started_at,
+                "interrupted": interrupted,
+            },
+            "checks": [c.to_dict() for c in j.checks],
+            "rounds": j.rounds,
+            "notifications": j.notifications,
+            "downloads": j.downloads,
+            "leaves": j.leaves,
+            "timings": j.timings,
+        }
+    )
 
 
 def _verdict(j: Judgement) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from bk_sim.errors import ScenarioError
 from bk_sim.scenario import Scenario, scenario_from_dict
-from bk_sim.sim._orchestrator import SimulationRun
+from bk_sim.sim._checks import Judgement
+from bk_sim.sim._orchestrator import SimulationRun, _results
 
 
 def _scenario(tmp_path: Path, **extra: object) -> Scenario:
@@ -48,3 +50,18 @@ def test_weightings_that_overflow_are_refused_before_anything_starts(tmp_path: P
     with pytest.raises(ScenarioError, match="leaves.weighting: lognormal draws"):
         SimulationRun(sc)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_results_never_hold_the_broker_passwords_of_the_scenario(tmp_path: Path) -> None:
+    sc = _scenario(
+        tmp_path,
+        broker={
+            "provider": "external",
+            "amqp_url": "amqp://bob:amqp-s3cret@127.0.0.1:5672/",
+            "management_url": "http://bob:mgmt-s3cret@127.0.0.1:15672/",
+        },
+    )
+    results = _results(sc, Judgement(), tmp_path, 0.0, False)
+    text = json.dumps(results)
+    assert "s3cret" not in text
+    assert results["scenario"]["broker"]["amqp_url"] == "amqp://bob:***@127.0.0.1:5672/"
