@@ -8,6 +8,7 @@ load generator's users both drive it. It talks to the platform only through
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -71,7 +72,11 @@ class AggregateCache:
             if kept.exists():
                 downloaded.unlink(missing_ok=True)
             else:
-                shutil.move(str(downloaded), kept)
+                # Leaves of other processes read ``kept`` as soon as it exists, and a move
+                # from /tmp to another filesystem is a copy: copy beside it, then rename.
+                part = kept.with_name(f".{kept.name}.{os.getpid()}.part")
+                shutil.move(str(downloaded), part)
+                os.replace(part, kept)
             layers = weights.read_layers(kept)
             for arr in layers:
                 arr.flags.writeable = False

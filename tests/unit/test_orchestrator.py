@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bk_sim import weights
 from bk_sim.errors import ScenarioError
 from bk_sim.scenario import Scenario, scenario_from_dict
+from bk_sim.sim._agent import AggregateCache
 from bk_sim.sim._checks import Judgement
 from bk_sim.sim._orchestrator import SimulationRun, _results
 
@@ -65,3 +68,18 @@ def test_results_never_hold_the_broker_passwords_of_the_scenario(tmp_path: Path)
     text = json.dumps(results)
     assert "s3cret" not in text
     assert results["scenario"]["broker"]["amqp_url"] == "amqp://bob:***@127.0.0.1:5672/"
+
+
+def test_aggregate_cache_keeps_the_first_copy_whole_and_no_partial_file(tmp_path: Path) -> None:
+    keep, work = tmp_path / "aggregates", tmp_path / "leaf"
+    keep.mkdir()
+    work.mkdir()
+    layers = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+    for name in ("a.npz", "b.npz"):  # two leaves of one process download the same aggregate
+        weights.save_layers(work / name, layers)
+    first = AggregateCache(keep).add("agg-1", work / "a.npz")
+    again = AggregateCache(keep).add("agg-1", work / "b.npz")  # another process: file exists
+    np.testing.assert_array_equal(first[0], layers[0])
+    np.testing.assert_array_equal(again[0], layers[0])
+    assert sorted(p.name for p in keep.iterdir()) == ["agg-1.npz"]
+    assert list(work.iterdir()) == []
