@@ -426,3 +426,44 @@ def test_headers_carry_the_bearer_pair_unless_unauthenticated() -> None:
     assert first["Authorization"] == "Bearer leaf-1:tok-xyz" and first["LEAF"] == "true"
     assert first["accept"] == "application/json"
     assert "Authorization" not in second and "LEAF" not in second and second["accept"] == "*/*"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs"),
+    [
+        ("GET", "http://platform.test/api/v1/run/b%2F1", {}),
+        ("POST", "http://platform.test/api/v1/performance/analysis", {"json_body": {"a": [1]}}),
+        (
+            "POST",
+            "http://platform.test/api/v1/file/upload",
+            {"data": b"--x\r\nbody", "headers": {"Content-Type": "multipart/form-data"}},
+        ),
+        ("GET", "http://platform.test/blob/1 x?sig=a b&exp=9", {"authenticated": False}),
+        ("GET", "http://user:pw@platform.test/x", {}),  # requests turns userinfo into Basic
+        ("GET", "http://bücher.test/x", {"accept": "*/*"}),
+    ],
+)
+def test_prepared_requests_equal_requests_own_preparation(
+    method: str, url: str, kwargs: dict[str, Any]
+) -> None:
+    t, _, _, _ = transport([])
+    json_body, data = kwargs.get("json_body"), kwargs.get("data")
+    headers = {"accept": kwargs.get("accept", "application/json")}
+    if kwargs.get("authenticated", True):
+        headers.update(Authorization="Bearer leaf-1:tok-xyz", LEAF="true")
+    headers.update(kwargs.get("headers", {}))
+    want = requests.Request(method, url, headers=headers, json=json_body, data=data).prepare()
+    for _ in range(2):  # the second time with the remembered URL
+        got = t._prepare(
+            method,
+            url,
+            json_body,
+            data,
+            kwargs.get("headers"),
+            kwargs.get("accept", "application/json"),
+            kwargs.get("authenticated", True),
+        )
+        assert (got.method, got.url, got.body) == (want.method, want.url, want.body)
+        assert dict(got.headers) == dict(want.headers)
+        assert list(got.headers) == list(want.headers)  # same order on the wire
+        assert got.hooks == want.hooks and dict(got._cookies) == dict(want._cookies)
