@@ -143,22 +143,28 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, dict[str, int]]:
         loader.dispose()
     lines: dict[str, int] = {}
     if node is not None:
-        _index_lines(node, "", lines)
+        _index_lines(node, "", lines, set())
     return data, lines
 
 
-def _index_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+def _index_lines(node: yaml.Node, prefix: str, out: dict[str, int], seen: set[int]) -> None:
+    """Each collection node is walked once: an alias (``*a``) may point back at its own
+    anchor (a cycle) or be repeated into exponentially many paths (a "billion laughs")."""
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode):
                 path = _join(prefix, str(key_node.value))
                 out[path] = key_node.start_mark.line + 1
-                _index_lines(value_node, path, out)
+                _index_lines(value_node, path, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             path = f"{prefix}[{i}]"
             out[path] = item.start_mark.line + 1
-            _index_lines(item, path, out)
+            _index_lines(item, path, out, seen)
 
 
 # --------------------------------------------------------------------------- assembly
@@ -177,7 +183,7 @@ def _from_data(
             f"{where}: expected a mapping of scenario keys at the top level, found "
             f"{_describe(data)}"
         )
-    merged: dict[str, Any] = _copy(data)
+    merged: dict[str, Any] = _copy(data, where)
     applied: list[tuple[str, str]] = []  # (key path, override text)
     for text in overrides:
         try:
@@ -219,12 +225,32 @@ def _related(a: str, b: str) -> bool:
     return under(a, b) or under(b, a)
 
 
-def _copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+#: More values than any real scenario holds; YAML aliases can multiply a small file.
+_MAX_VALUES = 100_000
+
+
+def _copy(data: Any, where: str) -> Any:
+    """A deep copy of plain data, refusing a cycle (``x: &a [*a]``) or an alias-built
+    explosion ("billion laughs") with a ScenarioError instead of a RecursionError or a hang."""
+    budget = _MAX_VALUES
+
+    def walk(value: Any, ancestors: frozenset[int]) -> Any:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise ScenarioError(
+                f"{where}: more than {_MAX_VALUES:,} values (YAML aliases repeated?)"
+            )
+        if not isinstance(value, (Mapping, list)):
+            return value
+        if id(value) in ancestors:
+            raise ScenarioError(f"{where}: a YAML alias refers to a value that contains it")
+        inner = ancestors | {id(value)}
+        if isinstance(value, Mapping):
+            return {k: walk(v, inner) for k, v in value.items()}
+        return [walk(v, inner) for v in value]
+
+    return walk(data, frozenset())
 
 
 def _set_path(data: dict[str, Any], parts: tuple[str, ...], value: Any, text: str) -> None:

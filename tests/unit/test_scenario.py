@@ -432,3 +432,17 @@ def test_cli_check_and_schema(tmp_path: Path) -> None:
     assert "rounds: expected an integer >= 1; found 0" in bad.output
     schema = runner.invoke(main, ["scenario", "schema"])
     assert schema.exit_code == 0 and schema.output == scenario_schema_doc()
+
+
+def test_yaml_alias_cycles_and_alias_explosions_are_scenario_errors(tmp_path: Path) -> None:
+    """Both used to escape: a cycle as a RecursionError traceback, nine nested levels of
+    ten aliases as a walk over 10**9 values (minutes of CPU)."""
+    with pytest.raises(ScenarioError, match="alias refers to a value that contains it"):
+        load_scenario(_write(tmp_path, BASE + "extra: &a [*a]\n"))
+    laughs = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)
+    ]
+    with pytest.raises(ScenarioError, match="more than 100,000 values"):
+        load_scenario(_write(tmp_path, BASE + "\n".join(laughs) + "\n"))
+    shared = BASE.replace("preset: tiny", "layers: [&l {shape: [4], dtype: float32}, *l]")
+    assert len(load_scenario(_write(tmp_path, shared)).model.layers) == 2  # plain aliases work
