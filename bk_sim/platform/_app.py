@@ -31,7 +31,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from bk_sim import __version__
 from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
-from bk_sim.errors import BrokerError, WeightsFormatError
+from bk_sim.errors import BrokerError, PlatformError, WeightsFormatError
 from bk_sim.platform._aggregate import STRATEGIES
 from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault, is_finite
 from bk_sim.platform._notify import (
@@ -82,6 +82,12 @@ class PlatformConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES
     url_ttl_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        # An empty token would let "Authorization: Bearer " (or "Bearer") into the admin API.
+        if not self.admin_token.strip():
+            raise PlatformError("the admin token must not be empty (--admin-token / "
+                                "BK_SIM_ADMIN_TOKEN)")
 
 
 class _Dropped(Exception):

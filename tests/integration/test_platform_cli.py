@@ -42,6 +42,11 @@ def test_serve_without_admin_token_fails_with_a_reason(tmp_path: Path) -> None:
                                 env={"BK_SIM_ADMIN_TOKEN": None})
     assert result.exit_code == 2
     assert "--admin-token" in result.output
+    # an empty one would let "Authorization: Bearer " into the admin API
+    result = CliRunner().invoke(main, ["platform", "serve", "--data-dir", str(tmp_path),
+                                       "--admin-token", " ", "--no-amqp"])
+    assert result.exit_code == 2
+    assert "admin token must not be empty" in result.output
 
 
 @pytest.mark.rabbitmq
