@@ -37,6 +37,14 @@ class Credentials:
                     if f.name != "session_token"
                     else "credentials.session_token must be a non-empty string"
                 )
+        for name in ("id", "session_token"):
+            # Both go into the Authorization header, where requests refuses a line break
+            # and quotes the whole header value (the token) in its error.
+            if any(c in getattr(self, name) for c in "\r\n"):
+                raise ClientConfigError(
+                    f"credentials.{name} must not contain a line break (a stray newline "
+                    "from the file it was read from?)"
+                )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Credentials:

@@ -150,6 +150,18 @@ class HttpTransport:
         self.proxies: dict[str, str] = dict(proxies or {})
         self._events = events
         self._auth = f"Bearer {credentials.id}:{credentials.session_token}"
+        token = credentials.session_token
+        # How the token may show in an exception's text: as is, escaped by repr, or cut
+        # at a line break.
+        self._token_forms = {
+            form
+            for form in (
+                token,
+                token.encode("unicode_escape").decode("ascii"),
+                *re.split(r"[\r\n]+", token),
+            )
+            if form
+        }
         self._session = requests.Session()
         self._closed = threading.Event()
         self._settings_lock = threading.Lock()
@@ -351,9 +363,14 @@ class HttpTransport:
             prepared.prepare_hooks(None)
             return prepared
         except _TRANSPORT_ERRORS as exc:
-            raise TransportError(
-                f"{method} {redact_url(url)}: bad request: {_describe(exc)}"
-            ) from exc
+            reason = _describe(exc)
+            if any(form in reason for form in self._token_forms):
+                # requests quotes a refused header's value, and ours carries the token.
+                raise TransportError(
+                    f"{method} {redact_url(url)}: bad request: {type(exc).__name__} "
+                    "in the Authorization header"
+                ) from None
+            raise TransportError(f"{method} {redact_url(url)}: bad request: {reason}") from exc
 
     def _prepared_url(self, url: str) -> str:
         """``PreparedRequest.prepare_url(url, None)``'s answer, remembered per URL string."""

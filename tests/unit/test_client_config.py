@@ -66,6 +66,8 @@ def test_credentials_dict_and_dataclass_agree() -> None:
         ({**CREDS, "branch_id": ""}, "credentials.branch_id"),
         ({**CREDS, "id": 5}, "credentials.id"),
         ({**CREDS, "session_token": None}, "credentials.session_token"),
+        ({**CREDS, "session_token": "tok-SECRET\n"}, "session_token must not contain a line"),
+        ({**CREDS, "id": "leaf\r\n"}, "credentials.id must not contain a line break"),
         (["id", "name"], "credentials must be"),
         ("leaf-1", "credentials must be"),
     ],

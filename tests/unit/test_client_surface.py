@@ -467,3 +467,13 @@ def test_prepared_requests_equal_requests_own_preparation(
         assert dict(got.headers) == dict(want.headers)
         assert list(got.headers) == list(want.headers)  # same order on the wire
         assert got.hooks == want.hooks and dict(got._cookies) == dict(want._cookies)
+
+
+def test_a_refused_authorization_header_never_shows_the_token() -> None:
+    # Credentials refuse line breaks; this is the transport's own guard behind that check.
+    creds = type("C", (), {"id": "leaf-1", "session_token": "tok-SECRET\n"})()
+    t = HttpTransport("http://platform.test", creds, RetryConfig(), EventSink(None, "leaf-1"))
+    with pytest.raises(TransportError, match="InvalidHeader in the Authorization") as info:
+        t.request("GET", t.url("/x"), endpoint="x")
+    assert "tok-SECRET" not in str(info.value) and info.value.__cause__ is None
+    assert info.value.__suppress_context__
