@@ -473,8 +473,8 @@ class Platform:
             raise RequestRejected(401, "WebSocket ticket is unknown, used or expired")
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
         await ws.prepare(request)
-        await self.hub.attach(leaf_id, ws)
         try:
+            await self.hub.attach(leaf_id, ws)
             async for _ in ws:
                 pass  # leaves send nothing we act on
         finally:

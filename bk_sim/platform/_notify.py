@@ -303,12 +303,22 @@ class WsHub:
         return leaf_id
 
     async def attach(self, leaf_id: str, ws: web.WebSocketResponse) -> None:
+        """Register a connection and hand it the messages that waited for the leaf.
+
+        A send that fails (the leaf went away again at once) puts the undelivered ones
+        back, ahead of any that arrived meanwhile, for the next connection.
+        """
         self._conns[leaf_id].add(ws)
-        pending = self._backlog.pop(leaf_id, None)
-        if pending is None:
-            pending = collections.deque()
-        for text in pending:
-            await ws.send_str(text)
+        pending = self._backlog.pop(leaf_id, None) or collections.deque()
+        while pending:
+            try:
+                await ws.send_str(pending[0])
+            except (ConnectionError, RuntimeError) as exc:
+                log.debug("WebSocket backlog send to a leaf failed: %r", exc)
+                kept = self._backlog.setdefault(leaf_id, collections.deque(maxlen=WS_BACKLOG))
+                kept.extendleft(reversed(pending))
+                return
+            pending.popleft()
 
     def detach(self, leaf_id: str, ws: web.WebSocketResponse) -> None:
         conns = self._conns.get(leaf_id)

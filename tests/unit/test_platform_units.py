@@ -218,3 +218,42 @@ def test_an_unexpected_aggregation_error_fails_the_round_instead_of_leaving_it_c
     assert store.rounds_to_resume() == []
     assert "aggregation failed" in caplog.text
     store.close()
+
+
+def test_websocket_backlog_survives_a_leaf_that_drops_while_it_is_sent() -> None:
+    """A send failing mid-backlog used to lose the rest (popped, never re-queued) and let
+    the error escape the WebSocket handler before it could detach the connection."""
+    import asyncio
+
+    from bk_sim.platform._notify import WsHub
+
+    class _Flaky:
+        closed = False
+
+        def __init__(self, fail_after: int) -> None:
+            self.got: list[str] = []
+            self._left = fail_after
+
+        async def send_str(self, text: str) -> None:
+            if self._left == 0:
+                raise ConnectionResetError("Cannot write to closing transport")
+            self._left -= 1
+            self.got.append(text)
+
+    async def run() -> tuple[list[str], list[str]]:
+        hub = WsHub()
+        first = _Flaky(fail_after=1)
+        await hub.attach("leaf", first)  # type: ignore[arg-type]
+        hub.detach("leaf", first)  # type: ignore[arg-type]
+        for n in range(3):
+            await hub.send("leaf", f"m{n}")
+        dropping = _Flaky(fail_after=1)
+        await hub.attach("leaf", dropping)  # type: ignore[arg-type]
+        hub.detach("leaf", dropping)  # type: ignore[arg-type]
+        again = _Flaky(fail_after=10)
+        await hub.attach("leaf", again)  # type: ignore[arg-type]
+        return dropping.got, again.got
+
+    dropped_got, again_got = asyncio.run(run())
+    assert dropped_got == ["m0"]
+    assert again_got == ["m1", "m2"]  # the rest, in order, on the next connection
