@@ -54,6 +54,7 @@ from pika.adapters.utils import connection_workflow as cw
 from bk_sim.client._backoff import attempts_left, reconnect_delay
 from bk_sim.client._config import Credentials, RabbitMQConfig
 from bk_sim.client._events import EventSink
+from bk_sim.client._http import JSON_ERRORS
 
 _log = logging.getLogger("bk_sim.client.amqp")
 
@@ -338,7 +339,7 @@ class AmqpConsumer:
             return  # not acked: the broker requeues it when the connection closes
         try:
             message = json.loads(body)
-        except ValueError:
+        except JSON_ERRORS:
             _log.warning("dropping a notification that is not JSON: %r", body[:200])
             message = None
         if message is not None and not isinstance(message, dict):

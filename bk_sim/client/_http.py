@@ -39,6 +39,9 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _PREVIEW_CHARS = 200
 # Failures that mean "no usable answer"; requests wraps most urllib3 errors, not all.
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+# What json.loads raises on bytes that are not JSON; a body nested deeper than the
+# interpreter's recursion limit ("[[[[...") raises RecursionError, not ValueError.
+JSON_ERRORS = (ValueError, RecursionError)
 # Distinct (scheme, host, verify, proxies) settings remembered per environment snapshot.
 _SETTINGS_CACHE_SIZE = 32
 
@@ -96,7 +99,7 @@ def error_text(content: bytes) -> str:
     """The body's ``error`` text, else a short preview of the body (for error messages)."""
     try:
         body = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except JSON_ERRORS:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return body["error"]
@@ -456,7 +459,7 @@ class HttpTransport:
         if parse_json:
             try:
                 body = json.loads(content) if content else None
-            except (ValueError, UnicodeDecodeError) as exc:
+            except JSON_ERRORS as exc:
                 raise ApiError(
                     method,
                     url,

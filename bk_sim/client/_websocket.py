@@ -40,6 +40,7 @@ from websockets.exceptions import (
 from bk_sim.client._backoff import attempts_left, reconnect_delay
 from bk_sim.client._config import WebSocketConfig
 from bk_sim.client._events import EventSink
+from bk_sim.client._http import JSON_ERRORS
 
 _log = logging.getLogger("bk_sim.client.websocket")
 
@@ -290,7 +291,7 @@ class WebSocketConsumer:
         """Parse one frame and call ``on_message``; bad frames and handler errors are logged."""
         try:
             message = json.loads(frame)
-        except ValueError:
+        except JSON_ERRORS:
             _log.warning("dropping a notification that is not JSON: %r", frame[:200])
             return
         if not isinstance(message, dict):

@@ -303,7 +303,8 @@ def test_bad_messages_are_logged_acked_and_dropped(leaf: Leaf) -> None:
     try:
         rec.wait_count("connect", 1, 10)
         boom = {"message_type": "aggregation_status", "body": {"aggregation_id": "boom"}}
-        leaf.publish(b"not json {", b"[1, 2]", b"\xff\xfe", boom, RUN)
+        deep = b"[" * 100_000  # json.loads raises RecursionError, not ValueError
+        leaf.publish(b"not json {", b"[1, 2]", b"\xff\xfe", deep, boom, RUN)
         rec.wait(lambda: len(rec.messages) >= 2, 10, "2 messages")
         time.sleep(0.3)
         assert rec.messages == [boom, RUN]  # the failing handler's message is not redelivered

@@ -215,7 +215,7 @@ def test_messages_arrive_in_order_and_pings_are_answered(server: _WsServer) -> N
     try:
         rec.wait_count("connect", 1, 5)
         assert consumer.connected
-        server.send(json.dumps(AGG), "not json {", "[1, 2]", json.dumps(RUN))
+        server.send(json.dumps(AGG), "not json {", "[1, 2]", "[" * 100_000, json.dumps(RUN))
         rec.wait(lambda: len(rec.messages) >= 2, 5, "2 messages")
         # The server pings every 0.25 s and drops a client that does not pong in time.
         time.sleep(1.5)

@@ -411,6 +411,16 @@ def test_a_non_json_success_is_an_error() -> None:
         t.request("GET", t.url("/x"), endpoint="x")
 
 
+def test_a_body_nested_too_deep_for_json_is_an_api_error() -> None:
+    deep = b"[" * 100_000  # json.loads raises RecursionError here, not ValueError
+    t, _, _, _ = transport([(200, {}, deep), (400, {}, deep)])
+    with pytest.raises(ApiError, match="not JSON"):
+        t.request("GET", t.url("/x"), endpoint="x")
+    with pytest.raises(ApiError, match=r"HTTP 400: \[\[\[") as info:
+        t.request("GET", t.url("/x"), endpoint="x")
+    assert info.value.status == 400
+
+
 def test_headers_carry_the_bearer_pair_unless_unauthenticated() -> None:
     t, adapter, _, _ = transport([200, (200, {}, b"raw")])
     t.request("GET", t.url("/x"), endpoint="x")
