@@ -159,7 +159,11 @@ class LoadRun:
 
     def _drive(self) -> LoadResult:
         sc, opt = self.scenario, self.options
-        self.run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+        except OSError as exc:  # most often an existing --run-dir: never mix two runs
+            raise BkSimError(f"cannot create the run folder {self.run_dir}: {exc.strerror}"
+                             ) from exc
         started = time.time()
         checks: list[dict[str, Any]] = []
         with contextlib.ExitStack() as stack:

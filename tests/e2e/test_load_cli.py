@@ -173,3 +173,12 @@ def test_master_and_two_workers_merge_their_stats(management: Any, tmp_path: Pat
     counts = _locust_http_counts(rows)
     assert counts["upload"] > 0
     assert counts == _platform_counts(results)
+
+
+def test_an_existing_run_dir_is_refused_in_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    proc = _load([str(SMOKE), "--run-dir", str(taken)], tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # was 1 (= a check failed)
+    assert f"cannot create the run folder {taken}: File exists" in proc.stderr
+    assert "Traceback" not in proc.stderr
