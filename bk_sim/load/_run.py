@@ -37,6 +37,7 @@ from typing import Any, Literal
 import gevent
 import gevent.event
 from locust.env import Environment
+from locust.exception import RPCError
 from locust.html import get_html_report
 from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner, Runner
 from locust.stats import (
@@ -299,7 +300,12 @@ class LoadRun:
     def _runner(self, env: Environment) -> Runner:
         opt = self.options
         if opt.role == "master":
-            return env.create_master_runner(opt.master_bind_host, opt.master_port)
+            try:
+                return env.create_master_runner(opt.master_bind_host, opt.master_port)
+            except RPCError as exc:  # e.g. the port is taken
+                raise BkSimError(
+                    f"Locust master on {opt.master_bind_host}:{opt.master_port}: {exc}"
+                ) from exc
         return env.create_local_runner()
 
     def _serve_workers(
@@ -375,9 +381,16 @@ class LoadRun:
         # Locust's UI parses sys.argv with its own parser on every page load; ours are not
         # its options (click has parsed them already).
         sys.argv = sys.argv[:1]
-        env.create_web_ui(host=opt.web_host, port=opt.web_port)
+        web_ui = env.create_web_ui(host=opt.web_host, port=opt.web_port)
         self._say(f"Locust web UI on http://{opt.web_host}:{opt.web_port}/ (Ctrl-C ends the run)")
-        self._ended.wait()
+        # The server binds in its own greenlet: a port in use ends that greenlet, not the
+        # run, which then waited forever behind a UI nobody could open.
+        while not self._ended.wait(0.5):
+            server = web_ui.greenlet
+            if server is not None and server.dead:
+                raise BkSimError(
+                    f"Locust web UI on {opt.web_host}:{opt.web_port} stopped: {server.exception}"
+                )
 
     def _stop(self, runner: Runner) -> None:
         """Graceful stop; a master then waits one worker report for the final numbers."""

@@ -182,3 +182,23 @@ def test_an_existing_run_dir_is_refused_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr  # was 1 (= a check failed)
     assert f"cannot create the run folder {taken}: File exists" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("role", ["--web", "--master"])
+def test_a_taken_web_or_master_port_is_a_one_line_error_not_a_hang(
+    management: Any, tmp_path: Path, role: str
+) -> None:
+    """The web UI's bind failure used to leave the run waiting forever; the master's was
+    an RPCError traceback with exit code 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = (["--web", "--web-port", port] if role == "--web" else
+                ["--master", "--master-bind-host", "127.0.0.1", "--master-port", port])
+        proc = _load([str(SMOKE), *args, "--run-dir", str(tmp_path / "run")], tmp_path,
+                     timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bk-sim: Locust ") and f"127.0.0.1:{port}" in last, last
+    assert "in use" in last, last
