@@ -38,8 +38,15 @@ def test_round_of_uploads_throughput(management: ManagementAPI, tmp_path: Path) 
         t1 = time.perf_counter()
         record = b.wait(1, timeout=120)
         t2 = time.perf_counter()
+        assert record["status"] == "aggregated", record
+        [got] = b.download(0, record["aggregation_id"])
     assert codes == [201] * leaves
-    assert record["status"] == "aggregated" and len(record["uploads"]) == leaves
+    assert len(record["uploads"]) == leaves
+    # FedAvg of base + i with weighting 1 + i, at a size where uploads are added in batches
+    w = np.arange(1, leaves + 1, dtype=np.float64)
+    shift = float((w * (w - 1)).sum() / w.sum())
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, base.astype(np.float64) + shift, rtol=1e-6, atol=1e-5)
     total = sum(len(x) for x in blobs) / 2**20
     print(f"\n{leaves} uploads x {mb:g} MB ({total:.0f} MB sent): uploads {t1 - t0:.2f} s "
           f"({total / (t1 - t0):.0f} MB/s), last upload -> aggregated {t2 - t1:.2f} s")
