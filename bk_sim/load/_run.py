@@ -523,7 +523,12 @@ class LoadRun:
             ctx = LoadContext(sc, work / "downloads")
             ctx.payloads = build_payloads(sc, work / "payloads")
             env = Environment(user_classes=[user_class(ctx)], stop_timeout=STOP_GRACE_S)
-            runner = env.create_worker_runner(opt.master_host, opt.master_port)
+            try:
+                runner = env.create_worker_runner(opt.master_host, opt.master_port)
+            except ConnectionError as exc:  # Locust gives up after its retries (5 min)
+                raise BkSimError(
+                    f"Locust worker: no master answered on {opt.master_host}:{opt.master_port}"
+                ) from exc
 
             def setup(environment: Environment, msg: Any, **_: Any) -> None:
                 d = msg.data

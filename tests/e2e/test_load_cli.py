@@ -202,3 +202,20 @@ def test_a_taken_web_or_master_port_is_a_one_line_error_not_a_hang(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("bk-sim: Locust ") and f"127.0.0.1:{port}" in last, last
     assert "in use" in last, last
+
+
+def test_a_worker_without_a_master_gives_up_in_one_line(tmp_path: Path) -> None:
+    """Locust raises ConnectionError after its retries (5 minutes; cut short here)."""
+    script = (
+        "import locust, sys\n"  # gevent patches first, as python -m bk_sim.load does
+        "import locust.runners as lr\n"
+        "lr.CONNECT_RETRY_COUNT, lr.CONNECT_TIMEOUT = 1, 0.2\n"
+        "from bk_sim.cli import main\n"
+        "main(prog_name='bk-sim', args=['load', sys.argv[1], '--worker', '--master-port', "
+        "sys.argv[2]])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(SMOKE), str(_free_port())],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "bk-sim: Locust worker: no master answered on 127.0.0.1:" in proc.stderr
+    assert "Traceback" not in proc.stderr
