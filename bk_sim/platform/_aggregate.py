@@ -120,11 +120,15 @@ def aggregate(
                     f"leaf {up.leaf_id}: weighting must be finite and > 0, got {up.weighting!r}"
                 )
     log.debug("aggregating %d uploads with %s", len(uploads), strategy)
+    # Weightings divided by a power of two near the largest: the sums cannot overflow
+    # (two weightings of 1e308 made the total inf and the aggregate NaN), and dividing
+    # by a power of two is exact, so the result is bit for bit the unscaled one.
+    shift = math.frexp(max(up.weighting for up in uploads))[1] if weighted else 0
     with contextlib.closing(_decoded(uploads, max_decompressed_bytes)) as stream:
         if strategy in ("fedavg", "mean"):
             acc = _Accumulator(weighted=weighted, expected=len(uploads))
             for up, layers in stream:
-                acc.add(up.leaf_id, up.weighting, layers)
+                acc.add(up.leaf_id, math.ldexp(up.weighting, -shift), layers)
             return acc.result()
         return _order_statistic(stream, len(uploads), strategy, trim_fraction)
 

@@ -72,6 +72,20 @@ def test_fedavg_two_leaves_by_hand(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got[1], [17.5])
 
 
+def test_fedavg_of_huge_weightings_does_not_overflow(tmp_path: Path) -> None:
+    """Each weighting is finite and > 0 as the contract asks; their float64 sum was inf
+    and the aggregate NaN. Scaled by a power of two, the bits are also unchanged."""
+    layers = [[np.array([1.0, 2.0], np.float32)], [np.array([2.0, 4.0], np.float32)]]
+    got = aggregate(_uploads(tmp_path, layers, [1e308, 1e308]))[0]
+    np.testing.assert_array_equal(got, np.array([1.5, 3.0], np.float32))
+    rng = np.random.default_rng(3)
+    leaves = [[rng.standard_normal(50).astype(np.float32)] for _ in range(3)]
+    small = aggregate(_uploads(tmp_path, leaves, [3.0, 5.0, 7.0]))[0]
+    big = aggregate(_uploads(tmp_path, leaves, [3.0 * 2.0**900, 5.0 * 2.0**900,
+                                                7.0 * 2.0**900]))[0]
+    np.testing.assert_array_equal(small, big)
+
+
 def test_mean_ignores_weighting_by_hand(tmp_path: Path) -> None:
     ups = _uploads(
         tmp_path,
