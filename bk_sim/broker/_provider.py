@@ -100,10 +100,10 @@ def mask_url(url: str | None) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    # From the netloc text, not ``parts.port``: that raises for a bad port, and a URL
+    # with a bad port is exactly what an error message shows.
+    host_port = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username or ''}:***@{host_port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -446,7 +446,7 @@ def _check_amqp(url: str, timeout: float | None = None) -> None:
             f"AMQP check failed: URL {mask_url(url)!r} is wrong: expected "
             "amqp://user:password@host:5672/vhost",
         )
-    where = f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
+    where = f"{parts.hostname}:{_port(url, 'AMQP', 5671 if parts.scheme == 'amqps' else 5672)}"
     user = unquote(parts.username or "guest")
     try:
         params = pika.URLParameters(url)
@@ -518,7 +518,10 @@ def _check_management(url: str, timeout: float | None = None) -> dict[str, Any]:
             f"management API check failed: URL {mask_url(url)!r} is wrong: expected "
             "http://user:password@host:15672/",
         )
-    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    where = (
+        f"{parts.hostname}:"
+        f"{_port(url, 'management API', 443 if parts.scheme == 'https' else 80)}"
+    )
     user = unquote(parts.username or "guest")
     password = unquote(parts.password or "guest")
     netloc = parts.netloc.rsplit("@", 1)[-1]
@@ -566,6 +569,16 @@ def _check_management(url: str, timeout: float | None = None) -> dict[str, Any]:
             "fix the management URL",
         )
     return overview
+
+
+def _port(url: str, what: str, default: int) -> int:
+    """The URL's port (or ``default``); a non-number or out-of-range one is a url error."""
+    try:
+        return urlsplit(url).port or default
+    except ValueError as exc:
+        raise _ProbeError(
+            "url", f"{what} check failed: URL {mask_url(url)!r} is wrong: {exc}"
+        ) from exc
 
 
 def _from_socket_error(

@@ -45,6 +45,18 @@ def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("amqp://bob:s3cret@h:5672/v") == "amqp://bob:***@h:5672/v"
     assert mask_url("http://h:15672/") == "http://h:15672/"
     assert mask_url(None) == "-"
+    assert mask_url("amqp://bob:s3cret@[::1]:x/") == "amqp://bob:***@[::1]:x/"  # no ValueError
+
+
+def test_bad_ports_name_both_urls_instead_of_a_value_error() -> None:
+    with pytest.raises(BrokerError) as info:
+        with provide_broker("external", amqp_url="amqp://u:s3cret@127.0.0.1:x/",
+                            management_url="http://u:s3cret@127.0.0.1:99999/"):
+            pass
+    message = str(info.value)
+    assert "AMQP check failed: URL 'amqp://u:***@127.0.0.1:x/' is wrong: Port" in message
+    assert "management API check failed: URL 'http://u:***@127.0.0.1:99999/' is wrong" in message
+    assert "s3cret" not in message
 
 
 def test_endpoints_equality_ignores_the_container_handle() -> None:
