@@ -599,9 +599,11 @@ class SimulationRun:
             p.join(timeout=5)
             if p.exitcode not in (0, None):
                 log.write(harness_event("worker_exit", process=p.name, exitcode=p.exitcode))
+        # Not get_nowait: what this process put itself (chaos hooks) may still sit in the
+        # queue's feeder thread, and an inferred upload lost here fails validation.
         with contextlib.suppress(queue.Empty, OSError, ValueError):
             while True:
-                e = events.get_nowait()
+                e = events.get(timeout=0.2)
                 log.write(e)
                 counters.count(e)
 

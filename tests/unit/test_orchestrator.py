@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import multiprocess as mp
 import numpy as np
 import pytest
 
@@ -13,7 +14,8 @@ from bk_sim.errors import ScenarioError
 from bk_sim.scenario import Scenario, scenario_from_dict
 from bk_sim.sim._agent import AggregateCache
 from bk_sim.sim._checks import Judgement
-from bk_sim.sim._orchestrator import SimulationRun, _results
+from bk_sim.sim._eventlog import EventLog, read_events
+from bk_sim.sim._orchestrator import SimulationRun, _Counters, _results
 
 
 def _scenario(tmp_path: Path, **extra: object) -> Scenario:
@@ -83,3 +85,18 @@ def test_aggregate_cache_keeps_the_first_copy_whole_and_no_partial_file(tmp_path
     np.testing.assert_array_equal(again[0], layers[0])
     assert sorted(p.name for p in keep.iterdir()) == ["agg-1.npz"]
     assert list(work.iterdir()) == []
+
+
+def test_stopping_drains_what_the_orchestrator_itself_just_put(tmp_path: Path) -> None:
+    """Chaos hooks emit from the orchestrator process right before the workers stop."""
+    sc = _scenario(tmp_path)
+    run = SimulationRun(sc, run_dir=tmp_path / "run")
+    events = mp.get_context("spawn").Queue()
+    for i in range(300):
+        events.put({"kind": "upload", "t": float(i), "round": 1, "inferred": "x" * 200})
+    log = EventLog(tmp_path / "events.jsonl")
+    counters = _Counters()
+    run._stop_workers([], events, log, counters)
+    log.close()
+    assert counters.uploads == 300
+    assert len(list(read_events(tmp_path / "events.jsonl"))) == 300
