@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from bk_sim.report._load import load_run
 from bk_sim.report._render import render_run
 from bk_sim.report._summary import summary_lines
 
@@ -28,7 +27,7 @@ def report(run_dir: Path, compare_to: Path | None) -> None:
     or OTHER_RUN_DIR is not a run folder.
     """
     rendered = render_run(run_dir, compare_to)
-    for line in summary_lines(load_run(run_dir).results):
+    for line in summary_lines(rendered.results):
         if not line.startswith(("run folder: ", "report: ")):  # paths follow, as rendered
             click.echo(line)
     if rendered.compare_lines:

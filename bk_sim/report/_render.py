@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bk_sim.errors import ReportError
 from bk_sim.report._compare import Delta, compare_lines, compare_runs
@@ -38,13 +39,15 @@ HTML = "report.html"
 
 @dataclass(frozen=True)
 class Rendered:
-    """What ``render_run`` wrote, and the terminal diff when it compared two runs."""
+    """What ``render_run`` wrote, the terminal diff when it compared two runs, and the
+    run's results (so a caller need not read the run folder again)."""
 
     junit: Path
     html: Path
     seconds: float
     compare_lines: list[str] = field(default_factory=list)
     deltas: list[Delta] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)  # the run's, as read for rendering
 
 
 def _dur(seconds: float) -> str:
@@ -210,4 +213,4 @@ def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Ren
         raise ReportError(f"{run.dir}: cannot write the report ({exc})") from exc
     took = time.perf_counter() - began
     _log.info("rendered %s and %s in %.2f s", junit, html_path, took)
-    return Rendered(junit, html_path, took, lines, deltas)
+    return Rendered(junit, html_path, took, lines, deltas, run.results)
