@@ -11,8 +11,8 @@ The publisher is pika's ``BlockingConnection`` in one dedicated thread fed by a 
 round); a connection is per vhost because an AMQP connection is bound to one vhost.
 
 WebSocket (4b): single-use tickets that expire after ``TICKET_TTL_S``; the server pings.
-While a leaf that once used WebSocket is disconnected, up to ``WS_BACKLOG`` messages wait
-for it in memory (not across a platform restart: AMQP is the durable transport).
+Once a leaf has asked for a ticket, up to ``WS_BACKLOG`` messages wait for it in memory
+while it is not connected (not across a platform restart: AMQP is the durable transport).
 """
 
 from __future__ import annotations
@@ -290,6 +290,10 @@ class WsHub:
                 del self._tickets[tid]
         expires = now + TICKET_TTL_S
         self._tickets[ticket_id] = (leaf_id, request_id, expires)
+        if leaf_id not in self._conns:
+            # Messages sent between the ticket and the connection wait for it: a leaf that
+            # uploads right after asking for its first ticket lost its first notification.
+            self._backlog.setdefault(leaf_id, collections.deque(maxlen=WS_BACKLOG))
         return expires
 
     def redeem(self, ticket_id: str, request_id: str) -> str | None:

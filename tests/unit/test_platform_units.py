@@ -257,3 +257,30 @@ def test_websocket_backlog_survives_a_leaf_that_drops_while_it_is_sent() -> None
     dropped_got, again_got = asyncio.run(run())
     assert dropped_got == ["m0"]
     assert again_got == ["m1", "m2"]  # the rest, in order, on the next connection
+
+
+def test_a_notification_sent_between_ticket_and_connect_waits_for_the_leaf() -> None:
+    import asyncio
+
+    from bk_sim.platform._notify import WsHub
+
+    class _Ws:
+        closed = False
+
+        def __init__(self) -> None:
+            self.got: list[str] = []
+
+        async def send_str(self, text: str) -> None:
+            self.got.append(text)
+
+    async def run() -> tuple[list[str], list[str]]:
+        hub = WsHub()
+        await hub.send("never-asked", "dropped")  # a leaf that never used WebSocket
+        hub.issue_ticket("leaf", "t", "r")
+        await hub.send("leaf", "m1")  # the round closed before the leaf connected
+        ws, other = _Ws(), _Ws()
+        await hub.attach("leaf", ws)  # type: ignore[arg-type]
+        await hub.attach("never-asked", other)  # type: ignore[arg-type]
+        return ws.got, other.got
+
+    assert asyncio.run(run()) == (["m1"], [])
