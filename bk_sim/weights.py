@@ -124,8 +124,12 @@ def save_layers(
 
 def _atomic_write(target: Path, data: bytes) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        raise
 
 
 def _weighting_array(weighting: float) -> np.ndarray:

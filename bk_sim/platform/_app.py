@@ -134,8 +134,12 @@ def _validate_and_store(data: bytes, target: Path, claimed_digest: str | None,
     except WeightsFormatError as exc:
         raise RequestRejected(400, f"invalid weights file: {exc}") from exc
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        raise
     return digest, info
 
 

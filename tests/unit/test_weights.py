@@ -253,3 +253,16 @@ def test_validation_info_describes_the_archive() -> None:
     assert info.shapes == ((64, 32), (3, 4))
     assert info.dtypes == ("<f4", "<i8")
     assert info.layer_count == 2
+
+
+def test_a_failed_save_leaves_no_half_written_file(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(self: Path, data: bytes) -> int:
+        with open(self, "wb") as fh:
+            fh.write(data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        W.save_weights(tmp_path / "w", 1.0, [np.ones(4)])
+    assert list(tmp_path.iterdir()) == []
