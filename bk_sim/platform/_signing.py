@@ -26,6 +26,7 @@ def load_or_create_secret(path: Path) -> bytes:
             return data
     secret = secrets.token_bytes(_SECRET_BYTES)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a (short, replaced) existing file keeps its mode on open
     with os.fdopen(fd, "wb") as fh:
         fh.write(secret)
     return secret

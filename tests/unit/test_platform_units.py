@@ -25,6 +25,10 @@ def test_signed_urls_verify_expire_and_resist_forgery(tmp_path: Path) -> None:
     secret = load_or_create_secret(tmp_path / "k")
     assert load_or_create_secret(tmp_path / "k") == secret  # persisted
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "short").write_bytes(b"abc")  # too short to be a key: replaced...
+    (tmp_path / "short").chmod(0o644)
+    assert len(load_or_create_secret(tmp_path / "short")) == 32
+    assert (tmp_path / "short").stat().st_mode & 0o777 == 0o600  # ...and no longer readable
     signer = UrlSigner(secret, ttl_s=60)
     fid = new_id()
     q = dict(p.split("=") for p in signer.query(fid, now=1000).split("&"))
