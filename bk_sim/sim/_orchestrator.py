@@ -523,30 +523,30 @@ class SimulationRun:
         t0 = time.time()
         log.write(harness_event("leaves_spawning", processes=nproc, leaves=len(plans)))
         workers = WorkerControl(ctx, specs, events, stop)
-        workers.start_all()
         procs = workers.procs  # grows when a hook restarts a worker
         hooks = self._hooks
-        if hooks is not None:
-            assert self._endpoints is not None
-            hooks.begin(
-                HookContext(
-                    scenario=sc,
-                    run_dir=self.run_dir,
-                    endpoints=self._endpoints,
-                    admin=self._admin,
-                    branch_id=self._branch_id,
-                    base_faults=self._base_faults,
-                    credentials=credentials or [],
-                    plans=plans,
-                    emit=events.put,
-                    workers=workers,
-                )
-            )
         counters = _Counters()
         deadline = time.monotonic() + sc.timeouts.run_s
         last_progress = 0.0
         interrupted = False
         try:
+            workers.start_all()
+            if hooks is not None:
+                assert self._endpoints is not None
+                hooks.begin(
+                    HookContext(
+                        scenario=sc,
+                        run_dir=self.run_dir,
+                        endpoints=self._endpoints,
+                        admin=self._admin,
+                        branch_id=self._branch_id,
+                        base_faults=self._base_faults,
+                        credentials=credentials or [],
+                        plans=plans,
+                        emit=events.put,
+                        workers=workers,
+                    )
+                )
             while True:
                 try:
                     e = events.get(timeout=0.25)
@@ -577,10 +577,12 @@ class SimulationRun:
         except KeyboardInterrupt:
             self._say("interrupted: stopping leaves and writing what was measured")
             interrupted = True
+        finally:
+            # Also on an error (a hook, the log): leaf processes must not play on unwatched.
             stop.set()
-        if hooks is not None:
-            hooks.end()  # faults undone, and their last events drained below
-        self._stop_workers(procs, events, log, counters)
+            if hooks is not None:
+                hooks.end()  # faults undone, and their last events drained below
+            self._stop_workers(procs, events, log, counters)
         self._say(counters.line(len(plans), sc.rounds, time.time() - t0))
         return interrupted
 
