@@ -42,6 +42,7 @@ Progress = Callable[[str], None]
 _SOCKET_MARGIN = 50
 _PROGRESS_EVERY_S = 2.0
 _WORKER_GRACE_S = 15.0
+_DRAIN_BATCH = 2000
 
 
 @dataclass
@@ -554,7 +555,9 @@ class SimulationRun:
                     counters.count(e)
                     if hooks is not None:
                         hooks.on_event(e)
-                    while True:  # drain what is already there without waiting
+                    # Drain what is already there without waiting, but a bounded batch: a
+                    # stream that never pauses must not starve the deadline and progress checks.
+                    for _ in range(_DRAIN_BATCH):
                         e = events.get_nowait()
                         log.write(e)
                         counters.count(e)
