@@ -157,7 +157,10 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
     put: Callable[[dict[str, Any]], None] = events.put
     local_stop = threading.Event()
     cache = AggregateCache(spec.aggregates_dir)
-    with tempfile.TemporaryDirectory(prefix=f"bk-sim-w{spec.worker}-") as tmp:
+    # A leaf thread still closing after the stop may write into it while it is removed.
+    with tempfile.TemporaryDirectory(
+        prefix=f"bk-sim-w{spec.worker}-", ignore_cleanup_errors=True
+    ) as tmp:
         threads = [
             threading.Thread(
                 target=_leaf_thread,
