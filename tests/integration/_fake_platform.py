@@ -453,7 +453,11 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
 
 
 def _bench_upload(repeats: int = 9) -> None:
-    """Median ``file_upload`` time of a 4 MB float32 layer, 'fast' compression, loopback."""
+    """Median ``file_upload`` time of a 4 MB float32 layer, 'fast' compression, loopback.
+
+    Twice: new bytes every time (each upload runs the client-side archive check) and the
+    same file again (the client remembers that these bytes passed it).
+    """
     import pathlib
     import statistics
     import tempfile
@@ -471,23 +475,68 @@ def _bench_upload(repeats: int = 9) -> None:
             arr = rng.standard_normal(1 << 20, dtype=np.float32)
             if kind == "trained-like":
                 arr = np.round(arr, 2).astype(np.float32)
-            path = weights.save_weights(pathlib.Path(tmp) / kind, 100.0, [arr], compression="fast")
+            fresh = [
+                weights.save_weights(
+                    pathlib.Path(tmp) / f"{kind}{i}", 100.0 + i, [arr], compression="fast"
+                )
+                for i in range(repeats + 1)
+            ]
+            path = fresh[0]
             with (
                 FakePlatform(creds) as p,
                 Client(creds, host=p.url, notifications=False, output_dir=tmp) as c,
             ):
                 c.file_upload(path)  # warm the connection
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
+                for label, paths in (("new bytes", fresh[1:]), ("same file", [path] * repeats)):
+                    times = []
+                    for each in paths:
+                        t0 = time.perf_counter()
+                        c.file_upload(each)
+                        times.append(time.perf_counter() - t0)
+                    p.uploads.clear()
+                    print(  # noqa: T201 - a command-line benchmark
+                        f"{kind}, {label}: {path.stat().st_size / 1e6:.2f} MB file, "
+                        f"file_upload median {statistics.median(times) * 1e3:.1f} ms "
+                        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={repeats})"
+                    )
+
+
+def _bench_small_cpu(uploads: int = 2000) -> None:
+    """CPU time of the uploading thread per 10 kB ``file_upload`` (the Locust user's cost)."""
+    import pathlib
+    import tempfile
+
+    import numpy as np
+
+    from bk_sim import weights
+    from bk_sim.client import Client
+
+    creds = {k: f"bench-{k}" for k in ("id", "name", "session_token", "owner_id", "tree_id")}
+    creds["branch_id"] = "bench-branch"
+    arr = np.random.default_rng(0).standard_normal(2560, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = weights.save_weights(pathlib.Path(tmp) / "w", 1.0, [arr], compression="fast")
+        size = path.stat().st_size
+        with (
+            FakePlatform(creds) as p,
+            Client(creds, host=p.url, notifications=False, output_dir=tmp) as c,
+        ):
+            for _ in range(50):
+                c.file_upload(path)  # warm up
+            per_upload = []
+            for _ in range(5):
+                p.uploads.clear()
+                p.requests.clear()
+                t0 = time.thread_time()
+                for _ in range(uploads // 5):
                     c.file_upload(path)
-                    times.append(time.perf_counter() - t0)
-            print(  # noqa: T201 - a command-line benchmark
-                f"{kind}: {path.stat().st_size / 1e6:.2f} MB file, file_upload median "
-                f"{statistics.median(times) * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, "
-                f"max {max(times) * 1e3:.1f}, n={repeats})"
-            )
+                per_upload.append((time.thread_time() - t0) / (uploads // 5) * 1e3)
+    print(  # noqa: T201 - a command-line benchmark
+        f"10 kB ({size} B file), same file: uploading thread's CPU per "
+        f"file_upload {sorted(per_upload)[2]:.2f} ms median of 5 x {uploads // 5}"
+    )
 
 
 if __name__ == "__main__":
+    _bench_small_cpu()
     _bench_upload()
