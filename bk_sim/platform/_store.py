@@ -80,7 +80,7 @@ def new_id() -> str:
 
 def is_file_id(value: str) -> bool:
     """A file id the store could have issued (a lowercase UUID): nothing path-like."""
-    return bool(_FILE_ID_RE.match(value))
+    return bool(_FILE_ID_RE.fullmatch(value))  # fullmatch: "$" also matches before a "\n"
 
 
 def token_hash(token: str) -> str:

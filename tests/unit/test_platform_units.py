@@ -142,7 +142,7 @@ def test_store_survives_reopen_and_refuses_unsafe_ids(tmp_path: Path) -> None:
     assert record is not None and record["status"] == "open"
     assert [(u["file_id"], u["weighting"]) for u in record["uploads"]] == [(fid, 2.0)]
     assert again.rounds_to_resume()[0]["round"] == 1
-    for bad in ("../x", "a/b", "", fid.upper()):
+    for bad in ("../x", "a/b", "", fid.upper(), fid + "\n"):
         assert not is_file_id(bad)
         with pytest.raises(PlatformError):
             again.file_path(bad)
