@@ -27,8 +27,8 @@ import multiprocess as mp
 import numpy as np
 
 from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
-from bk_sim.client import Client, Credentials
-from bk_sim.errors import BkSimError, ScenarioError
+from bk_sim.client import Client, Credentials, RetryConfig
+from bk_sim.errors import BkSimError, ClientError, PlatformError, ScenarioError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import LeafPlan
 from bk_sim.sim._checks import Check, Judgement, judge
@@ -43,6 +43,7 @@ _SOCKET_MARGIN = 50
 _PROGRESS_EVERY_S = 2.0
 _WORKER_GRACE_S = 15.0
 _DRAIN_BATCH = 2000
+_PROBE_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -643,6 +644,7 @@ def _remote(
             f"the scenario needs leaves.count = {sc.leaves.count}"
         )
     creds = [Credentials.from_dict(c).to_dict() for c in raw[: sc.leaves.count]]
+    _probe_remote(p.host, creds[0])
     say(f"remote platform {p.host}: {len(creds)} leaves from {p.credentials_file}")
     fetch: Callable[[], list[dict[str, Any]] | None] = lambda: None  # noqa: E731
     if p.admin_url and p.admin_token:
@@ -652,6 +654,19 @@ def _remote(
         branch = creds[0]["branch_id"]
         fetch = lambda: admin.rounds(branch)  # noqa: E731
     return p.host, creds, fetch
+
+
+def _probe_remote(host: str, credentials: dict[str, str]) -> None:
+    """Ask the platform once, as the first leaf, before any leaf starts: a platform that is
+    down or refuses the credentials is a run that could not be made (exit 2), not every
+    leaf failing after its retries (exit 1)."""
+    retry = RetryConfig(max_retries=1, backoff_factor=0.5, total_timeout=_PROBE_TIMEOUT_S)
+    try:
+        with Client(credentials, host=host, ssl=False, notifications=False, retry_config=retry):
+            pass
+    except ClientError as exc:
+        leaf = credentials.get("id")
+        raise PlatformError(f"platform.host {host}: did not accept leaf {leaf}: {exc}") from exc
 
 
 def _fetcher(

@@ -163,6 +163,35 @@ def test_unusable_report_dir_exits_2_with_a_one_line_reason(tmp_path: Path) -> N
     assert line.endswith(": Not a directory")
 
 
+def test_a_remote_platform_that_is_down_exits_2_before_any_leaf_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    creds = [
+        {"id": f"leaf-{i}", "name": f"l{i}", "session_token": "tok-secret-a7c1",
+         "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+        for i in range(8)
+    ]  # fmt: skip
+    (tmp_path / "creds.json").write_text(json.dumps(creds))
+    started = time.monotonic()
+    proc, run_dir = _run(
+        tmp_path,
+        "platform.mode=remote",
+        f"platform.host=http://127.0.0.1:{port}",
+        f"platform.credentials_file={tmp_path / 'creds.json'}",
+        "broker.provider=none",
+        "transport=websocket",
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert time.monotonic() - started < 60
+    assert "Traceback" not in proc.stderr and "tok-secret-a7c1" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bk-sim: platform.host http://127.0.0.1:{port}: did not accept leaf")
+    assert run_dir is None  # no results: the run was never made
+
+
 def test_ctrl_c_stops_everything_and_still_writes_results(management: Any, tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     args = [sys.executable, "-m", "bk_sim.cli", "run", str(SMOKE), "--set", f"report.dir={reports}"]
