@@ -9,23 +9,26 @@ the connection then sends a close frame bounded by ``CLOSE_TIMEOUT_S``.
 
 The server pings and ``websockets`` answers; the client never pings (``ping_interval``
 None), as the contract says. ``get_ticket`` (a blocking HTTP call) and ``on_message`` run
-on two single-worker threads, so a slow handler never stalls the loop that answers the
-server's pings, while messages are still handled one at a time, in order. The attempt
-counting is the AMQP consumer's: attempt 0 is the first connect, the counter resets once
-connected, ``give_up`` after ``max_reconnect_attempts`` failed reconnects (0 = never).
+on daemon threads, one call at a time, so a slow handler never stalls the loop that
+answers the server's pings, while messages are still handled one at a time, in order.
+Daemon threads, not a ``ThreadPoolExecutor``: the interpreter joins an executor's workers
+at exit, so a ticket request hanging on a black-holed platform kept the process alive for
+the whole HTTP timeout after ``close()``. The attempt counting is the AMQP consumer's:
+attempt 0 is the first connect, the counter resets once connected, ``give_up`` after
+``max_reconnect_attempts`` failed reconnects (0 = never).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -43,6 +46,7 @@ from bk_sim.client._events import EventSink
 from bk_sim.client._http import JSON_ERRORS
 
 _log = logging.getLogger("bk_sim.client.websocket")
+_T = TypeVar("_T")
 
 TRANSPORT = "websocket"
 #: How long a close handshake may take before the socket is simply dropped.
@@ -58,6 +62,35 @@ class _ConnectFailed(Exception):
 def _short(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+async def _in_daemon_thread(fn: Callable[[], _T], name: str) -> _T:
+    """``fn()`` on a new daemon thread; cancelling the await abandons the thread."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return  # the awaiting task was cancelled (close)
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: the consumer stopped meanwhile
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
 
 
 def _describe_close(exc: ConnectionClosed) -> str:
@@ -147,10 +180,8 @@ class WebSocketConsumer:
         loop = self._loop
         assert loop is not None
         asyncio.set_event_loop(loop)
-        ticket_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bk-ws-ticket")
-        handler_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bk-ws-handler")
         try:
-            self._task = loop.create_task(self._main(ticket_pool, handler_pool))
+            self._task = loop.create_task(self._main())
             loop.run_until_complete(self._task)
         except asyncio.CancelledError:
             pass
@@ -162,8 +193,6 @@ class WebSocketConsumer:
             with self._lock:
                 self._loop_alive = False
             self._connected = False
-            ticket_pool.shutdown(wait=False, cancel_futures=True)
-            handler_pool.shutdown(wait=False, cancel_futures=True)
             try:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
@@ -172,9 +201,7 @@ class WebSocketConsumer:
             if self._stopping.is_set() and not self._gave_up:
                 self._events.emit("consumer_stopped", transport=TRANSPORT)
 
-    async def _main(
-        self, ticket_pool: ThreadPoolExecutor, handler_pool: ThreadPoolExecutor
-    ) -> None:
+    async def _main(self) -> None:
         cfg = self._config
         attempt = 0
         last_error: str | None = None
@@ -200,7 +227,7 @@ class WebSocketConsumer:
                 await asyncio.sleep(delay)
             started = time.monotonic()
             try:
-                ws = await self._open(ticket_pool)
+                ws = await self._open()
             except _ConnectFailed as exc:
                 last_error = str(exc)
                 _log.warning("WebSocket connect attempt %d failed: %s", attempt, last_error)
@@ -220,7 +247,7 @@ class WebSocketConsumer:
                 "connect", transport=TRANSPORT, attempt=attempt, duration_s=up_since - started
             )
             try:
-                last_error = await self._consume(ws, handler_pool)
+                last_error = await self._consume(ws)
             finally:
                 self._connected = False
                 await ws.close()
@@ -233,11 +260,10 @@ class WebSocketConsumer:
             )
             attempt = 1
 
-    async def _open(self, ticket_pool: ThreadPoolExecutor) -> ClientConnection:
+    async def _open(self) -> ClientConnection:
         """Fetch a fresh ticket and open the socket, or raise ``_ConnectFailed``."""
-        loop = asyncio.get_running_loop()
         try:
-            ticket = await loop.run_in_executor(ticket_pool, self._get_ticket)
+            ticket = await _in_daemon_thread(self._get_ticket, "bk-ws-ticket")
         except Exception as exc:  # noqa: BLE001 - get_ticket raises ClientError, or worse
             raise _ConnectFailed(f"ticket request failed: {_short(exc)}") from exc
         ticket_id, request_id = self._ticket_fields(ticket)
@@ -277,15 +303,14 @@ class WebSocketConsumer:
             raise _ConnectFailed("ticket response has no request_id")
         return ticket_id, request_id
 
-    async def _consume(self, ws: ClientConnection, handler_pool: ThreadPoolExecutor) -> str:
+    async def _consume(self, ws: ClientConnection) -> str:
         """Hand each frame to the handler, in order; return why the socket ended."""
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 frame = await ws.recv()
             except ConnectionClosed as exc:
                 return _describe_close(exc)
-            await loop.run_in_executor(handler_pool, self._handle, frame)
+            await _in_daemon_thread(functools.partial(self._handle, frame), "bk-ws-handler")
 
     def _handle(self, frame: str | bytes) -> None:
         """Parse one frame and call ``on_message``; bad frames and handler errors are logged."""

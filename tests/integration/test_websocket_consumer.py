@@ -11,6 +11,8 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -383,3 +385,31 @@ def test_close_from_inside_on_message(server: _WsServer) -> None:
     rec.wait_count("consumer_stopped", 1, 5)
     consumer.close()
     assert rec.messages == [AGG]
+
+
+_EXIT_SCRIPT = """
+import time
+from bk_sim.client._config import WebSocketConfig
+from bk_sim.client._events import EventSink
+from bk_sim.client._websocket import WebSocketConsumer
+
+def hanging_ticket():
+    time.sleep(60)  # a ticket request to a black-holed platform
+    return {}
+
+c = WebSocketConsumer("ws://127.0.0.1:9/api/v1/ws", WebSocketConfig(), hanging_ticket,
+                      lambda m: None, EventSink(None, "x"))
+c.start()
+time.sleep(0.3)
+c.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_hanging_ticket_request_does_not_keep_the_process_alive_after_close() -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr
+    assert time.monotonic() - started < 10  # not the 60 s the ticket call takes
