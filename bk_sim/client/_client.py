@@ -199,10 +199,18 @@ def resolve_settings(
     )
 
 
+def _split_url(url: str, what: str) -> urllib.parse.SplitResult:
+    """``urlsplit``, whose ValueError (``http://[::1``: bad IPv6 brackets) is a config error."""
+    try:
+        return urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise ClientConfigError(f"{what} is not a valid URL ({exc})") from None
+
+
 def _check_api(api: APIConfig) -> None:
     if not isinstance(api.host, str):
         raise ClientConfigError(f"host must be a URL string, got {api.host!r}")
-    parts = urllib.parse.urlsplit(api.host)
+    parts = _split_url(api.host, f"host {api.host!r}")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ClientConfigError(f"host must look like https://name[:port], got {api.host!r}")
     if parts.query or parts.fragment:
@@ -222,8 +230,9 @@ def _check_api(api: APIConfig) -> None:
     for key, url in api.proxies.items():
         if not isinstance(key, str) or not isinstance(url, str):
             raise ClientConfigError(f"proxies[{key!r}] must be a URL string, got {url!r}")
-        scheme = urllib.parse.urlsplit(url).scheme.lower()
-        if scheme not in _PROXY_SCHEMES or not urllib.parse.urlsplit(url).hostname:
+        proxy = _split_url(url, f"proxies[{key!r}]")  # never shown: it may hold a password
+        scheme = proxy.scheme.lower()
+        if scheme not in _PROXY_SCHEMES or not proxy.hostname:
             raise ClientConfigError(
                 f"proxies[{key!r}] must be a {'/'.join(_PROXY_SCHEMES)} URL with a host, "
                 f"got {redact_proxy(url)!r}"

@@ -93,6 +93,8 @@ def test_bad_credentials_fail_before_any_request(
         ({"proxies": "socks5://p:1080"}, "proxies must be a dict"),
         ({"proxies": {"https": "ftp://p:21"}}, r"proxies\['https'\]"),
         ({"proxies": {"https": "socks5://"}}, r"proxies\['https'\]"),
+        ({"host": "http://[::1"}, r"host 'http://\[::1' is not a valid URL"),
+        ({"proxies": {"http": "socks5://u:pw@[::1"}}, r"proxies\['http'\] is not a valid URL"),
         ({"rbmq_port": 0}, "rbmq_port"),
         ({"rbmq_port": "5671"}, "rbmq_port"),
         ({"rbmq_ssl": 1}, "rbmq_ssl"),
