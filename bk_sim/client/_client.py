@@ -788,9 +788,15 @@ class Client:
             raise ApiError(
                 "GET", "download_url", result.status, f"answer holds no download_url: {url!r}"
             )
+        try:
+            absolute = self._http.resolve(url)
+        except ValueError:  # urljoin refuses unbalanced IPv6 brackets
+            raise ApiError(
+                "GET", "download_url", result.status, "download_url is not a valid URL"
+            ) from None
         blob = self._http.request(
             "GET",
-            self._http.resolve(url),
+            absolute,
             endpoint="download",
             expect=(200,),
             accept=ANY_ACCEPT,

@@ -111,7 +111,10 @@ def error_text(content: bytes) -> str:
 
 def redact_url(url: str) -> str:
     """A URL without its query string: pre-signed download URLs carry their signature there."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # unbalanced IPv6 brackets: still cut the query off
+        return url.split("?", 1)[0].split("#", 1)[0]
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 

@@ -501,6 +501,17 @@ def test_download_of_an_empty_body_is_an_error(platform: FakePlatform, tmp_path:
     assert not (tmp_path / "out" / "agg-empty.npz").exists()
 
 
+def test_a_download_url_urllib_cannot_parse_is_an_api_error(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    doc = {"data": {"download_url": "http://[::1/blob/agg-1?sig=SECRET"}}
+    platform.inject("download_url", Fault(status=200, body=json.dumps(doc).encode()))
+    client, _ = make_client(platform, tmp_path)
+    with client, pytest.raises(ApiError, match="download_url is not a valid URL") as info:
+        client.file_download("agg-1")
+    assert "SECRET" not in str(info.value) and platform.seen("download") == []
+
+
 def test_download_of_an_unknown_id_is_not_found(platform: FakePlatform, tmp_path: Path) -> None:
     client, _ = make_client(platform, tmp_path)
     with client, pytest.raises(NotFoundError, match="no file nope"):

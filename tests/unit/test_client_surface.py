@@ -369,6 +369,14 @@ def test_connection_errors_are_retried_then_translated() -> None:
     assert all(e.error and "ConnectionError" in e.error for e in rec.events)
 
 
+def test_a_url_urllib_cannot_split_is_a_transport_error_without_its_query() -> None:
+    t, adapter, _, _ = transport([])
+    assert redact_url("http://[::1/blob?sig=SECRET") == "http://[::1/blob"
+    with pytest.raises(TransportError, match="bad request") as info:
+        t.request("GET", "http://[::1/blob?sig=SECRET", endpoint="download")
+    assert "SECRET" not in str(info.value) and adapter.sent == []
+
+
 def test_transport_errors_do_not_show_a_signed_url_query() -> None:
     boom = requests.exceptions.ConnectionError(
         "HTTPConnectionPool(host='h', port=1): Max retries exceeded with url: "
