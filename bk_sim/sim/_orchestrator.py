@@ -342,6 +342,7 @@ class SimulationRun:
     def execute(self) -> RunResult:
         sc = self.scenario
         self._make_run_dir()
+        aggregates = self.run_dir / "aggregates"
         log = EventLog(self.run_dir / "events.jsonl")
         started_at = time.time()
         interrupted = False
@@ -389,18 +390,23 @@ class SimulationRun:
                 except BkSimError as exc:
                     self._say(f"could not read the platform's round records: {exc}")
                     log.write(harness_event("records_unavailable", error=str(exc)))
+                if records and credentials:
+                    _fetch_missing(records, _fetcher(api_url, credentials, aggregates))
         except KeyboardInterrupt:
             interrupted = True
         finally:
             log.close()
         events = list(_read(self.run_dir / "events.jsonl"))
         self._say("validating aggregates against the reference")
-        fetch = _fetcher(api_url, credentials, self.run_dir / "aggregates") if credentials else None
+        # A local platform is stopped by now: only a remote one can still be asked.
+        fetch = None
+        if credentials and sc.platform.mode == "remote":
+            fetch = _fetcher(api_url, credentials, aggregates)
         judgement = judge(
             sc,
             events,
             records,
-            self.run_dir / "aggregates",
+            aggregates,
             fetch=fetch,
             run_started=started_at,
         )
@@ -675,6 +681,8 @@ def _fetcher(
     """Downloads an aggregate no leaf downloaded, as the first leaf (no notifications)."""
 
     def fetch(aggregation_id: str) -> Path | None:
+        if (into / f"{aggregation_id}.npz").exists():  # a leaf downloaded it already
+            return into / f"{aggregation_id}.npz"
         try:
             with Client(
                 credentials[0], host=api_url, ssl=False, notifications=False, output_dir=into
@@ -685,6 +693,15 @@ def _fetcher(
             return None
 
     return fetch
+
+
+def _fetch_missing(records: list[dict[str, Any]], fetch: Callable[[str], Path | None]) -> None:
+    """Download the aggregates no leaf downloaded while the platform still runs, so that
+    validation (after a local platform is stopped) can judge those rounds too."""
+    for rec in records:
+        agg = rec.get("aggregation_id")
+        if rec.get("status") == "aggregated" and agg:
+            fetch(str(agg))
 
 
 def _read(path: Path) -> Iterator[dict[str, Any]]:

@@ -116,6 +116,25 @@ def test_harness_catches_a_stale_aggregate(management: Any, tmp_path: Path) -> N
     assert "round 1" in rounds[1]["reason"]
 
 
+def test_an_aggregate_no_leaf_downloaded_is_still_validated(
+    management: Any, tmp_path: Path
+) -> None:
+    """Every notification dropped: no leaf downloads, yet the round is judged (the harness
+    fetches the aggregate while the local platform still runs)."""
+    proc, run_dir = _run(
+        tmp_path, "platform.faults.notifications.drop_rate=1.0", "rounds=1",
+        "timeouts.notification_s=2",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # leaves never heard of it
+    assert run_dir is not None
+    results = _results(run_dir)
+    (row,) = results["rounds"]
+    assert row["passed"] is True, row.get("reason")
+    assert not [e for e in _events(run_dir) if e["kind"] == "download"]
+    assert (run_dir / "aggregates" / f"{row['aggregation_id']}.npz").is_file()
+    assert not next(c for c in results["checks"] if c["name"].startswith("leaves:"))["passed"]
+
+
 def test_strategy_mismatch_is_caught(management: Any, tmp_path: Path) -> None:
     """The platform aggregates with median while the harness expects FedAvg."""
     proc, run_dir = _run(
