@@ -347,7 +347,6 @@ class SimulationRun:
         started_at = time.time()
         interrupted = False
         records: list[dict[str, Any]] | None = None
-        checks_extra: list[Check] = []
         api_url = ""
         credentials: list[dict[str, str]] = []
         try:
@@ -410,7 +409,6 @@ class SimulationRun:
             fetch=fetch,
             run_started=started_at,
         )
-        judgement.checks.extend(checks_extra)
         hook_section: dict[str, Any] | None = None
         if self._hooks is not None:
             hook_checks, hook_section = self._hooks.judge(events, records, judgement)
@@ -457,7 +455,7 @@ class SimulationRun:
         p = sc.platform
         if p.mode == "remote":
             log.add_secrets((p.admin_token or "",))
-            yield _remote(sc, self.run_dir, self._say)
+            yield _remote(sc, self._say)
             return
         from bk_sim.platform import start_platform
 
@@ -633,8 +631,10 @@ def _write_credentials(path: Path, creds: list[dict[str, str]]) -> None:
 
 
 def _remote(
-    sc: Scenario, run_dir: Path, say: Progress
+    sc: Scenario, say: Progress
 ) -> tuple[str, list[dict[str, str]], Callable[[], list[dict[str, Any]] | None]]:
+    """A remote platform: the leaves' credentials from its file, checked against it, and
+    its round records when the scenario gives its admin API."""
     p = sc.platform
     assert p.host is not None and p.credentials_file is not None
     try:
