@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 import click
 
@@ -15,8 +16,9 @@ from bk_sim.errors import BkSimError
 
 
 class _Group(click.Group):
-    """Turns every ``BkSimError`` into a one-line reason and its exit code, and Ctrl-C
-    into exit code 2 (click's own "Aborted!" exits 1, which means a check failed)."""
+    """Turns every ``BkSimError`` into a one-line reason and its exit code; Ctrl-C and
+    an unexpected error (a bug, shown with its traceback) exit 2, because Python's and
+    click's own exit code 1 means "a check failed" here."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -26,6 +28,12 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("bk-sim: interrupted", err=True)
+            sys.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bk-sim bug: show it, but exit 2, not 1
+            traceback.print_exc()
+            click.echo(f"bk-sim: internal error: {type(exc).__name__}: {exc}", err=True)
             sys.exit(2)
 
 

@@ -507,3 +507,18 @@ def test_ctrl_c_exits_2_not_clicks_1(tmp_path: Path, monkeypatch: pytest.MonkeyP
     out = CliRunner().invoke(main, ["report", str(write_run(tmp_path))])
     assert out.exit_code == 2, out.output
     assert out.output.strip() == "bk-sim: interrupted"
+
+
+def test_an_unexpected_error_exits_2_with_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug is not a failed check: exit 2 (Python's default 1 would read as one)."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("bk_sim.report._cli.render_run", broken)
+    out = CliRunner().invoke(main, ["report", str(write_run(tmp_path))])
+    assert out.exit_code == 2, out.output
+    assert "Traceback" in out.output and "RuntimeError: boom" in out.output
+    assert out.output.strip().splitlines()[-1] == "bk-sim: internal error: RuntimeError: boom"
