@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -712,9 +713,22 @@ def _read(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Strict JSON (an infinite error, e.g. of a NaN aggregate, becomes null: ``Infinity``
+    breaks jq and JSON.parse), through a temporary name so it is never half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _results(

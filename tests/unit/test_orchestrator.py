@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import multiprocess as mp
@@ -15,7 +16,7 @@ from bk_sim.scenario import Scenario, scenario_from_dict
 from bk_sim.sim._agent import AggregateCache
 from bk_sim.sim._checks import Judgement
 from bk_sim.sim._eventlog import EventLog, read_events
-from bk_sim.sim._orchestrator import SimulationRun, _Counters, _results
+from bk_sim.sim._orchestrator import SimulationRun, _Counters, _results, _write_json
 
 
 def _scenario(tmp_path: Path, **extra: object) -> Scenario:
@@ -100,3 +101,14 @@ def test_stopping_drains_what_the_orchestrator_itself_just_put(tmp_path: Path) -
     log.close()
     assert counters.uploads == 300
     assert len(list(read_events(tmp_path / "events.jsonl"))) == 300
+
+
+def test_results_json_is_strict_json_even_with_infinite_errors(tmp_path: Path) -> None:
+    def refuse(token: str) -> None:
+        raise ValueError(f"not strict JSON: {token}")
+
+    data = {"rounds": [{"max_abs_error": math.inf, "max_rel_error": math.nan, "ok": 1.5}]}
+    _write_json(tmp_path / "results.json", data)
+    back = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert back == {"rounds": [{"max_abs_error": None, "max_rel_error": None, "ok": 1.5}]}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
