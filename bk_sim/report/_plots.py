@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ParamSpec
@@ -444,13 +445,21 @@ def throughput_plot(
     return _svg(fig)
 
 
+def _bar_height(rel_error: Any) -> float:
+    """A log-scale bar: no error drawn at the floor, an infinite one (a NaN aggregate in a
+    results.json written before it was made null) at 1 (100 %), never an infinite axis."""
+    if not isinstance(rel_error, (int, float)) or math.isnan(rel_error):
+        return 1e-17
+    return 1.0 if math.isinf(rel_error) else max(float(rel_error), 1e-17)
+
+
 @_styled
 def round_error_plot(rounds: Sequence[Mapping[str, Any]]) -> str:
     """Max relative error of every round's aggregate (log scale), failed rounds in red."""
     fig = _figure(min(7.5, 3.0 + 0.35 * len(rounds)), 2.4)
     ax = fig.add_subplot()
     xs = [str(r.get("round")) for r in rounds]
-    ys = [max(float(r.get("max_rel_error") or 0.0), 1e-17) for r in rounds]
+    ys = [_bar_height(r.get("max_rel_error")) for r in rounds]
     ax.bar(xs, ys, color=["#16a34a" if r.get("passed") else "#dc2626" for r in rounds], width=0.6)
     ax.set_yscale("log")
     ax.set_ylim(bottom=min(ys) / 10, top=max(ys) * 3)

@@ -522,3 +522,13 @@ def test_an_unexpected_error_exits_2_with_its_traceback(
     assert out.exit_code == 2, out.output
     assert "Traceback" in out.output and "RuntimeError: boom" in out.output
     assert out.output.strip().splitlines()[-1] == "bk-sim: internal error: RuntimeError: boom"
+
+
+def test_a_past_run_with_an_infinite_round_error_still_renders(tmp_path: Path) -> None:
+    """results.json of older runs held Infinity (a NaN aggregate): no infinite plot axis."""
+    d = write_run(tmp_path, failed_rounds=frozenset({2}))
+    results = json.loads((d / "results.json").read_text())
+    results["rounds"][1]["max_rel_error"] = math.inf
+    (d / "results.json").write_text(json.dumps(results))  # writes Infinity
+    render_run(d)
+    assert _page(d).count("<svg") >= 1
