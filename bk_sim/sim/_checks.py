@@ -384,7 +384,9 @@ def _judge_notifications(
         "lost_examples": [{"leaf_id": a, "aggregation_id": b} for a, b in lost[:10]],
     }
     msg = f"{len(lost)} lost, {duplicates} duplicated of {len(expected)} expected"
-    j.checks.append(Check("notifications: every leaf notified once per round", not lost, msg))
+    # Duplicates are reported, not failed: delivery is at least once (a redelivery after a
+    # reconnect is allowed); ``bk-sim chaos`` bounds them with chaos.expect.
+    j.checks.append(Check("notifications: every leaf notified of every round", not lost, msg))
 
 
 def as_time(value: Any) -> float | None:

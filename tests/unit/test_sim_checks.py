@@ -114,3 +114,17 @@ def test_a_wrong_aggregate_no_leaf_explains_keeps_the_comparisons_reason(tmp_pat
     assert row["passed"] is False
     assert row["reason"].startswith("layer_0: 1 of 512 values differ by more than")
     assert row["reason"].endswith(row["forensics"]["summary"])
+
+
+def test_a_duplicate_notification_is_reported_and_a_lost_one_fails(tmp_path: Path) -> None:
+    d = _correct(tmp_path / "aggs")
+    twice = [*_events(), {"kind": "notification", "t": 4.2, "leaf": 1, "leaf_id": "id-1",
+                          "message_type": "aggregation_status", "value": "agg-1"}]  # fmt: skip
+    j = judge(SC, twice, _records(), d)
+    check = _check(j, "notifications: every leaf notified of every round")
+    assert check.passed and check.message == "0 lost, 1 duplicated of 3 expected"
+    lost = [e for e in _events() if not (e["kind"] == "notification" and e["leaf"] == 2)]
+    check = _check(
+        judge(SC, lost, _records(), d), "notifications: every leaf notified of every round"
+    )
+    assert not check.passed and check.message == "1 lost, 0 duplicated of 3 expected"
