@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 from isal import isal_zlib
 
+from bk_sim._files import atomic_write
 from bk_sim.errors import WeightsFormatError
 
 Compression = Literal["faithful", "fast", "stored"]
@@ -109,7 +110,7 @@ def save_weights(
     if target.suffix != ".npz":
         target = target.with_name(target.name + ".npz")
     data = encode_weights(weighting, parameters, compression=compression)
-    _atomic_write(target, data)
+    atomic_write(target, data)
     return target
 
 
@@ -118,18 +119,8 @@ def save_layers(
 ) -> Path:
     """Write an aggregate archive atomically and return its path."""
     target = Path(path)
-    _atomic_write(target, encode_layers(layers, compression=compression))
+    atomic_write(target, encode_layers(layers, compression=compression))
     return target
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
-        raise
 
 
 def _weighting_array(weighting: float) -> np.ndarray:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import queue as _queue
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ import urllib3
 
 import bk_sim
 from bk_sim import weights as _weights
+from bk_sim._files import atomic_write
 from bk_sim.client._config import (
     DEFAULT_HOST,
     DEFAULT_OUTPUT_DIR,
@@ -806,7 +806,7 @@ class Client:
         if not blob.content:
             raise ApiError("GET", "download", blob.status, f"empty body for file {file_id}")
         try:
-            _atomic_write(target, blob.content)
+            atomic_write(target, blob.content)
         except OSError as exc:
             raise ClientError(f"cannot write {target}: {exc.strerror or exc}") from exc
         return target
@@ -979,17 +979,3 @@ class Client:
         return body["data"]  # type: ignore[no-any-return]
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    """Write through a unique temporary file in the same folder, then rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

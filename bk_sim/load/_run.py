@@ -48,6 +48,7 @@ from locust.stats import (
     stats_history,
 )
 
+from bk_sim._files import atomic_write
 from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
 from bk_sim.client import Credentials
 from bk_sim.errors import BkSimError, ScenarioError
@@ -719,6 +720,4 @@ def _iso(t: float) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2, default=str))

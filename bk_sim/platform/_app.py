@@ -30,6 +30,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.abc import AbstractAccessLogger
 
 from bk_sim import __version__
+from bk_sim._files import atomic_write
 from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import BrokerError, PlatformError, WeightsFormatError
 from bk_sim.platform._aggregate import STRATEGIES
@@ -133,13 +134,7 @@ def _validate_and_store(data: bytes, target: Path, claimed_digest: str | None,
         info = validate_weights(data, strict=True, max_decompressed_bytes=max_decompressed)
     except WeightsFormatError as exc:
         raise RequestRejected(400, f"invalid weights file: {exc}") from exc
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
-        raise
+    atomic_write(target, data)
     return digest, info
 
 

@@ -7,12 +7,12 @@ so tokens need not appear on a command line.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
 import click
 
+from bk_sim._files import SECRET_MODE, atomic_write
 from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._aggregate import STRATEGIES
@@ -115,10 +115,7 @@ def create_branch_cmd(url: str, admin_token: str, leaves: int, strategy: str,
         admin.set_run_status(branch["branch_id"], "start")
     fields = ("id", "name", "session_token", "owner_id", "tree_id", "branch_id")
     text = json.dumps([{k: c[k] for k in fields} for c in creds], indent=2) + "\n"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its mode on open: narrow it before writing
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    atomic_write(out, text, mode=SECRET_MODE)
     click.echo(f"tree {tree_id} branch {branch['branch_id']}: {leaves} leaves written to {out}")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from bk_sim._files import atomic_write
 from bk_sim.errors import BkSimError, PlatformError
 from bk_sim.platform._app import ACCESS_LOGGER, PlatformConfig, build_app
 
@@ -51,9 +52,7 @@ async def _serve(config: PlatformConfig, host: str, port: int, ready_file: Path 
         url = f"http://{host}:{bound[1]}"
         log.info("bk-sim platform listening on %s", url)
         if ready_file is not None:
-            tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-            tmp.replace(ready_file)
+            atomic_write(ready_file, json.dumps({"url": url, "pid": os.getpid()}))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from pathlib import Path
+
+from bk_sim._files import SECRET_MODE, atomic_write
 
 DEFAULT_TTL_S = 300.0
 _SECRET_BYTES = 32
@@ -25,10 +26,7 @@ def load_or_create_secret(path: Path) -> bytes:
         if len(data) >= 16:
             return data
     secret = secrets.token_bytes(_SECRET_BYTES)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a (short, replaced) existing file keeps its mode on open
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secret)
+    atomic_write(path, secret, mode=SECRET_MODE)
     return secret
 
 

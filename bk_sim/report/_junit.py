@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bk_sim._files import atomic_write
+
 # XML 1.0 forbids most control characters even when escaped; drop them.
 _BAD_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -72,10 +74,6 @@ def junit_tree(results: Mapping[str, Any]) -> ET.ElementTree:
 
 def write_junit(results: Mapping[str, Any], path: Path) -> Path:
     """Write ``junit.xml`` atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        junit_tree(results).write(tmp, encoding="utf-8", xml_declaration=True)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no temporary file behind
+    root = junit_tree(results).getroot()
+    atomic_write(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
     return path

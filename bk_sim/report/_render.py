@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bk_sim._files import atomic_write
 from bk_sim.errors import ReportError
 from bk_sim.report._compare import Delta, compare_lines, compare_runs
 from bk_sim.report._html import render_html
@@ -169,12 +170,7 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
 def _write_atomic(path: Path, text: str) -> None:
     """Write through a temporary name, so a reader never sees half a page (and a failed
     write leaves no temporary file behind)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, text)
 
 
 def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Rendered:

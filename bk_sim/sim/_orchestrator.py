@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import multiprocess as mp
 import numpy as np
 
+from bk_sim._files import SECRET_MODE, atomic_write
 from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
 from bk_sim.client import Client, Credentials, RetryConfig
 from bk_sim.errors import BkSimError, ClientError, PlatformError, ScenarioError
@@ -624,11 +625,7 @@ class SimulationRun:
 
 def _write_credentials(path: Path, creds: list[dict[str, str]]) -> None:
     """Leaf credentials for the run, readable by their owner only (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(creds, fh, indent=2)
-    tmp.replace(path)
+    atomic_write(path, json.dumps(creds, indent=2), mode=SECRET_MODE)
 
 
 def _remote(
@@ -715,10 +712,7 @@ def _read(path: Path) -> Iterator[dict[str, Any]]:
 def _write_json(path: Path, data: Any) -> None:
     """Strict JSON (an infinite error, e.g. of a NaN aggregate, becomes null: ``Infinity``
     breaks jq and JSON.parse), through a temporary name so it is never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
 
 
 def _finite(value: Any) -> Any:
