@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from bk_sim.platform import PlatformHandle, start_platform
 from tests.integration._platform_support import read_queue
 
 SIX = {"id", "name", "session_token", "owner_id", "tree_id", "branch_id"}
-
-
-@pytest.fixture(scope="module")
-def platform(management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("platform"))
-    yield handle
-    handle.stop()
 
 
 def test_serve_help_names_every_option_and_its_env_var() -> None:

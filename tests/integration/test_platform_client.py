@@ -3,29 +3,19 @@ over AMQP and over WebSocket, including a lost upload answer that the client ret
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bk_sim.broker import ManagementAPI
 from bk_sim.client import Client, RetryConfig
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.platform import PlatformHandle
 from bk_sim.weights import read_layers, save_weights
 from tests.integration._platform_support import assert_layers, make_branch, model, reference
 
 pytestmark = pytest.mark.rabbitmq
 
 RETRY = RetryConfig(max_retries=3, backoff_factor=0.01, total_timeout=10)
-
-
-@pytest.fixture(scope="module")
-def platform(management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("platform"))
-    yield handle
-    handle.stop()
 
 
 def _client(url: str, leaf: dict[str, str], out: Path, *, websocket: bool) -> Client:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import requests
 
 from bk_sim.broker import ManagementAPI
 from bk_sim.errors import PlatformError
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.platform import PlatformHandle
 from bk_sim.weights import encode_weights
 from tests.integration._platform_support import (
     assert_layers,
@@ -24,14 +23,6 @@ from tests.integration._platform_support import (
 )
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture(scope="module")
-def platform(management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("platform"))
-    yield handle
-    handle.stop()
 
 
 def _run(b, i: int = 0) -> requests.Response:  # type: ignore[no-untyped-def]

@@ -5,14 +5,13 @@ dedupe and replacement."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import requests
 
 from bk_sim.broker import ManagementAPI
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.platform import PlatformHandle
 from tests.integration._platform_support import (
     assert_layers,
     leaf_headers,
@@ -23,14 +22,6 @@ from tests.integration._platform_support import (
 )
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture(scope="module")
-def platform(management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("platform"))
-    yield handle
-    handle.stop()
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "mean", "median", "trimmed_mean"])
