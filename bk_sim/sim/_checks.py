@@ -48,9 +48,9 @@ class _Upload:
     file_id: str
     weighting: float
     base: str | None
-    t_end: float
     t_start: float
     bytes: int
+    harness_cpu_s: float  # generating + compressing it, CPU time of the leaf's thread
 
 
 @dataclass
@@ -87,9 +87,9 @@ def _uploads(events: Sequence[Mapping[str, Any]]) -> dict[str, _Upload]:
             file_id=str(e["file_id"]),
             weighting=float(e["weighting"]),
             base=e.get("base_aggregation_id"),
-            t_end=float(e["t"]),
             t_start=float(e.get("begun", float(e["t"]) - spent)),
             bytes=int(e.get("bytes", 0)),
+            harness_cpu_s=float(e.get("generate_cpu_s", 0)) + float(e.get("encode_cpu_s", 0)),
         )
     return found
 
@@ -214,11 +214,7 @@ def judge(
         if ups and agg_id and downloads_by_agg.get(agg_id):
             wall = max(downloads_by_agg[agg_id]) - min(u.t_start for u in ups)
             row["wall_time_s"] = wall
-            harness = sum(
-                float(e.get("generate_cpu_s", 0)) + float(e.get("encode_cpu_s", 0))
-                for e in events
-                if e.get("kind") == "upload" and e.get("file_id") in {u.file_id for u in ups}
-            )
+            harness = sum(u.harness_cpu_s for u in ups)
             if wall > 0:
                 share = (harness + spent) / (wall * (os.cpu_count() or 1))
                 row["harness_share"] = share

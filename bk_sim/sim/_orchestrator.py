@@ -34,7 +34,7 @@ from bk_sim.errors import BkSimError, ClientError, PlatformError, ScenarioError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import LeafPlan
 from bk_sim.sim._checks import Check, Judgement, judge
-from bk_sim.sim._eventlog import EventLog, harness_event, redact
+from bk_sim.sim._eventlog import EventLog, harness_event, read_events, redact
 from bk_sim.sim._synth import leaf_weightings
 from bk_sim.sim._worker import WorkerSpec, worker_main
 
@@ -397,7 +397,8 @@ class SimulationRun:
             interrupted = True
         finally:
             log.close()
-        events = list(_read(self.run_dir / "events.jsonl"))
+        log_path = self.run_dir / "events.jsonl"
+        events = list(read_events(log_path)) if log_path.exists() else []
         self._say("validating aggregates against the reference")
         # A local platform is stopped by now: only a remote one can still be asked.
         fetch = None
@@ -700,13 +701,6 @@ def _fetch_missing(records: list[dict[str, Any]], fetch: Callable[[str], Path | 
         agg = rec.get("aggregation_id")
         if rec.get("status") == "aggregated" and agg:
             fetch(str(agg))
-
-
-def _read(path: Path) -> Iterator[dict[str, Any]]:
-    from bk_sim.sim._eventlog import read_events
-
-    if path.exists():
-        yield from read_events(path)
 
 
 def _write_json(path: Path, data: Any) -> None:
