@@ -50,17 +50,21 @@ class EventLog:
 
     def __init__(self, path: Path, secrets: tuple[str, ...] = ()) -> None:
         self.path = path
-        self._secrets = tuple(s for s in secrets if s)
+        self._secrets: tuple[str, ...] = ()
+        self._scrub: re.Pattern[str] | None = None
+        self.add_secrets(secrets)
         self._fh: TextIO = path.open("a", encoding="utf-8")
 
     def add_secrets(self, secrets: tuple[str, ...]) -> None:
-        self._secrets = self._secrets + tuple(s for s in secrets if s)
+        # One alternation, one pass per line: a 1,000-leaf run has 1,000 tokens.
+        self._secrets += tuple(s for s in secrets if s)
+        if self._secrets:
+            self._scrub = re.compile("|".join(map(re.escape, self._secrets)))
 
     def write(self, event: Mapping[str, Any]) -> None:
         line = json.dumps(redact(event), separators=(",", ":"), default=str)
-        for secret in self._secrets:
-            if secret in line:
-                line = line.replace(secret, REDACTED)
+        if self._scrub is not None:
+            line = self._scrub.sub(REDACTED, line)
         self._fh.write(line + "\n")
 
     def flush(self) -> None:
