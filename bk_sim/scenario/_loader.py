@@ -668,6 +668,14 @@ def _check_scenario(s: Scenario) -> None:
         )
     if s.broker.provider == "external" and s.broker.amqp_url is None:
         raise _Problem("broker.amqp_url", "is required when broker.provider is 'external'")
+    d = s.leaves.dropouts
+    if (d.skip_fraction > 0 or d.die_fraction > 0) and s.platform.mode == "local":
+        if s.platform.round_timeout_s is None:
+            raise _Problem(
+                "leaves.dropouts",
+                "needs platform.round_timeout_s (and a quorum): a round missing an upload "
+                "never closes otherwise",
+            )
     _check_chaos(s)
 
 

@@ -275,19 +275,6 @@ def plan_leaves(scenario: Scenario, credentials: list[dict[str, str]]) -> list[L
     return plans
 
 
-def _check_schedule(scenario: Scenario) -> None:
-    """Dropouts leave rounds short of uploads: only a quorum and a timeout can close them."""
-    d = scenario.leaves.dropouts
-    p = scenario.platform
-    if (d.skip_fraction > 0 or d.die_fraction > 0) and p.mode == "local":
-        if p.round_timeout_s is None:
-            raise ScenarioError(
-                f"{scenario.source or scenario.name}: leaves.dropouts needs "
-                "platform.round_timeout_s (and a quorum), else a round missing an upload "
-                "never closes"
-            )
-
-
 class SimulationRun:
     """One run of a scenario; build it, call ``execute()``."""
 
@@ -300,7 +287,6 @@ class SimulationRun:
         may_enable_plugin: bool = False,
         hooks: RunHooks | None = None,
     ) -> None:
-        _check_schedule(scenario)
         # Weightings that overflow are a ScenarioError: raise it before a platform, a broker
         # or a chaos proxy is started, not halfway through the run.
         leaf_weightings(scenario.seed, scenario.leaves.weighting, scenario.leaves.count)

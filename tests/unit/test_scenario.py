@@ -144,6 +144,12 @@ BROKEN = [
         ["(--set leaves.processes=9)", "leaves.processes: expected at most leaves.count (4)"],
     ),
     (
+        "dropouts without a round timeout",
+        BASE,
+        ("leaves.dropouts.skip_fraction=0.2",),
+        ["leaves.dropouts: needs platform.round_timeout_s"],
+    ),
+    (
         "quorum above count",
         BASE + "platform: {quorum: 5, round_timeout_s: 3}\n",
         (),
