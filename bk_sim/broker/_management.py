@@ -37,8 +37,10 @@ class ManagementAPI:
         self._session = requests.Session()
         # Percent-decoded, as the broker probe and pika do: a password with '@' or '/' is
         # written %40 / %2F in a URL.
-        self._session.auth = (unquote(parts.username or "guest"),
-                              unquote(parts.password or "guest"))
+        self._session.auth = (
+            unquote(parts.username or "guest"),
+            unquote(parts.password or "guest"),
+        )
         self._timeout = timeout
 
     def close(self) -> None:

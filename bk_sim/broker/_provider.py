@@ -519,8 +519,7 @@ def _check_management(url: str, timeout: float | None = None) -> dict[str, Any]:
             "http://user:password@host:15672/",
         )
     where = (
-        f"{parts.hostname}:"
-        f"{_port(url, 'management API', 443 if parts.scheme == 'https' else 80)}"
+        f"{parts.hostname}:{_port(url, 'management API', 443 if parts.scheme == 'https' else 80)}"
     )
     user = unquote(parts.username or "guest")
     password = unquote(parts.password or "guest")

@@ -977,5 +977,3 @@ class Client:
                 method, endpoint, result.status, f"answer has no 'data' object: {body!r:.200}"
             )
         return body["data"]  # type: ignore[no-any-return]
-
-

@@ -164,8 +164,9 @@ class LoadRun:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=False)
         except OSError as exc:  # most often an existing --run-dir: never mix two runs
-            raise BkSimError(f"cannot create the run folder {self.run_dir}: {exc.strerror}"
-                             ) from exc
+            raise BkSimError(
+                f"cannot create the run folder {self.run_dir}: {exc.strerror}"
+            ) from exc
         started = time.time()
         checks: list[dict[str, Any]] = []
         with contextlib.ExitStack() as stack:

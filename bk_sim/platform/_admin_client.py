@@ -35,8 +35,7 @@ class AdminClient:
         try:
             resp = self._session.request(method, url, json=body, timeout=self._timeout)
         except requests.RequestException as exc:
-            raise PlatformError(f"platform admin API {method} {path} got no answer: {exc}"
-                                ) from exc
+            raise PlatformError(f"platform admin API {method} {path} got no answer: {exc}") from exc
         try:
             payload = resp.json()
         except ValueError:
@@ -61,21 +60,38 @@ class AdminClient:
         """Remove a tree, its branches and leaves, and their vhost and broker users."""
         self._call("DELETE", f"/admin/v1/trees/{tree_id}")
 
-    def create_branch(self, tree_id: str, name: str = "branch", *, strategy: str = "fedavg",
-                      quorum: int | None = None, round_timeout_s: float | None = None,
-                      trim_fraction: float = 0.1,
-                      model_config: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = {"tree_id": tree_id, "name": name, "strategy": strategy, "quorum": quorum,
-                "round_timeout_s": round_timeout_s, "trim_fraction": trim_fraction,
-                "model_config": model_config or {}}
+    def create_branch(
+        self,
+        tree_id: str,
+        name: str = "branch",
+        *,
+        strategy: str = "fedavg",
+        quorum: int | None = None,
+        round_timeout_s: float | None = None,
+        trim_fraction: float = 0.1,
+        model_config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "tree_id": tree_id,
+            "name": name,
+            "strategy": strategy,
+            "quorum": quorum,
+            "round_timeout_s": round_timeout_s,
+            "trim_fraction": trim_fraction,
+            "model_config": model_config or {},
+        }
         result: dict[str, Any] = self._call("POST", "/admin/v1/branches", body)
         return result
 
-    def create_leaves(self, branch_id: str, count: int, name_prefix: str = "leaf"
-                      ) -> list[dict[str, str]]:
+    def create_leaves(
+        self, branch_id: str, count: int, name_prefix: str = "leaf"
+    ) -> list[dict[str, str]]:
         """Leaf credentials: dicts with the six fields of PROTOCOL.md section 1."""
-        data = self._call("POST", f"/admin/v1/branches/{branch_id}/leaves",
-                          {"count": count, "name_prefix": name_prefix})
+        data = self._call(
+            "POST",
+            f"/admin/v1/branches/{branch_id}/leaves",
+            {"count": count, "name_prefix": name_prefix},
+        )
         return list(data["leaves"])
 
     def set_run_status(self, branch_id: str, run_status: str) -> dict[str, Any]:
@@ -89,9 +105,7 @@ class AdminClient:
         return result
 
     def set_config(self, branch_id: str, **fields: Any) -> dict[str, Any]:
-        result: dict[str, Any] = self._call(
-            "PUT", f"/admin/v1/branches/{branch_id}/config", fields
-        )
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/branches/{branch_id}/config", fields)
         return result
 
     # -- rounds
@@ -104,8 +118,9 @@ class AdminClient:
         )
         return result
 
-    def wait_round(self, branch_id: str, number: int, *, timeout: float = 30.0,
-                   interval: float = 0.05) -> dict[str, Any]:
+    def wait_round(
+        self, branch_id: str, number: int, *, timeout: float = 30.0, interval: float = 0.05
+    ) -> dict[str, Any]:
         """Poll until round ``number`` is aggregated or failed; ``PlatformError`` on timeout."""
         deadline = time.monotonic() + timeout
         record: dict[str, Any] | None = None
@@ -117,14 +132,13 @@ class AdminClient:
                     return record
             time.sleep(interval)
         state = record["status"] if record else "not opened"
-        raise PlatformError(f"round {number} of branch {branch_id} not done after "
-                            f"{timeout:g}s (status: {state})")
+        raise PlatformError(
+            f"round {number} of branch {branch_id} not done after {timeout:g}s (status: {state})"
+        )
 
     # -- faults, stats, metrics
     def set_faults(self, branch_id: str, faults: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self._call(
-            "PUT", f"/admin/v1/branches/{branch_id}/faults", faults
-        )
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/branches/{branch_id}/faults", faults)
         return result
 
     def clear_faults(self, branch_id: str) -> dict[str, Any]:

@@ -154,9 +154,7 @@ def streaming_average(
     return acc.result()
 
 
-def apply_bug(
-    uploads: Sequence[Upload], strategy: str, bug: str
-) -> tuple[list[Upload], str, str]:
+def apply_bug(uploads: Sequence[Upload], strategy: str, bug: str) -> tuple[list[Upload], str, str]:
     """A deliberately wrong aggregation for the harness's self-test.
 
     Returns (uploads to aggregate, strategy to use, victim leaf_id): ``unweighted`` keeps the

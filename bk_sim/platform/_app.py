@@ -87,8 +87,9 @@ class PlatformConfig:
     def __post_init__(self) -> None:
         # An empty token would let "Authorization: Bearer " (or "Bearer") into the admin API.
         if not self.admin_token.strip():
-            raise PlatformError("the admin token must not be empty (--admin-token / "
-                                "BK_SIM_ADMIN_TOKEN)")
+            raise PlatformError(
+                "the admin token must not be empty (--admin-token / BK_SIM_ADMIN_TOKEN)"
+            )
 
 
 class _Dropped(Exception):
@@ -113,8 +114,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _validate_and_store(data: bytes, target: Path, claimed_digest: str | None,
-                        max_decompressed: int) -> tuple[str, WeightsInfo]:
+def _validate_and_store(
+    data: bytes, target: Path, claimed_digest: str | None, max_decompressed: int
+) -> tuple[str, WeightsInfo]:
     """Runs in a worker thread: digest check, strict validation, then the bytes to disk."""
     raw_digest = hashlib.sha256(data).digest()
     digest = "sha256=" + base64.b64encode(raw_digest).decode("ascii")
@@ -123,7 +125,7 @@ def _validate_and_store(data: bytes, target: Path, claimed_digest: str | None,
         if not claimed.startswith("sha256="):
             raise RequestRejected(400, "x-bk-file-digest must look like sha256=<base64>")
         try:
-            raw = base64.b64decode(claimed[len("sha256="):], validate=True)
+            raw = base64.b64decode(claimed[len("sha256=") :], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise RequestRejected(400, "x-bk-file-digest is not valid base64") from exc
         if not hmac.compare_digest(raw, raw_digest):
@@ -142,8 +144,9 @@ class _AccessLogger(AbstractAccessLogger):
     """Method, path (never the query: it holds signatures and tickets), status, time."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status,
-                         time * 1000)
+        self.logger.info(
+            "%s %s %s %.1fms", request.method, request.path, response.status, time * 1000
+        )
 
 
 class Platform:
@@ -152,8 +155,9 @@ class Platform:
     def __init__(self, config: PlatformConfig) -> None:
         self.config = config
         self.store = Store(config.data_dir)
-        self.signer = UrlSigner(load_or_create_secret(config.data_dir / "url-signing.key"),
-                                ttl_s=config.url_ttl_s)
+        self.signer = UrlSigner(
+            load_or_create_secret(config.data_dir / "url-signing.key"), ttl_s=config.url_ttl_s
+        )
         self.hub = WsHub()
         self.publisher = None if config.no_amqp else AmqpPublisher(config.amqp_url)
         self.provisioner = (
@@ -168,7 +172,10 @@ class Platform:
         self.io_pool = ThreadPoolExecutor(4, thread_name_prefix="bk-sim-io")
         self.agg_pool = ThreadPoolExecutor(1, thread_name_prefix="bk-sim-aggregate")
         self.rounds = RoundManager(
-            self.store, self.notifier, self.faults.get, self.agg_pool,
+            self.store,
+            self.notifier,
+            self.faults.get,
+            self.agg_pool,
             max_decompressed_bytes=config.max_decompressed_bytes,
         )
         self._health: tuple[float, str] = (0.0, "unknown")
@@ -240,9 +247,9 @@ class Platform:
     # ------------------------------------------------------------------ middleware
 
     @web.middleware
-    async def middleware(self, request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         route = request.match_info.route
         name = getattr(route, "name", None)
         try:
@@ -266,9 +273,12 @@ class Platform:
             self.stats[name][str(response.status)] += 1
         return response
 
-    async def _guarded(self, request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                       name: str | None) -> web.StreamResponse:
+    async def _guarded(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        name: str | None,
+    ) -> web.StreamResponse:
         if name not in LEAF_ENDPOINTS:
             return await handler(request)
         branch_id: str | None = None
@@ -314,8 +324,9 @@ class Platform:
         leaf_id, sep, token = cred.strip().partition(":")
         if scheme.lower() != "bearer" or not sep or not leaf_id or not token:
             raise RequestRejected(
-                401, "missing or malformed Authorization header; expected "
-                "'Bearer <leaf_id>:<session_token>'"
+                401,
+                "missing or malformed Authorization header; expected "
+                "'Bearer <leaf_id>:<session_token>'",
             )
         leaf = self.leaves.get(leaf_id)
         if leaf is None or not leaf.token_matches(token):
@@ -345,8 +356,13 @@ class Platform:
         broker = await self.broker_health()
         status = 503 if broker == "unreachable" else 200
         return web.json_response(
-            {"data": {"status": "ok" if status == 200 else "degraded", "store": "ok",
-                      "broker": broker}},
+            {
+                "data": {
+                    "status": "ok" if status == 200 else "degraded",
+                    "store": "ok",
+                    "broker": broker,
+                }
+            },
             status=status,
         )
 
@@ -356,28 +372,36 @@ class Platform:
 
     async def branch_config(self, request: web.Request) -> web.Response:
         branch = self._own_branch(request)
-        return _ok({
-            "branch": {
-                "id": branch["id"], "name": branch["name"], "tree_id": branch["tree_id"],
-                **_config_view(branch), "run_status": branch["run_status"],
-                "run_number": branch["run_number"],
-                "leaves": self.store.leaf_count(branch["id"]),
-            },
-            "service": {"name": "bk-sim reference platform", "version": __version__,
-                        "strategies": list(STRATEGIES)},
-            "model_config": branch["model_config"],
-            "created_at": branch["created_at"],
-            "updated_at": branch["updated_at"],
-        })
+        return _ok(
+            {
+                "branch": {
+                    "id": branch["id"],
+                    "name": branch["name"],
+                    "tree_id": branch["tree_id"],
+                    **_config_view(branch),
+                    "run_status": branch["run_status"],
+                    "run_number": branch["run_number"],
+                    "leaves": self.store.leaf_count(branch["id"]),
+                },
+                "service": {
+                    "name": "bk-sim reference platform",
+                    "version": __version__,
+                    "strategies": list(STRATEGIES),
+                },
+                "model_config": branch["model_config"],
+                "created_at": branch["created_at"],
+                "updated_at": branch["updated_at"],
+            }
+        )
 
     async def upload(self, request: web.Request) -> web.Response:
         leaf: Leaf = request["leaf"]
         limit = self.config.max_upload_bytes
-        if request.content_length is not None and request.content_length > limit + \
-                _MULTIPART_SLACK:
+        if request.content_length is not None and request.content_length > limit + _MULTIPART_SLACK:
             raise RequestRejected(
-                413, f"request body of {request.content_length} bytes is over the upload "
-                f"limit of {limit} bytes"
+                413,
+                f"request body of {request.content_length} bytes is over the upload "
+                f"limit of {limit} bytes",
             )
         declared = _declared_size(request.headers.get("x-bk-file-size"), limit)
         branch = self.store.branch(leaf.branch_id)
@@ -399,7 +423,10 @@ class Platform:
         file_id = new_id()
         target = self.store.file_path(file_id)
         digest, info = await self.in_thread(
-            _validate_and_store, data, target, request.headers.get("x-bk-file-digest"),
+            _validate_and_store,
+            data,
+            target,
+            request.headers.get("x-bk-file-digest"),
             self.config.max_decompressed_bytes,
         )
         try:
@@ -443,31 +470,38 @@ class Platform:
         mode = body.get("mode")
         if mode not in METRIC_MODES:
             raise RequestRejected(400, f"mode must be one of {', '.join(METRIC_MODES)}")
-        for key, own in (("branch_id", leaf.branch_id), ("leaf_id", leaf.id),
-                         ("tree_id", leaf.tree_id)):
+        for key, own in (
+            ("branch_id", leaf.branch_id),
+            ("leaf_id", leaf.id),
+            ("tree_id", leaf.tree_id),
+        ):
             if body.get(key) not in (None, own):
                 raise RequestRejected(403, f"{key} {body.get(key)!r} is not this leaf's")
         data = body.get("data", "")
         if not isinstance(data, str):
             data = json.dumps(data)
         agg = body.get("aggregation_id")
-        metric_id = self.store.add_metrics(leaf.branch_id, leaf.id, mode,
-                                           None if agg is None else str(agg), data)
+        metric_id = self.store.add_metrics(
+            leaf.branch_id, leaf.id, mode, None if agg is None else str(agg), data
+        )
         return _ok({"metric_id": metric_id}, status=201)
 
     async def ws_ticket(self, request: web.Request) -> web.Response:
         leaf: Leaf = request["leaf"]
         ticket_id, request_id = secrets.token_urlsafe(24), new_id()
         expires = self.hub.issue_ticket(leaf.id, ticket_id, request_id)
-        return _ok({
-            "ticket_id": ticket_id,
-            "request_id": request_id,
-            "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat(),
-        })
+        return _ok(
+            {
+                "ticket_id": ticket_id,
+                "request_id": request_id,
+                "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat(),
+            }
+        )
 
     async def ws(self, request: web.Request) -> web.StreamResponse:
-        leaf_id = self.hub.redeem(request.query.get("ticket", ""),
-                                  request.query.get("request_id", ""))
+        leaf_id = self.hub.redeem(
+            request.query.get("ticket", ""), request.query.get("request_id", "")
+        )
         if leaf_id is None or leaf_id not in self.leaves:
             raise RequestRejected(401, "WebSocket ticket is unknown, used or expired")
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
@@ -524,8 +558,13 @@ class Platform:
             raise RequestRejected(400, "name must be a string")
         config = _parse_config(
             {k: v for k, v in body.items() if k not in ("tree_id", "name")},
-            base={"strategy": "fedavg", "quorum": None, "round_timeout_s": None,
-                  "trim_fraction": 0.1, "model_config": {}},
+            base={
+                "strategy": "fedavg",
+                "quorum": None,
+                "round_timeout_s": None,
+                "trim_fraction": 0.1,
+                "model_config": {},
+            },
         )
         branch = self.store.create_branch(tree_id, name, config)
         if self.provisioner is not None:
@@ -549,15 +588,23 @@ class Platform:
         start = self.store.leaf_count(branch["id"])
         fresh = [(new_id(), secrets.token_urlsafe(32)) for _ in range(count)]
         if self.provisioner is not None:
-            await self.provision(self.provisioner.create_leaves, branch["tree_id"],
-                                 branch["id"], fresh)
+            await self.provision(
+                self.provisioner.create_leaves, branch["tree_id"], branch["id"], fresh
+            )
         out = []
         for i, (leaf_id, token) in enumerate(fresh):
             leaf = self.store.add_leaf(branch, leaf_id, f"{prefix}-{start + i}", token)
             self.leaves[leaf.id] = leaf
-            out.append({"id": leaf.id, "name": leaf.name, "session_token": token,
-                        "owner_id": leaf.owner_id, "tree_id": leaf.tree_id,
-                        "branch_id": leaf.branch_id})
+            out.append(
+                {
+                    "id": leaf.id,
+                    "name": leaf.name,
+                    "session_token": token,
+                    "owner_id": leaf.owner_id,
+                    "tree_id": leaf.tree_id,
+                    "branch_id": leaf.branch_id,
+                }
+            )
         return _ok({"leaves": out}, status=201)
 
     async def admin_set_run(self, request: web.Request) -> web.Response:
@@ -584,8 +631,9 @@ class Platform:
     async def admin_rounds(self, request: web.Request) -> web.Response:
         self._admin(request)
         branch = self._branch(request)
-        records = [self.store.round_record(branch["id"], n)
-                   for n in self.store.round_numbers(branch["id"])]
+        records = [
+            self.store.round_record(branch["id"], n) for n in self.store.round_numbers(branch["id"])
+        ]
         return _ok({"rounds": records})
 
     async def admin_round(self, request: web.Request) -> web.Response:
@@ -687,8 +735,9 @@ async def _read_upload_form(request: web.Request, limit: int) -> tuple[bytes, st
                     skipped += len(chunk)
                     if skipped > _MULTIPART_SLACK:
                         raise RequestRejected(
-                            413, f"form parts other than 'file' and 'data' are over "
-                            f"{_MULTIPART_SLACK // 1024} KiB"
+                            413,
+                            f"form parts other than 'file' and 'data' are over "
+                            f"{_MULTIPART_SLACK // 1024} KiB",
                         )
     except (ValueError, AssertionError) as exc:
         raise RequestRejected(400, f"malformed multipart body: {exc}") from exc
@@ -711,9 +760,13 @@ def _config_view(branch: dict[str, Any]) -> dict[str, Any]:
 
 def _branch_view(branch: dict[str, Any]) -> dict[str, Any]:
     return {
-        "branch_id": branch["id"], "tree_id": branch["tree_id"], "name": branch["name"],
-        **_config_view(branch), "run_status": branch["run_status"],
-        "run_number": branch["run_number"], "created_at": branch["created_at"],
+        "branch_id": branch["id"],
+        "tree_id": branch["tree_id"],
+        "name": branch["name"],
+        **_config_view(branch),
+        "run_status": branch["run_status"],
+        "run_number": branch["run_number"],
+        "created_at": branch["created_at"],
         "updated_at": branch["updated_at"],
     }
 
@@ -727,12 +780,17 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
     if config["strategy"] not in STRATEGIES:
         raise RequestRejected(400, f"strategy must be one of {', '.join(STRATEGIES)}")
     quorum = config["quorum"]
-    if quorum is not None and (not isinstance(quorum, int) or isinstance(quorum, bool)
-                               or not 1 <= quorum <= _MAX_SQL_INT):
+    if quorum is not None and (
+        not isinstance(quorum, int) or isinstance(quorum, bool) or not 1 <= quorum <= _MAX_SQL_INT
+    ):
         raise RequestRejected(400, "quorum must be null or an integer >= 1 (and < 2**63)")
     timeout = config["round_timeout_s"]
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not is_finite(timeout) or timeout <= 0):
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not is_finite(timeout)
+        or timeout <= 0
+    ):
         raise RequestRejected(400, "round_timeout_s must be null or a number > 0")
     trim = config["trim_fraction"]
     if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
@@ -747,8 +805,7 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
 def build_app(config: PlatformConfig) -> web.Application:
     """The aiohttp application; its startup connects to the broker and resumes rounds."""
     platform = Platform(config)
-    app = web.Application(middlewares=[platform.middleware],
-                          client_max_size=4 * 1024 * 1024)
+    app = web.Application(middlewares=[platform.middleware], client_max_size=4 * 1024 * 1024)
     app[PLATFORM_KEY] = platform
     app.on_startup.append(platform.startup)
     app.on_shutdown.append(platform.shutdown)

@@ -214,8 +214,16 @@ def measure_step(
     ours_warm, naive_warm = _best_of(repeat, fns)
     diff = max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(ours, naive, strict=True))
     return StepResult(
-        n, model_bytes, ours_cold, ours_warm, ours_peak, naive_cold, naive_warm, naive_peak,
-        "", diff,
+        n,
+        model_bytes,
+        ours_cold,
+        ours_warm,
+        ours_peak,
+        naive_cold,
+        naive_warm,
+        naive_peak,
+        "",
+        diff,
     )
 
 
@@ -227,8 +235,7 @@ def _write_uploads(
 ) -> list[Upload]:
     """N upload files, upload i holding pool model i % len(pool) (encoded once per model)."""
     archives = [
-        encode_weights(float(k + 1), model, compression=compression)
-        for k, model in enumerate(pool)
+        encode_weights(float(k + 1), model, compression=compression) for k, model in enumerate(pool)
     ]
     uploads = []
     for i in range(n):
@@ -305,8 +312,10 @@ def _verdict(name: str, speedups: Sequence[float | None]) -> str:
     got = [x for x in speedups if x is not None]
     if not got:
         return f"{name} NOT MEASURED"
-    return f"{name} " + ("MET" if min(got) >= STEP_SPEEDUP_TARGET else "NOT MET") + (
-        f" (min {min(got):.1f}x)"
+    return (
+        f"{name} "
+        + ("MET" if min(got) >= STEP_SPEEDUP_TARGET else "NOT MET")
+        + (f" (min {min(got):.1f}x)")
     )
 
 
@@ -318,21 +327,43 @@ def render_step(results: Sequence[StepResult]) -> list[str]:
     rows = []
     for r in results:
         gb = r.n * r.model_bytes / 1e9
-        rows.append([
-            f"{r.n:,}",
-            _s(r.ours_cold_s), _s(r.ours_warm_s), f"{gb / r.ours_warm_s:.2f}",
-            _mib(r.ours_peak), _mib(r.model_bytes),
-            _s(r.naive_cold_s), _s(r.naive_warm_s),
-            "-" if r.naive_warm_s is None else f"{gb / r.naive_warm_s:.2f}",
-            _mib(r.naive_peak), _mib(r.n * r.model_bytes),
-            _ratio(r.naive_cold_s, r.ours_cold_s), _ratio(r.naive_warm_s, r.ours_warm_s),
-            _ratio(r.naive_peak, r.ours_peak, "{:.0f}x"),
-            "-" if r.max_diff is None else f"{r.max_diff:.1e}",
-        ])
+        rows.append(
+            [
+                f"{r.n:,}",
+                _s(r.ours_cold_s),
+                _s(r.ours_warm_s),
+                f"{gb / r.ours_warm_s:.2f}",
+                _mib(r.ours_peak),
+                _mib(r.model_bytes),
+                _s(r.naive_cold_s),
+                _s(r.naive_warm_s),
+                "-" if r.naive_warm_s is None else f"{gb / r.naive_warm_s:.2f}",
+                _mib(r.naive_peak),
+                _mib(r.n * r.model_bytes),
+                _ratio(r.naive_cold_s, r.ours_cold_s),
+                _ratio(r.naive_warm_s, r.ours_warm_s),
+                _ratio(r.naive_peak, r.ours_peak, "{:.0f}x"),
+                "-" if r.max_diff is None else f"{r.max_diff:.1e}",
+            ]
+        )
     lines = _table(
-        ["N", "ours cold s", "warm s", "GB/s", "peak MiB", "held MiB",
-         "naive cold s", "warm s", "GB/s", "peak MiB", "held MiB",
-         "speedup cold", "warm", "mem ratio", "max|diff|"],
+        [
+            "N",
+            "ours cold s",
+            "warm s",
+            "GB/s",
+            "peak MiB",
+            "held MiB",
+            "naive cold s",
+            "warm s",
+            "GB/s",
+            "peak MiB",
+            "held MiB",
+            "speedup cold",
+            "warm",
+            "mem ratio",
+            "max|diff|",
+        ],
         rows,
     )
     lines += [f"  N={r.n:,}: naive {r.naive_skipped}" for r in results if r.naive_skipped]
@@ -340,9 +371,11 @@ def render_step(results: Sequence[StepResult]) -> list[str]:
     flat = max(peaks) <= min(peaks) * 1.1 + _MiB
     lines.append(
         f"target: >= {STEP_SPEEDUP_TARGET:g}x faster than naive: "
-        + _verdict("cold", [r.speedup_cold for r in results]) + ", "
+        + _verdict("cold", [r.speedup_cold for r in results])
+        + ", "
         + _verdict("warm", [r.speedup_warm for r in results])
-        + "; peak memory flat in N: " + ("MET" if flat else "NOT MET")
+        + "; peak memory flat in N: "
+        + ("MET" if flat else "NOT MET")
         + f" ({_mib(min(peaks))} to {_mib(max(peaks))} MiB)"
     )
     return lines
@@ -351,17 +384,33 @@ def render_step(results: Sequence[StepResult]) -> list[str]:
 def render_end_to_end(results: Sequence[EndToEndResult]) -> list[str]:
     rows = [
         [
-            f"{r.n:,}", f"{r.upload_bytes / 1e6:,.0f}",
-            _s(r.decode_s), _s(r.decode_parallel_s), _s(r.decode_zlib_s),
-            _s(r.e2e_s), f"{r.upload_bytes / 1e6 / r.e2e_s:,.0f}",
-            f"{r.ratio:.2f}x", f"{r.e2e_s / r.decode_s:.2f}x", _mib(r.e2e_peak),
+            f"{r.n:,}",
+            f"{r.upload_bytes / 1e6:,.0f}",
+            _s(r.decode_s),
+            _s(r.decode_parallel_s),
+            _s(r.decode_zlib_s),
+            _s(r.e2e_s),
+            f"{r.upload_bytes / 1e6 / r.e2e_s:,.0f}",
+            f"{r.ratio:.2f}x",
+            f"{r.e2e_s / r.decode_s:.2f}x",
+            _mib(r.e2e_peak),
         ]
         for r in results
     ]
     k = _aggregate.READ_THREADS + 1
     lines = _table(
-        ["N", "upload MB", "decode 1thr s", f"decode {k}thr s", "decode zlib s", "e2e s", "MB/s",
-         f"e2e/{k}thr", "e2e/1thr", "peak MiB"],
+        [
+            "N",
+            "upload MB",
+            "decode 1thr s",
+            f"decode {k}thr s",
+            "decode zlib s",
+            "e2e s",
+            "MB/s",
+            f"e2e/{k}thr",
+            "e2e/1thr",
+            "peak MiB",
+        ],
         rows,
     )
     worst = max(r.ratio for r in results)
@@ -395,22 +444,60 @@ def bench() -> None:
 
 
 @bench.command("aggregate")
-@click.option("--params", type=click.IntRange(min=1), default=1_000_000, show_default=True,
-              help="Parameters per model (float32).")
-@click.option("--uploads", "counts", default="10,100,1000", show_default=True,
-              callback=_parse_counts, help="Upload counts N to measure, comma-separated.")
-@click.option("--layers", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Layers the parameters are split into.")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), default="fast",
-              show_default=True, help="How the uploads (and the aggregate) are stored.")
-@click.option("--data", type=click.Choice(["random", "rounded"]), default="random",
-              show_default=True, help="random float32, or rounded (trained-like, compresses ~2x).")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the upload files go (a temporary folder inside, removed after).")
-@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Best of this many runs for every time.")
-@click.option("--force-naive", is_flag=True,
-              help="Run the naive form even when it would not fit in available memory.")
+@click.option(
+    "--params",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Parameters per model (float32).",
+)
+@click.option(
+    "--uploads",
+    "counts",
+    default="10,100,1000",
+    show_default=True,
+    callback=_parse_counts,
+    help="Upload counts N to measure, comma-separated.",
+)
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Layers the parameters are split into.",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(COMPRESSIONS),
+    default="fast",
+    show_default=True,
+    help="How the uploads (and the aggregate) are stored.",
+)
+@click.option(
+    "--data",
+    type=click.Choice(["random", "rounded"]),
+    default="random",
+    show_default=True,
+    help="random float32, or rounded (trained-like, compresses ~2x).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the upload files go (a temporary folder inside, removed after).",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Best of this many runs for every time.",
+)
+@click.option(
+    "--force-naive",
+    is_flag=True,
+    help="Run the naive form even when it would not fit in available memory.",
+)
 def bench_aggregate(
     params: int,
     counts: list[int],

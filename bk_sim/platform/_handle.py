@@ -30,8 +30,16 @@ STOP_TIMEOUT_S = 15.0
 class PlatformHandle:
     """A running platform process: ``url``, ``admin_token``, ``admin``, ``stop()``."""
 
-    def __init__(self, data_dir: Path, args: list[str], env: dict[str, str], admin_token: str,
-                 host: str, port: int, startup_timeout: float) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        args: list[str],
+        env: dict[str, str],
+        admin_token: str,
+        host: str,
+        port: int,
+        startup_timeout: float,
+    ) -> None:
         self.data_dir = data_dir
         self.admin_token = admin_token
         self._args = args
@@ -55,17 +63,36 @@ class PlatformHandle:
     def _launch(self) -> None:
         ready = self.data_dir / "platform.ready.json"
         ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "bk_sim.cli", "-v", "platform", "serve",
-               "--host", self._host, "--port", str(self._port), "--data-dir",
-               str(self.data_dir), "--ready-file", str(ready), "--exit-on-stdin-eof",
-               *self._args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bk_sim.cli",
+            "-v",
+            "platform",
+            "serve",
+            "--host",
+            self._host,
+            "--port",
+            str(self._port),
+            "--data-dir",
+            str(self.data_dir),
+            "--ready-file",
+            str(ready),
+            "--exit-on-stdin-eof",
+            *self._args,
+        ]
         with open(self.log_path, "ab") as log:
             # stdin is a pipe we never write: when this process dies, the platform sees EOF.
             # Its own session: a Ctrl-C meant for the harness must not kill the platform
             # before the harness has read its round records.
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.PIPE, env=self._env,
-                                          start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE,
+                env=self._env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + self._startup_timeout
         while not ready.exists():
             if self._proc.poll() is not None:
@@ -111,8 +138,12 @@ class PlatformHandle:
     def __enter__(self) -> PlatformHandle:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 

@@ -110,8 +110,7 @@ class AmqpPublisher:
             raise BrokerError(f"cannot connect to RabbitMQ for publishing: {exc!r}") from exc
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="bk-sim-amqp-publisher",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="bk-sim-amqp-publisher", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -120,8 +119,9 @@ class AmqpPublisher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def publish(self, vhost: str, exchange: str, routing_key: str, body: bytes
-                ) -> concurrent.futures.Future[None]:
+    def publish(
+        self, vhost: str, exchange: str, routing_key: str, body: bytes
+    ) -> concurrent.futures.Future[None]:
         """Queue one persistent publish; the future resolves when the broker confirms."""
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         if self._stopping.is_set():
@@ -205,14 +205,19 @@ class AmqpPublisher:
             except pika.exceptions.AMQPError as exc:
                 self._drop(job.vhost)
                 if self._stopping.is_set() or time.monotonic() + delay > deadline:
-                    log.error("notification to vhost %s exchange %r lost: %r",
-                              job.vhost, job.exchange, exc)
+                    log.error(
+                        "notification to vhost %s exchange %r lost: %r",
+                        job.vhost,
+                        job.exchange,
+                        exc,
+                    )
                     job.future.set_exception(
                         BrokerError(f"publish to vhost {job.vhost} failed: {exc!r}")
                     )
                     return
-                log.warning("publish to vhost %s failed (%r); retrying in %.1fs",
-                            job.vhost, exc, delay)
+                log.warning(
+                    "publish to vhost %s failed (%r); retrying in %.1fs", job.vhost, exc, delay
+                )
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -253,8 +258,9 @@ class Provisioner:
         api.declare_queue(tree_id, leaf_id)
         api.bind(tree_id, branch_id, leaf_id)
 
-    def create_leaves(self, tree_id: str, branch_id: str, leaves: Sequence[tuple[str, str]]
-                      ) -> None:
+    def create_leaves(
+        self, tree_id: str, branch_id: str, leaves: Sequence[tuple[str, str]]
+    ) -> None:
         """Provision ``(leaf_id, session_token)`` pairs a few at a time."""
         futures = [
             self._pool.submit(self._create_leaf, tree_id, branch_id, leaf_id, token)
@@ -265,8 +271,9 @@ class Provisioner:
 
     def delete_tree(self, tree_id: str, leaf_ids: Iterable[str]) -> None:
         api = self._api()
-        for fut in [self._pool.submit(lambda u: self._api().delete_user(u), leaf)
-                    for leaf in leaf_ids]:
+        for fut in [
+            self._pool.submit(lambda u: self._api().delete_user(u), leaf) for leaf in leaf_ids
+        ]:
             fut.result()
         api.delete_vhost(tree_id)
 
@@ -363,14 +370,20 @@ class Notifier:
         self.publisher = publisher
         self.hub = hub
 
-    async def notify(self, branch: dict[str, Any], leaf_ids: Sequence[str], text: str,
-                     faults: BranchFaults | None) -> None:
+    async def notify(
+        self,
+        branch: dict[str, Any],
+        leaf_ids: Sequence[str],
+        text: str,
+        faults: BranchFaults | None,
+    ) -> None:
         if faults is not None and faults.notifications.delay_s > 0:
             await asyncio.sleep(faults.notifications.delay_s)
         dropping = faults is not None and faults.notifications.drop_rate > 0
         targets = [
-            leaf for leaf in leaf_ids if not (dropping and faults is not None
-                                              and faults.drop_notification())
+            leaf
+            for leaf in leaf_ids
+            if not (dropping and faults is not None and faults.drop_notification())
         ]
         for leaf in targets:
             await self.hub.send(leaf, text)
@@ -379,8 +392,9 @@ class Notifier:
         body = text.encode()
         if dropping:
             # Per-leaf publishes through the default exchange so each leaf can be skipped.
-            futures = [self.publisher.publish(branch["tree_id"], "", leaf, body)
-                       for leaf in targets]
+            futures = [
+                self.publisher.publish(branch["tree_id"], "", leaf, body) for leaf in targets
+            ]
         else:
             futures = [self.publisher.publish(branch["tree_id"], branch["id"], "", body)]
         for fut in futures:

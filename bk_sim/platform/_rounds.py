@@ -42,8 +42,7 @@ RETRY_WINDOW_S = 150.0
 class RequestRejected(PlatformError):
     """A leaf request the platform refuses; ``status`` is the HTTP status to answer."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None
-                 ) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.headers = headers
@@ -64,8 +63,7 @@ def _check_signature(expected: list[Any], info: WeightsInfo) -> None:
         if list(shape) != shapes[i]:
             raise RequestRejected(
                 400,
-                f"layer_{i} has shape {tuple(shape)}; this round's uploads have "
-                f"{tuple(shapes[i])}",
+                f"layer_{i} has shape {tuple(shape)}; this round's uploads have {tuple(shapes[i])}",
             )
         if dtype != dtypes[i]:
             raise RequestRejected(
@@ -81,11 +79,20 @@ def _within_retry_window(row: dict[str, Any]) -> bool:
     return age <= RETRY_WINDOW_S
 
 
-def _aggregate_to_file(uploads: list[Upload], strategy: str, trim_fraction: float,
-                       max_decompressed_bytes: int | None, target: Path) -> int:
+def _aggregate_to_file(
+    uploads: list[Upload],
+    strategy: str,
+    trim_fraction: float,
+    max_decompressed_bytes: int | None,
+    target: Path,
+) -> int:
     """Runs in the aggregation executor: aggregate, write the archive, return its size."""
-    layers = aggregate(uploads, strategy, trim_fraction=trim_fraction,
-                       max_decompressed_bytes=max_decompressed_bytes)
+    layers = aggregate(
+        uploads,
+        strategy,
+        trim_fraction=trim_fraction,
+        max_decompressed_bytes=max_decompressed_bytes,
+    )
     save_layers(target, layers, compression="fast")
     return target.stat().st_size
 
@@ -155,8 +162,9 @@ class RoundManager:
         task.add_done_callback(self._tasks.discard)
 
     # -- uploads
-    async def submit(self, leaf: Leaf, *, file_id: str, digest: str, size: int,
-                     info: WeightsInfo) -> tuple[str, bool]:
+    async def submit(
+        self, leaf: Leaf, *, file_id: str, digest: str, size: int, info: WeightsInfo
+    ) -> tuple[str, bool]:
         """Put a validated, already stored upload into the branch's round.
 
         Returns ``(file_id, is_new)``; ``is_new`` is False when the upload is a retry of
@@ -200,8 +208,9 @@ class RoundManager:
                 self._arm_timer(branch, accepting)
             return file_id, True
 
-    def _find_retry(self, branch_id: str, latest: dict[str, Any] | None, leaf_id: str,
-                    digest: str) -> dict[str, Any] | None:
+    def _find_retry(
+        self, branch_id: str, latest: dict[str, Any] | None, leaf_id: str, digest: str
+    ) -> dict[str, Any] | None:
         """The stored upload this one repeats, if it is a retry.
 
         Same leaf, same digest, in the latest round; or in the round before it when that
@@ -262,9 +271,7 @@ class RoundManager:
         delay = max(0.0, float(timeout) - elapsed)
         key = (branch["id"], row["round"])
         loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(
-            delay, lambda: self._spawn(self._on_timeout(*key))
-        )
+        self._timers[key] = loop.call_later(delay, lambda: self._spawn(self._on_timeout(*key)))
 
     async def _on_timeout(self, branch_id: str, number: int) -> None:
         self._timers.pop((branch_id, number), None)
@@ -303,8 +310,13 @@ class RoundManager:
                 aggregation_id = new_id()
                 target = self._store.file_path(aggregation_id)
                 size = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, _aggregate_to_file, list(use), use_strategy,
-                    float(branch["trim_fraction"]), self._max_decompressed, target,
+                    self._executor,
+                    _aggregate_to_file,
+                    list(use),
+                    use_strategy,
+                    float(branch["trim_fraction"]),
+                    self._max_decompressed,
+                    target,
                 )
                 self._store.add_file(aggregation_id, branch_id, "aggregate", size, None)
         except Exception as exc:  # any failure ends the round as "failed", never half-done
@@ -312,12 +324,20 @@ class RoundManager:
                 log.error("branch %s round %d aggregation failed: %s", branch_id, number, exc)
             else:
                 log.exception("branch %s round %d aggregation failed", branch_id, number)
-            self._store.update_round(branch_id, number, status="failed", strategy=strategy,
-                                     error=str(exc), fault={"aggregation": bug,
-                                                            "victim_leaf_id": victim})
+            self._store.update_round(
+                branch_id,
+                number,
+                status="failed",
+                strategy=strategy,
+                error=str(exc),
+                fault={"aggregation": bug, "victim_leaf_id": victim},
+            )
             return
         self._store.update_round(
-            branch_id, number, status="aggregated", strategy=strategy,
+            branch_id,
+            number,
+            status="aggregated",
+            strategy=strategy,
             aggregation_id=aggregation_id,
             fault={"aggregation": bug, "victim_leaf_id": victim},
         )

@@ -22,8 +22,14 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
 
 
-def serve(config: PlatformConfig, *, host: str = "127.0.0.1", port: int = 8080,
-          ready_file: Path | None = None, exit_on_stdin_eof: bool = False) -> None:
+def serve(
+    config: PlatformConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    ready_file: Path | None = None,
+    exit_on_stdin_eof: bool = False,
+) -> None:
     """Serve until a signal; ``ready_file`` gets ``{"url", "pid"}`` once listening.
 
     ``exit_on_stdin_eof``: also stop when stdin closes, so a platform started by a
@@ -39,11 +45,13 @@ def serve(config: PlatformConfig, *, host: str = "127.0.0.1", port: int = 8080,
         raise PlatformError(f"cannot listen on {host}:{port}: {exc}") from exc
 
 
-async def _serve(config: PlatformConfig, host: str, port: int, ready_file: Path | None,
-                 exit_on_stdin_eof: bool) -> None:
+async def _serve(
+    config: PlatformConfig, host: str, port: int, ready_file: Path | None, exit_on_stdin_eof: bool
+) -> None:
     app = build_app(config)
-    runner = web.AppRunner(app, access_log_class=ACCESS_LOGGER, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = web.AppRunner(
+        app, access_log_class=ACCESS_LOGGER, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -234,8 +234,15 @@ class Store:
         self._db.execute(
             "INSERT INTO leaves (id, branch_id, tree_id, owner_id, name, token_sha256, "
             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (leaf.id, leaf.branch_id, leaf.tree_id, leaf.owner_id, name, leaf.token_sha256,
-             now_iso()),
+            (
+                leaf.id,
+                leaf.branch_id,
+                leaf.tree_id,
+                leaf.owner_id,
+                name,
+                leaf.token_sha256,
+                now_iso(),
+            ),
         )
         return leaf
 
@@ -253,8 +260,9 @@ class Store:
         return int(row["n"]) if row else 0
 
     # -- files
-    def add_file(self, file_id: str, branch_id: str, kind: str, size: int, digest: str | None
-                 ) -> None:
+    def add_file(
+        self, file_id: str, branch_id: str, kind: str, size: int, digest: str | None
+    ) -> None:
         self._db.execute(
             "INSERT INTO files (id, branch_id, kind, size, digest, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -276,8 +284,14 @@ class Store:
         self._db.execute(
             "INSERT INTO rounds (branch_id, round, run_number, status, strategy, opened_at, "
             "signature) VALUES (?, ?, ?, 'open', ?, ?, ?)",
-            (branch["id"], number, branch["run_number"], branch["strategy"], now_iso(),
-             json.dumps(signature)),
+            (
+                branch["id"],
+                number,
+                branch["run_number"],
+                branch["strategy"],
+                now_iso(),
+                json.dumps(signature),
+            ),
         )
         row = self.round_row(branch["id"], number)
         assert row is not None
@@ -314,8 +328,11 @@ class Store:
         if row is None:
             return None
         uploads = self.active_uploads(branch_id, number)
-        fault = json.loads(row["fault"]) if row["fault"] else {"aggregation": None,
-                                                                "victim_leaf_id": None}
+        fault = (
+            json.loads(row["fault"])
+            if row["fault"]
+            else {"aggregation": None, "victim_leaf_id": None}
+        )
         return {
             "round": row["round"],
             "run_number": row["run_number"],
@@ -372,8 +389,9 @@ class Store:
         )
         return row is not None
 
-    def find_upload(self, branch_id: str, number: int, leaf_id: str, digest: str
-                    ) -> dict[str, Any] | None:
+    def find_upload(
+        self, branch_id: str, number: int, leaf_id: str, digest: str
+    ) -> dict[str, Any] | None:
         return self._one(
             "SELECT * FROM uploads WHERE branch_id = ? AND round = ? AND leaf_id = ? "
             "AND digest = ? AND active = 1",
@@ -383,8 +401,18 @@ class Store:
             digest,
         )
 
-    def add_upload(self, *, file_id: str, branch_id: str, number: int, leaf_id: str,
-                   digest: str, weighting: float, size: int, replace: bool) -> None:
+    def add_upload(
+        self,
+        *,
+        file_id: str,
+        branch_id: str,
+        number: int,
+        leaf_id: str,
+        digest: str,
+        weighting: float,
+        size: int,
+        replace: bool,
+    ) -> None:
         """Record an upload in a round; ``replace`` retires the leaf's earlier ones."""
         with self._db:
             self._db.execute("BEGIN")
@@ -406,13 +434,23 @@ class Store:
             self._db.execute(
                 "INSERT INTO uploads (file_id, branch_id, round, leaf_id, digest, weighting, "
                 "received_at, size, active, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-                (file_id, branch_id, number, leaf_id, digest, weighting, now_iso(), size,
-                 seq_row[0]),
+                (
+                    file_id,
+                    branch_id,
+                    number,
+                    leaf_id,
+                    digest,
+                    weighting,
+                    now_iso(),
+                    size,
+                    seq_row[0],
+                ),
             )
 
     # -- metrics
-    def add_metrics(self, branch_id: str, leaf_id: str, mode: str, aggregation_id: str | None,
-                    data: str) -> int:
+    def add_metrics(
+        self, branch_id: str, leaf_id: str, mode: str, aggregation_id: str | None, data: str
+    ) -> int:
         cur = self._db.execute(
             "INSERT INTO metrics (branch_id, leaf_id, mode, aggregation_id, data, received_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",

@@ -147,7 +147,11 @@ def test_master_and_two_workers_merge_their_stats(management: Any, tmp_path: Pat
     workers = [
         subprocess.Popen(
             [*base, "--worker", "--master-host", "127.0.0.1", "--master-port", port],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+            env=env,
         )  # fmt: skip
         for _ in range(2)
     ]
@@ -194,10 +198,12 @@ def test_a_taken_web_or_master_port_is_a_one_line_error_not_a_hang(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        args = (["--web", "--web-port", port] if role == "--web" else
-                ["--master", "--master-bind-host", "127.0.0.1", "--master-port", port])
-        proc = _load([str(SMOKE), *args, "--run-dir", str(tmp_path / "run")], tmp_path,
-                     timeout=60)
+        args = (
+            ["--web", "--web-port", port]
+            if role == "--web"
+            else ["--master", "--master-bind-host", "127.0.0.1", "--master-port", port]
+        )
+        proc = _load([str(SMOKE), *args, "--run-dir", str(tmp_path / "run")], tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("bk-sim: Locust ") and f"127.0.0.1:{port}" in last, last
@@ -214,8 +220,13 @@ def test_a_worker_without_a_master_gives_up_in_one_line(tmp_path: Path) -> None:
         "main(prog_name='bk-sim', args=['load', sys.argv[1], '--worker', '--master-port', "
         "sys.argv[2]])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(SMOKE), str(_free_port())],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(SMOKE), str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "bk-sim: Locust worker: no master answered on 127.0.0.1:" in proc.stderr
     assert "Traceback" not in proc.stderr

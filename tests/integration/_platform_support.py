@@ -29,17 +29,27 @@ def leaf_headers(leaf: dict[str, str]) -> dict[str, str]:
     }
 
 
-def post_upload(url: str, leaf: dict[str, str], data: bytes, *,
-                headers: dict[str, str] | None = None, timeout: float = 10) -> requests.Response:
+def post_upload(
+    url: str,
+    leaf: dict[str, str],
+    data: bytes,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> requests.Response:
     """A raw upload, shaped as PROTOCOL.md section 2 says; ``headers`` override."""
     hdr = leaf_headers(leaf)
     hdr["x-bk-file-size"] = str(len(data))
     hdr["x-bk-file-digest"] = digest_header(data)
     hdr.update(headers or {})
     form = json.dumps({"leaf_name": leaf["name"], "metadata": json.dumps({"client_version": "t"})})
-    return requests.post(f"{url}/api/v1/file/upload", headers=hdr,
-                         files={"file": ("w.npz", data, "application/octet-stream")},
-                         data={"data": form}, timeout=timeout)
+    return requests.post(
+        f"{url}/api/v1/file/upload",
+        headers=hdr,
+        files={"file": ("w.npz", data, "application/octet-stream")},
+        data={"data": form},
+        timeout=timeout,
+    )
 
 
 @dataclass
@@ -52,8 +62,9 @@ class Branch:
     branch_id: str
     leaves: list[dict[str, str]]
 
-    def upload(self, i: int, weighting: float, layers: Sequence[np.ndarray],
-               **kw: Any) -> requests.Response:
+    def upload(
+        self, i: int, weighting: float, layers: Sequence[np.ndarray], **kw: Any
+    ) -> requests.Response:
         return post_upload(self.url, self.leaves[i], encode_weights(weighting, layers), **kw)
 
     def upload_ok(self, i: int, weighting: float, layers: Sequence[np.ndarray]) -> str:
@@ -65,8 +76,11 @@ class Branch:
         return self.admin.wait_round(self.branch_id, number, timeout=timeout)
 
     def download(self, i: int, file_id: str) -> list[np.ndarray]:
-        resp = requests.get(f"{self.url}/api/v1/file/download/{file_id}",
-                            headers=leaf_headers(self.leaves[i]), timeout=10)
+        resp = requests.get(
+            f"{self.url}/api/v1/file/download/{file_id}",
+            headers=leaf_headers(self.leaves[i]),
+            timeout=10,
+        )
         assert resp.status_code == 200, resp.text
         blob = requests.get(resp.json()["data"]["download_url"], timeout=10)
         assert blob.status_code == 200 and blob.content
@@ -74,8 +88,9 @@ class Branch:
 
 
 @contextmanager
-def make_branch(handle: PlatformHandle, leaves: int, *, start: bool = True,
-                **config: Any) -> Iterator[Branch]:
+def make_branch(
+    handle: PlatformHandle, leaves: int, *, start: bool = True, **config: Any
+) -> Iterator[Branch]:
     admin = handle.admin
     tree_id = admin.create_tree(f"test-{uuid.uuid4().hex[:10]}")
     try:
@@ -119,8 +134,12 @@ def model(rng: np.random.Generator, dtype: Any = np.float32) -> list[np.ndarray]
     return [rng.standard_normal((3, 4)).astype(dtype), rng.standard_normal(5).astype(dtype)]
 
 
-def reference(strategy: str, weights: Sequence[float], models: Sequence[Sequence[np.ndarray]],
-              trim_fraction: float = 0.1) -> list[np.ndarray]:
+def reference(
+    strategy: str,
+    weights: Sequence[float],
+    models: Sequence[Sequence[np.ndarray]],
+    trim_fraction: float = 0.1,
+) -> list[np.ndarray]:
     """The aggregate computed the plain numpy way, in float64, cast to the layer dtype."""
     out = []
     w = np.asarray(weights, dtype=np.float64)
@@ -135,7 +154,7 @@ def reference(strategy: str, weights: Sequence[float], models: Sequence[Sequence
         elif strategy == "trimmed_mean":
             cut = int(np.floor(trim_fraction * len(models)))
             s = np.sort(stack, axis=0)
-            val = s[cut: len(models) - cut].mean(axis=0)
+            val = s[cut : len(models) - cut].mean(axis=0)
         else:
             raise ValueError(strategy)
         out.append(val.astype(models[0][k].dtype))

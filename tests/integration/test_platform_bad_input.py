@@ -30,10 +30,14 @@ MAX_DECOMPRESSED = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def platform(management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("platform"), max_upload_bytes=MAX_UPLOAD,
-                            max_decompressed_bytes=MAX_DECOMPRESSED)
+def platform(
+    management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PlatformHandle]:
+    handle = start_platform(
+        tmp_path_factory.mktemp("platform"),
+        max_upload_bytes=MAX_UPLOAD,
+        max_decompressed_bytes=MAX_DECOMPRESSED,
+    )
     yield handle
     handle.stop()
 
@@ -48,8 +52,10 @@ def _bomb() -> bytes:
     """A small archive that inflates past the platform's decompression limit."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, arr in (("weighting", np.array([1.0])),
-                          ("layer_0", np.zeros(MAX_DECOMPRESSED, np.uint8) + 1)):
+        for name, arr in (
+            ("weighting", np.array([1.0])),
+            ("layer_0", np.zeros(MAX_DECOMPRESSED, np.uint8) + 1),
+        ):
             inner = io.BytesIO()
             np.save(inner, arr)
             zf.writestr(f"{name}.npy", inner.getvalue())
@@ -61,8 +67,10 @@ def _bomb() -> bytes:
 GOOD = [np.ones((3, 4), np.float32), np.ones(5, np.float32)]
 BAD_ARCHIVES = {
     "not npz": (b"this is not a zip archive", "not an .npz"),
-    "pickled": (_npz(weighting=np.array([1.0]), layer_0=np.array([{"x": 1}], dtype=object)),
-                "without pickle"),
+    "pickled": (
+        _npz(weighting=np.array([1.0]), layer_0=np.array([{"x": 1}], dtype=object)),
+        "without pickle",
+    ),
     "truncated": (encode_weights(1.0, GOOD)[:-40], "archive"),
     "zip bomb": (_bomb(), "over the limit"),
     "nan": (encode_weights(1.0, [np.array([1.0, np.nan], np.float32)]), "NaN or infinite"),
@@ -71,8 +79,10 @@ BAD_ARCHIVES = {
     "negative weighting": (encode_weights(-2.0, GOOD), "weighting must be finite and > 0"),
     "no weighting": (_npz(layer_0=np.ones(2)), "no 'weighting'"),
     "no layers": (_npz(weighting=np.array([1.0])), "no layer_"),
-    "layer gap": (_npz(weighting=np.array([1.0]), layer_0=np.ones(1), layer_2=np.ones(1)),
-                  "missing layer_1"),
+    "layer gap": (
+        _npz(weighting=np.array([1.0]), layer_0=np.ones(1), layer_2=np.ones(1)),
+        "missing layer_1",
+    ),
 }
 
 
@@ -113,39 +123,51 @@ def test_every_bad_upload_is_refused_with_its_reason_and_round_stays_clean(
         b.upload_ok(1, 1.0, m1)
         rec = b.wait(1)
         assert rec["status"] == "aggregated"
-        assert_layers(b.download(1, rec["aggregation_id"]),
-                      reference("fedavg", [2.0, 1.0], [m0, m1]))
+        assert_layers(
+            b.download(1, rec["aggregation_id"]), reference("fedavg", [2.0, 1.0], [m0, m1])
+        )
         stats = b.admin.stats()
         assert "500" not in stats.get("upload", {})
 
 
 def test_oversized_bodies_are_refused_with_413(platform: PlatformHandle) -> None:
     with make_branch(platform, 1) as b:
-        big = encode_weights(1.0, [np.random.default_rng(0).random(MAX_UPLOAD // 4)],
-                             compression="stored")
+        big = encode_weights(
+            1.0, [np.random.default_rng(0).random(MAX_UPLOAD // 4)], compression="stored"
+        )
         # no size header: the Content-Length gives it away
         hdr = {**leaf_headers(b.leaves[0]), "Content-Type": "multipart/form-data; boundary=x"}
-        resp = requests.post(f"{b.url}/api/v1/file/upload", headers=hdr,
-                             data=b"x" * (MAX_UPLOAD + 128 * 1024), timeout=10)
+        resp = requests.post(
+            f"{b.url}/api/v1/file/upload",
+            headers=hdr,
+            data=b"x" * (MAX_UPLOAD + 128 * 1024),
+            timeout=10,
+        )
         assert resp.status_code == 413 and "over the upload limit" in resp.json()["error"]
+
         # a lying x-bk-file-size and chunked body: the part itself is cut off
         def chunks() -> Iterator[bytes]:
-            yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"w\"\r\n\r\n"
+            yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="w"\r\n\r\n'
             yield big
             yield b"\r\n--x--\r\n"
-        resp = requests.post(f"{b.url}/api/v1/file/upload",
-                             headers={**hdr, "x-bk-file-size": "10"}, data=chunks(), timeout=10)
+
+        resp = requests.post(
+            f"{b.url}/api/v1/file/upload",
+            headers={**hdr, "x-bk-file-size": "10"},
+            data=chunks(),
+            timeout=10,
+        )
         assert resp.status_code == 413 and "file part is over" in resp.json()["error"]
 
         # chunked, no Content-Length, and the bulk in a part the platform does not use:
         # it is counted too, not drained without limit
         def junk() -> Iterator[bytes]:
-            yield b"--x\r\nContent-Disposition: form-data; name=\"junk\"\r\n\r\n"
+            yield b'--x\r\nContent-Disposition: form-data; name="junk"\r\n\r\n'
             for _ in range(4):
                 yield bytes(MAX_UPLOAD)
             yield b"\r\n--x--\r\n"
-        resp = requests.post(f"{b.url}/api/v1/file/upload", headers=hdr, data=junk(),
-                             timeout=10)
+
+        resp = requests.post(f"{b.url}/api/v1/file/upload", headers=hdr, data=junk(), timeout=10)
         assert resp.status_code == 413, resp.text
         assert "other than 'file' and 'data'" in resp.json()["error"]
 
@@ -160,12 +182,17 @@ def test_malformed_requests_are_400(platform: PlatformHandle) -> None:
         assert resp.status_code == 400 and "'file' is missing" in resp.json()["error"]
         resp = requests.post(url, headers=hdr, files={"file": ("w", b"")}, timeout=5)
         assert resp.status_code == 400 and "empty" in resp.json()["error"]
-        resp = requests.post(url, headers=hdr, timeout=5,
-                             files={"file": ("w", encode_weights(1.0, GOOD))},
-                             data={"data": "{not json"})
+        resp = requests.post(
+            url,
+            headers=hdr,
+            timeout=5,
+            files={"file": ("w", encode_weights(1.0, GOOD))},
+            data={"data": "{not json"},
+        )
         assert resp.status_code == 400 and "'data' is not valid JSON" in resp.json()["error"]
-        resp = requests.post(f"{b.url}/api/v1/performance/analysis", headers=hdr,
-                             data=b"[", timeout=5)
+        resp = requests.post(
+            f"{b.url}/api/v1/performance/analysis", headers=hdr, data=b"[", timeout=5
+        )
         assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]
         assert b.admin.rounds(b.branch_id) == []
 
@@ -175,18 +202,30 @@ def test_credentials_and_cross_branch_access(platform: PlatformHandle) -> None:
         leaf = b.leaves[0]
         url = f"{b.url}/api/v1/run/{b.branch_id}"
         assert requests.get(url, timeout=5).status_code == 401
-        for auth in ("Bearer", f"Bearer {leaf['id']}", f"Bearer {leaf['id']}:wrong",
-                     f"Basic {leaf['id']}:{leaf['session_token']}",
-                     f"Bearer {other.leaves[0]['id']}:{leaf['session_token']}"):
+        for auth in (
+            "Bearer",
+            f"Bearer {leaf['id']}",
+            f"Bearer {leaf['id']}:wrong",
+            f"Basic {leaf['id']}:{leaf['session_token']}",
+            f"Bearer {other.leaves[0]['id']}:{leaf['session_token']}",
+        ):
             resp = requests.get(url, headers={"Authorization": auth}, timeout=5)
             assert resp.status_code == 401, auth
             assert "error" in resp.json()
         # another branch's run, config and files are not this leaf's
         hdr = leaf_headers(leaf)
-        assert requests.get(f"{b.url}/api/v1/run/{other.branch_id}", headers=hdr,
-                            timeout=5).status_code == 404
-        assert requests.get(f"{b.url}/api/v1/config/branch/{other.branch_id}", headers=hdr,
-                            timeout=5).status_code == 404
+        assert (
+            requests.get(
+                f"{b.url}/api/v1/run/{other.branch_id}", headers=hdr, timeout=5
+            ).status_code
+            == 404
+        )
+        assert (
+            requests.get(
+                f"{b.url}/api/v1/config/branch/{other.branch_id}", headers=hdr, timeout=5
+            ).status_code
+            == 404
+        )
         foreign = other.upload_ok(0, 1.0, GOOD)
         resp = requests.get(f"{b.url}/api/v1/file/download/{foreign}", headers=hdr, timeout=5)
         assert resp.status_code == 404 and "no file" in resp.json()["error"]
@@ -195,8 +234,11 @@ def test_credentials_and_cross_branch_access(platform: PlatformHandle) -> None:
             assert resp.status_code == 400, (unsafe, resp.text)
             assert "unsafe or malformed file id" in resp.json()["error"]
         # signed URLs: the other branch's own leaf gets one; forged or expired ones are 403
-        resp = requests.get(f"{b.url}/api/v1/file/download/{foreign}",
-                            headers=leaf_headers(other.leaves[0]), timeout=5)
+        resp = requests.get(
+            f"{b.url}/api/v1/file/download/{foreign}",
+            headers=leaf_headers(other.leaves[0]),
+            timeout=5,
+        )
         signed = resp.json()["data"]["download_url"]
         assert requests.get(signed, timeout=5).status_code == 200
         base, query = signed.split("?")
@@ -206,6 +248,7 @@ def test_credentials_and_cross_branch_access(platform: PlatformHandle) -> None:
         for bad in (forged, stale, base, f"{base}?expires=x&sig=y"):
             resp = requests.get(bad, timeout=5)
             assert resp.status_code == 403 and "expired" in resp.json()["error"]
-        admin_resp = requests.get(f"{b.url}/admin/v1/stats", timeout=5,
-                                  headers={"Authorization": "Bearer nope"})
+        admin_resp = requests.get(
+            f"{b.url}/admin/v1/stats", timeout=5, headers={"Authorization": "Bearer nope"}
+        )
         assert admin_resp.status_code == 401

@@ -21,21 +21,32 @@ SIX = {"id", "name", "session_token", "owner_id", "tree_id", "branch_id"}
 def test_serve_help_names_every_option_and_its_env_var() -> None:
     result = CliRunner().invoke(main, ["platform", "serve", "--help"])
     assert result.exit_code == 0
-    for option in ("--host", "--port", "--data-dir", "--amqp-url", "--rabbitmq-api",
-                   "--admin-token", "--no-amqp", "--public-url", "--max-upload-bytes",
-                   "--max-decompressed-bytes"):
+    for option in (
+        "--host",
+        "--port",
+        "--data-dir",
+        "--amqp-url",
+        "--rabbitmq-api",
+        "--admin-token",
+        "--no-amqp",
+        "--public-url",
+        "--max-upload-bytes",
+        "--max-decompressed-bytes",
+    ):
         assert option in result.output
     assert "BK_SIM_ADMIN_TOKEN" in result.output and "BK_SIM_PORT" in result.output
 
 
 def test_serve_without_admin_token_fails_with_a_reason(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["platform", "serve", "--data-dir", str(tmp_path)],
-                                env={"BK_SIM_ADMIN_TOKEN": None})
+    result = CliRunner().invoke(
+        main, ["platform", "serve", "--data-dir", str(tmp_path)], env={"BK_SIM_ADMIN_TOKEN": None}
+    )
     assert result.exit_code == 2
     assert "--admin-token" in result.output
     # an empty one would let "Authorization: Bearer " into the admin API
-    result = CliRunner().invoke(main, ["platform", "serve", "--data-dir", str(tmp_path),
-                                       "--admin-token", " ", "--no-amqp"])
+    result = CliRunner().invoke(
+        main, ["platform", "serve", "--data-dir", str(tmp_path), "--admin-token", " ", "--no-amqp"]
+    )
     assert result.exit_code == 2
     assert "admin token must not be empty" in result.output
 
@@ -59,9 +70,24 @@ def test_create_branch_and_run_status(platform: PlatformHandle, tmp_path: Path) 
     out.chmod(0o644)  # an existing, readable file is narrowed, not kept as it was
     env = {"BK_SIM_ADMIN_TOKEN": platform.admin_token, "BK_SIM_URL": platform.url}
     runner = CliRunner()
-    result = runner.invoke(main, ["platform", "create-branch", "--leaves", "3",
-                                  "--strategy", "median", "--quorum", "2",
-                                  "--round-timeout", "5", "--out", str(out)], env=env)
+    result = runner.invoke(
+        main,
+        [
+            "platform",
+            "create-branch",
+            "--leaves",
+            "3",
+            "--strategy",
+            "median",
+            "--quorum",
+            "2",
+            "--round-timeout",
+            "5",
+            "--out",
+            str(out),
+        ],
+        env=env,
+    )
     assert result.exit_code == 0, result.output
     leaves = json.loads(out.read_text())
     try:
@@ -69,16 +95,22 @@ def test_create_branch_and_run_status(platform: PlatformHandle, tmp_path: Path) 
         assert len(leaves) == 3 and all(set(leaf) == SIX for leaf in leaves)
         branch_id = leaves[0]["branch_id"]
         assert platform.admin.config(branch_id) == {
-            "strategy": "median", "quorum": 2, "round_timeout_s": 5.0, "trim_fraction": 0.1,
-            "model_config": {}}
+            "strategy": "median",
+            "quorum": 2,
+            "round_timeout_s": 5.0,
+            "trim_fraction": 0.1,
+            "model_config": {},
+        }
         assert read_queue(leaves[0], 1)[0]["body"] == {"run_status": "start"}
-        result = runner.invoke(main, ["platform", "run-status", "--branch", branch_id,
-                                      "pause"], env=env)
+        result = runner.invoke(
+            main, ["platform", "run-status", "--branch", branch_id, "pause"], env=env
+        )
         assert result.exit_code == 0, result.output
         assert "run_status pause run_number 1" in result.output
         assert read_queue(leaves[0], 1)[0]["body"] == {"run_status": "pause"}
-        result = runner.invoke(main, ["platform", "run-status", "--branch", "nope", "start"],
-                               env=env)
+        result = runner.invoke(
+            main, ["platform", "run-status", "--branch", "nope", "start"], env=env
+        )
         assert result.exit_code == 2
         assert "404" in result.output and "no branch nope" in result.output
     finally:
@@ -87,9 +119,20 @@ def test_create_branch_and_run_status(platform: PlatformHandle, tmp_path: Path) 
 
 @pytest.mark.rabbitmq
 def test_wrong_admin_token_is_refused(platform: PlatformHandle, tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["platform", "create-branch", "--url", platform.url,
-                                       "--leaves", "1", "--out", str(tmp_path / "l.json")],
-                                env={"BK_SIM_ADMIN_TOKEN": "wrong"})
+    result = CliRunner().invoke(
+        main,
+        [
+            "platform",
+            "create-branch",
+            "--url",
+            platform.url,
+            "--leaves",
+            "1",
+            "--out",
+            str(tmp_path / "l.json"),
+        ],
+        env={"BK_SIM_ADMIN_TOKEN": "wrong"},
+    )
     assert result.exit_code == 2
     assert "401" in result.output
     assert not (tmp_path / "l.json").exists()

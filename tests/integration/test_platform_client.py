@@ -19,19 +19,29 @@ RETRY = RetryConfig(max_retries=3, backoff_factor=0.01, total_timeout=10)
 
 
 def _client(url: str, leaf: dict[str, str], out: Path, *, websocket: bool) -> Client:
-    return Client(leaf, host=url, ssl=False, rbmq_host="127.0.0.1", rbmq_port=5672,
-                  rbmq_ssl=False, rbmq_reconnect_backoff_factor=1.1, retry_config=RETRY,
-                  use_websocket=websocket, output_dir=out)
+    return Client(
+        leaf,
+        host=url,
+        ssl=False,
+        rbmq_host="127.0.0.1",
+        rbmq_port=5672,
+        rbmq_ssl=False,
+        rbmq_reconnect_backoff_factor=1.1,
+        retry_config=RETRY,
+        use_websocket=websocket,
+        output_dir=out,
+    )
 
 
 @pytest.mark.parametrize("websocket", [False, True], ids=["amqp", "websocket"])
-def test_clients_play_two_rounds(platform: PlatformHandle, tmp_path: Path,
-                                 websocket: bool) -> None:
+def test_clients_play_two_rounds(platform: PlatformHandle, tmp_path: Path, websocket: bool) -> None:
     rng = np.random.default_rng(15)
     n = 3
     with make_branch(platform, n) as b:
-        clients = [_client(b.url, leaf, tmp_path / f"out{i}", websocket=websocket)
-                   for i, leaf in enumerate(b.leaves)]
+        clients = [
+            _client(b.url, leaf, tmp_path / f"out{i}", websocket=websocket)
+            for i, leaf in enumerate(b.leaves)
+        ]
         try:
             assert all(c.run_status == "start" and c.run_number == 1 for c in clients)
             for rnd in (1, 2):
@@ -54,17 +64,25 @@ def test_clients_play_two_rounds(platform: PlatformHandle, tmp_path: Path,
                 c.close()
 
 
-def test_client_retry_after_lost_answer_is_counted_once(platform: PlatformHandle,
-                                                       tmp_path: Path) -> None:
+def test_client_retry_after_lost_answer_is_counted_once(
+    platform: PlatformHandle, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(16)
     with make_branch(platform, 2) as b:
-        clients = [_client(b.url, leaf, tmp_path / f"o{i}", websocket=False)
-                   for i, leaf in enumerate(b.leaves)]
+        clients = [
+            _client(b.url, leaf, tmp_path / f"o{i}", websocket=False)
+            for i, leaf in enumerate(b.leaves)
+        ]
         try:
-            b.admin.set_faults(b.branch_id, {"http": [
-                {"endpoint": "upload", "drop_response": True, "count": 1},
-                {"endpoint": "download", "status": 503, "count": 1},
-            ]})
+            b.admin.set_faults(
+                b.branch_id,
+                {
+                    "http": [
+                        {"endpoint": "upload", "drop_response": True, "count": 1},
+                        {"endpoint": "download", "status": 503, "count": 1},
+                    ]
+                },
+            )
             models = [model(rng), model(rng)]
             for i, c in enumerate(clients):
                 c.file_upload(save_weights(tmp_path / f"w{i}", 1.0 + i, models[i]))

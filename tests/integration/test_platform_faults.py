@@ -26,8 +26,9 @@ pytestmark = pytest.mark.rabbitmq
 
 
 def _run(b, i: int = 0) -> requests.Response:  # type: ignore[no-untyped-def]
-    return requests.get(f"{b.url}/api/v1/run/{b.branch_id}", headers=leaf_headers(b.leaves[i]),
-                        timeout=5)
+    return requests.get(
+        f"{b.url}/api/v1/run/{b.branch_id}", headers=leaf_headers(b.leaves[i]), timeout=5
+    )
 
 
 def test_status_fault_with_count_and_retry_after_then_round_is_correct(
@@ -35,9 +36,14 @@ def test_status_fault_with_count_and_retry_after_then_round_is_correct(
 ) -> None:
     rng = np.random.default_rng(4)
     with make_branch(platform, 2) as b:
-        b.admin.set_faults(b.branch_id, {"http": [
-            {"endpoint": "upload", "status": 503, "count": 2, "retry_after": 1.5},
-        ]})
+        b.admin.set_faults(
+            b.branch_id,
+            {
+                "http": [
+                    {"endpoint": "upload", "status": 503, "count": 2, "retry_after": 1.5},
+                ]
+            },
+        )
         m0, m1 = model(rng), model(rng)
         for _ in range(2):
             resp = b.upload(0, 1.0, m0)
@@ -49,8 +55,9 @@ def test_status_fault_with_count_and_retry_after_then_round_is_correct(
         b.upload_ok(1, 3.0, m1)
         rec = b.wait(1)
         assert len(rec["uploads"]) == 2
-        assert_layers(b.download(0, rec["aggregation_id"]),
-                      reference("fedavg", [1.0, 3.0], [m0, m1]))
+        assert_layers(
+            b.download(0, rec["aggregation_id"]), reference("fedavg", [1.0, 3.0], [m0, m1])
+        )
         assert b.admin.faults(b.branch_id)["http"][0]["count"] == 0
 
 
@@ -58,22 +65,29 @@ def test_rate_faults_are_deterministic_for_a_seed(platform: PlatformHandle) -> N
     with make_branch(platform, 1) as b:
         patterns = []
         for _ in range(2):
-            b.admin.set_faults(b.branch_id, {"seed": 42, "http": [
-                {"endpoint": "*", "status": 500, "rate": 0.5}]})
+            b.admin.set_faults(
+                b.branch_id, {"seed": 42, "http": [{"endpoint": "*", "status": 500, "rate": 0.5}]}
+            )
             patterns.append([_run(b).status_code for _ in range(16)])
         assert patterns[0] == patterns[1]
         assert set(patterns[0]) == {200, 500}
-        b.admin.set_faults(b.branch_id, {"seed": 7, "http": [
-            {"endpoint": "*", "status": 500, "rate": 0.5}]})
+        b.admin.set_faults(
+            b.branch_id, {"seed": 7, "http": [{"endpoint": "*", "status": 500, "rate": 0.5}]}
+        )
         assert [_run(b).status_code for _ in range(16)] != patterns[0]
 
 
 def test_latency_and_reset(platform: PlatformHandle) -> None:
     with make_branch(platform, 1) as b:
-        b.admin.set_faults(b.branch_id, {"http": [
-            {"endpoint": "run", "status": None, "latency_s": 0.3, "count": 1},
-            {"endpoint": "run", "reset": True, "count": 1},
-        ]})
+        b.admin.set_faults(
+            b.branch_id,
+            {
+                "http": [
+                    {"endpoint": "run", "status": None, "latency_s": 0.3, "count": 1},
+                    {"endpoint": "run", "reset": True, "count": 1},
+                ]
+            },
+        )
         t0 = time.monotonic()
         assert _run(b).status_code == 200
         assert time.monotonic() - t0 >= 0.3
@@ -89,8 +103,9 @@ def test_dropped_response_upload_took_effect_and_retry_counts_once(
 ) -> None:
     rng = np.random.default_rng(5)
     with make_branch(platform, 2) as b:
-        b.admin.set_faults(b.branch_id, {"http": [
-            {"endpoint": "upload", "drop_response": True, "count": 1}]})
+        b.admin.set_faults(
+            b.branch_id, {"http": [{"endpoint": "upload", "drop_response": True, "count": 1}]}
+        )
         m0, m1 = model(rng), model(rng)
         with pytest.raises(requests.ConnectionError):
             b.upload(0, 2.0, m0)
@@ -100,8 +115,9 @@ def test_dropped_response_upload_took_effect_and_retry_counts_once(
         b.upload_ok(1, 1.0, m1)
         rec = b.wait(1)
         assert len(rec["uploads"]) == 2
-        assert_layers(b.download(0, rec["aggregation_id"]),
-                      reference("fedavg", [2.0, 1.0], [m0, m1]))
+        assert_layers(
+            b.download(0, rec["aggregation_id"]), reference("fedavg", [2.0, 1.0], [m0, m1])
+        )
 
 
 def test_dedupe_off_counts_a_retry_twice(platform: PlatformHandle) -> None:
@@ -115,8 +131,9 @@ def test_dedupe_off_counts_a_retry_twice(platform: PlatformHandle) -> None:
         b.upload_ok(1, 1.0, m1)
         rec = b.wait(1)
         assert [u["leaf_id"] for u in rec["uploads"]].count(b.leaves[0]["id"]) == 2
-        assert_layers(b.download(0, rec["aggregation_id"]),
-                      reference("fedavg", [2.0, 2.0, 1.0], [m0, m0, m1]))
+        assert_layers(
+            b.download(0, rec["aggregation_id"]), reference("fedavg", [2.0, 2.0, 1.0], [m0, m0, m1])
+        )
 
 
 @pytest.mark.parametrize("bug", ["unweighted", "drop_leaf", "double_count"])
@@ -141,8 +158,9 @@ def test_aggregation_bugs_are_wrong_but_the_record_is_honest(
             expected = reference("fedavg", [1.0, 2.0], [models[0], models[2]])
             assert rec["fault"] == {"aggregation": bug, "victim_leaf_id": heavy}
         else:
-            expected = reference("fedavg", [1.0, 5.0, 5.0, 2.0],
-                                 [models[0], models[1], models[1], models[2]])
+            expected = reference(
+                "fedavg", [1.0, 5.0, 5.0, 2.0], [models[0], models[1], models[1], models[2]]
+            )
             assert rec["fault"] == {"aggregation": bug, "victim_leaf_id": heavy}
         assert_layers(got, expected)
         honest = reference("fedavg", weights, models)
@@ -181,8 +199,15 @@ def test_notification_delay_and_drop(platform: PlatformHandle) -> None:
         got = [read_queue(leaf, 1, timeout=0.5) for leaf in b.leaves]
         assert 0 < sum(len(g) for g in got) < 4
         for g in got:
-            assert g in ([], [{"message_type": "aggregation_status",
-                               "body": {"aggregation_id": rec["aggregation_id"]}}])
+            assert g in (
+                [],
+                [
+                    {
+                        "message_type": "aggregation_status",
+                        "body": {"aggregation_id": rec["aggregation_id"]},
+                    }
+                ],
+            )
 
 
 def test_bad_fault_specs_and_stats(platform: PlatformHandle) -> None:
@@ -197,19 +222,18 @@ def test_bad_fault_specs_and_stats(platform: PlatformHandle) -> None:
             with pytest.raises(PlatformError, match=needle):
                 b.admin.set_faults(b.branch_id, spec)
         b.admin.reset_stats()
-        b.admin.set_faults(b.branch_id, {"http": [{"endpoint": "run", "status": 429,
-                                                   "count": 1}]})
+        b.admin.set_faults(b.branch_id, {"http": [{"endpoint": "run", "status": 429, "count": 1}]})
         assert _run(b).status_code == 429
         assert _run(b).status_code == 200
-        assert post_upload(b.url, b.leaves[0], encode_weights(1.0, [np.ones(2)])
-                           ).status_code == 201
+        assert post_upload(b.url, b.leaves[0], encode_weights(1.0, [np.ones(2)])).status_code == 201
         stats = b.admin.stats()
         assert stats["run"] == {"429": 1, "200": 1}
         assert stats["upload"] == {"201": 1}
 
 
-def test_publisher_reconnects_after_the_broker_drops_it(platform: PlatformHandle,
-                                                        management: ManagementAPI) -> None:
+def test_publisher_reconnects_after_the_broker_drops_it(
+    platform: PlatformHandle, management: ManagementAPI
+) -> None:
     """The broker force-closes the platform's publishing connection; the next notice still
     arrives (the publisher reconnects and republishes under confirms)."""
     with make_branch(platform, 1) as b:
@@ -218,9 +242,12 @@ def test_publisher_reconnects_after_the_broker_drops_it(platform: PlatformHandle
         deadline = time.monotonic() + 15  # the connection list lags by the stats interval
         ours: list[str] = []
         while not ours and time.monotonic() < deadline:
-            ours = [c["name"] for c in management.connections()
-                    if c.get("client_properties", {}).get("connection_name") == name
-                    and c.get("vhost") == b.tree_id]
+            ours = [
+                c["name"]
+                for c in management.connections()
+                if c.get("client_properties", {}).get("connection_name") == name
+                and c.get("vhost") == b.tree_id
+            ]
             if not ours:
                 time.sleep(0.5)
         assert ours, "the platform's connection to the tree's vhost never showed up"

@@ -24,8 +24,9 @@ from tests.integration._platform_support import (
 pytestmark = pytest.mark.rabbitmq
 
 
-def test_kill_and_restart_mid_round_loses_nothing(management: ManagementAPI,
-                                                  tmp_path: Path) -> None:
+def test_kill_and_restart_mid_round_loses_nothing(
+    management: ManagementAPI, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(11)
     handle = start_platform(tmp_path / "data")
     try:
@@ -44,17 +45,18 @@ def test_kill_and_restart_mid_round_loses_nothing(management: ManagementAPI,
             ids.append(b.upload_ok(2, weights[2], models[2]))
             rec = b.wait(1)
             assert [u["file_id"] for u in rec["uploads"]] == ids
-            assert_layers(b.download(0, rec["aggregation_id"]),
-                          reference("fedavg", weights, models))
+            assert_layers(
+                b.download(0, rec["aggregation_id"]), reference("fedavg", weights, models)
+            )
             assert read_queue(b.leaves[2], 1)[0]["body"] == {
-                "aggregation_id": rec["aggregation_id"]}
+                "aggregation_id": rec["aggregation_id"]
+            }
             assert len(b.admin.rounds(b.branch_id)) == 1
     finally:
         handle.stop()
 
 
-def test_round_timeout_is_rearmed_after_restart(management: ManagementAPI,
-                                                tmp_path: Path) -> None:
+def test_round_timeout_is_rearmed_after_restart(management: ManagementAPI, tmp_path: Path) -> None:
     rng = np.random.default_rng(12)
     handle = start_platform(tmp_path / "data")
     try:
@@ -72,22 +74,21 @@ def test_round_timeout_is_rearmed_after_restart(management: ManagementAPI,
             assert 3.0 <= (closed - opened).total_seconds() < 5.0
             link = requests.get(
                 f"{b.url}/api/v1/file/download/{rec['aggregation_id']}",
-                headers={"Authorization": f"Bearer {b.leaves[0]['id']}:"
-                                          f"{b.leaves[0]['session_token']}"},
+                headers={
+                    "Authorization": f"Bearer {b.leaves[0]['id']}:{b.leaves[0]['session_token']}"
+                },
                 timeout=5,
             ).json()["data"]["download_url"]
             handle.restart()
             b.admin = handle.admin
             blob = requests.get(link, timeout=5)  # signing key survives the restart
             assert blob.status_code == 200
-            assert_layers(b.download(1, rec["aggregation_id"]),
-                          reference("fedavg", [1.0], [m0]))
+            assert_layers(b.download(1, rec["aggregation_id"]), reference("fedavg", [1.0], [m0]))
     finally:
         handle.stop()
 
 
-def test_stop_is_prompt_and_restart_keeps_port(management: ManagementAPI,
-                                               tmp_path: Path) -> None:
+def test_stop_is_prompt_and_restart_keeps_port(management: ManagementAPI, tmp_path: Path) -> None:
     handle = start_platform(tmp_path / "data")
     url = handle.url
     t0 = time.monotonic()

@@ -49,10 +49,12 @@ def test_round_aggregates_like_numpy_and_notifies_every_leaf(
         got = b.download(0, record["aggregation_id"])
         assert_layers(got, reference(strategy, weights, models, trim_fraction=0.2))
         for leaf in b.leaves:
-            assert read_queue(leaf, 1) == [{
-                "message_type": "aggregation_status",
-                "body": {"aggregation_id": record["aggregation_id"]},
-            }]
+            assert read_queue(leaf, 1) == [
+                {
+                    "message_type": "aggregation_status",
+                    "body": {"aggregation_id": record["aggregation_id"]},
+                }
+            ]
 
 
 def test_second_round_opens_on_next_upload_and_int_layers_keep_dtype(
@@ -88,8 +90,9 @@ def test_identical_retry_is_counted_once_and_different_upload_replaces(
         other = model(rng)
         b.upload_ok(1, 1.0, other)
         rec = b.wait(1)
-        assert_layers(b.download(1, rec["aggregation_id"]),
-                      reference("fedavg", [4.0, 1.0], [second, other]))
+        assert_layers(
+            b.download(1, rec["aggregation_id"]), reference("fedavg", [4.0, 1.0], [second, other])
+        )
         # a retry arriving after its round closed is still the same upload, not round 2
         assert b.upload_ok(1, 1.0, other) == rec["uploads"][1]["file_id"]
         assert len(b.admin.rounds(b.branch_id)) == 1
@@ -107,8 +110,9 @@ def test_timeout_closes_with_quorum_and_waits_below_it(platform: PlatformHandle)
         b.upload_ok(1, 1.0, m1)  # quorum reached after the timeout: closes now
         rec = b.wait(1)
         assert rec["close_reason"] == "timeout_quorum"
-        assert_layers(b.download(2, rec["aggregation_id"]),
-                      reference("fedavg", [2.0, 1.0], [m0, m1]))
+        assert_layers(
+            b.download(2, rec["aggregation_id"]), reference("fedavg", [2.0, 1.0], [m0, m1])
+        )
         # round 2: quorum met before the timeout, the timer closes it
         b.upload_ok(2, 1.0, model(rng))
         b.upload_ok(3, 1.0, model(rng))
@@ -125,11 +129,14 @@ def test_upload_refused_when_run_not_started_and_run_control(platform: PlatformH
         resp = b.upload(0, 1.0, [np.ones(2)])
         assert resp.status_code == 409
         assert "run is not started" in resp.json()["error"]
-        run = requests.get(f"{b.url}/api/v1/run/{b.branch_id}", headers=leaf_headers(leaf),
-                           timeout=5)
+        run = requests.get(
+            f"{b.url}/api/v1/run/{b.branch_id}", headers=leaf_headers(leaf), timeout=5
+        )
         assert run.json() == {"data": {"run_status": "stop", "run_number": 0}}
-        assert b.admin.set_run_status(b.branch_id, "start") == {"run_status": "start",
-                                                                 "run_number": 1}
+        assert b.admin.set_run_status(b.branch_id, "start") == {
+            "run_status": "start",
+            "run_number": 1,
+        }
         assert b.admin.set_run_status(b.branch_id, "pause")["run_number"] == 1
         assert b.upload(0, 1.0, [np.ones(2)]).status_code == 409
         assert b.admin.set_run_status(b.branch_id, "start")["run_number"] == 2
@@ -142,8 +149,9 @@ def test_upload_refused_when_run_not_started_and_run_control(platform: PlatformH
 def test_branch_config_metrics_and_admin_config(platform: PlatformHandle) -> None:
     with make_branch(platform, 1, model_config={"lr": 0.1}) as b:
         leaf = b.leaves[0]
-        cfg = requests.get(f"{b.url}/api/v1/config/branch/{b.branch_id}",
-                           headers=leaf_headers(leaf), timeout=5)
+        cfg = requests.get(
+            f"{b.url}/api/v1/config/branch/{b.branch_id}", headers=leaf_headers(leaf), timeout=5
+        )
         assert cfg.status_code == 200
         data = cfg.json()["data"]
         assert data["model_config"] == {"lr": 0.1}
@@ -154,29 +162,42 @@ def test_branch_config_metrics_and_admin_config(platform: PlatformHandle) -> Non
         assert updated["model_config"] == {"lr": 0.1}  # partial PUT keeps the rest
         with pytest.raises(Exception, match="strategy must be one of"):
             b.admin.set_config(b.branch_id, strategy="best")
-        body = {"mode": "test", "aggregation_id": "x", "leaf_id": leaf["id"],
-                "branch_id": b.branch_id, "tree_id": b.tree_id, "data": '{"acc": 0.9}'}
-        resp = requests.post(f"{b.url}/api/v1/performance/analysis", json=body,
-                             headers=leaf_headers(leaf), timeout=5)
+        body = {
+            "mode": "test",
+            "aggregation_id": "x",
+            "leaf_id": leaf["id"],
+            "branch_id": b.branch_id,
+            "tree_id": b.tree_id,
+            "data": '{"acc": 0.9}',
+        }
+        resp = requests.post(
+            f"{b.url}/api/v1/performance/analysis", json=body, headers=leaf_headers(leaf), timeout=5
+        )
         assert resp.status_code == 201
         stored = b.admin.metrics(b.branch_id)
         assert [(m["mode"], m["data"], m["leaf_id"]) for m in stored] == [
             ("test", '{"acc": 0.9}', leaf["id"])
         ]
-        bad = requests.post(f"{b.url}/api/v1/performance/analysis",
-                            json={**body, "mode": "eval"}, headers=leaf_headers(leaf), timeout=5)
+        bad = requests.post(
+            f"{b.url}/api/v1/performance/analysis",
+            json={**body, "mode": "eval"},
+            headers=leaf_headers(leaf),
+            timeout=5,
+        )
         assert bad.status_code == 400 and "mode must be one of" in bad.json()["error"]
 
 
-def test_delete_tree_removes_vhost_and_users(platform: PlatformHandle,
-                                             management: ManagementAPI) -> None:
+def test_delete_tree_removes_vhost_and_users(
+    platform: PlatformHandle, management: ManagementAPI
+) -> None:
     with make_branch(platform, 2) as b:
         tree_id, leaf_id = b.tree_id, b.leaves[0]["id"]
         assert management.queue(tree_id, leaf_id)["durable"] is True
     with pytest.raises(Exception, match="404"):
         management.queue(tree_id, leaf_id)
-    resp = requests.get(f"{platform.url}/api/v1/run/{b.branch_id}",
-                        headers=leaf_headers(b.leaves[0]), timeout=5)
+    resp = requests.get(
+        f"{platform.url}/api/v1/run/{b.branch_id}", headers=leaf_headers(b.leaves[0]), timeout=5
+    )
     assert resp.status_code == 401
 
 
@@ -184,15 +205,20 @@ def test_secrets_never_reach_the_log(platform: PlatformHandle) -> None:
     with make_branch(platform, 1) as b:
         leaf = b.leaves[0]
         fid = b.upload_ok(0, 1.0, [np.ones(3)])
-        link = requests.get(f"{b.url}/api/v1/file/download/{fid}", headers=leaf_headers(leaf),
-                            timeout=5).json()["data"]["download_url"]
+        link = requests.get(
+            f"{b.url}/api/v1/file/download/{fid}", headers=leaf_headers(leaf), timeout=5
+        ).json()["data"]["download_url"]
         assert requests.get(link, timeout=5).status_code == 200
         sig = link.split("sig=")[1]
-        ticket = requests.post(f"{b.url}/api/v1/ws/ticket", headers=leaf_headers(leaf),
-                               timeout=5).json()["data"]["ticket_id"]
+        ticket = requests.post(
+            f"{b.url}/api/v1/ws/ticket", headers=leaf_headers(leaf), timeout=5
+        ).json()["data"]["ticket_id"]
         requests.get(f"{b.url}/api/v1/ws?ticket={ticket}&request_id=x", timeout=5)
-        requests.get(f"{b.url}/api/v1/run/{b.branch_id}", timeout=5,
-                     headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}x"})
+        requests.get(
+            f"{b.url}/api/v1/run/{b.branch_id}",
+            timeout=5,
+            headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}x"},
+        )
         b.wait(1)
     log = platform.log_path.read_text()
     assert "/api/v1/ws" in log and "/files/" in log  # the access log is on
@@ -218,8 +244,9 @@ def test_a_round_whose_upload_vanished_fails_and_the_next_one_works(
         b.upload_ok(1, 2.0, m1)
         rec = b.wait(2)
         assert rec["status"] == "aggregated"
-        assert_layers(b.download(0, rec["aggregation_id"]),
-                      reference("fedavg", [1.0, 2.0], [m0, m1]))
+        assert_layers(
+            b.download(0, rec["aggregation_id"]), reference("fedavg", [1.0, 2.0], [m0, m1])
+        )
 
 
 def test_config_change_applies_to_the_open_round(platform: PlatformHandle) -> None:

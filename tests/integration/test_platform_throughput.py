@@ -32,9 +32,12 @@ def test_round_of_uploads_throughput(management: ManagementAPI, tmp_path: Path) 
     with start_platform(tmp_path / "data") as handle, make_branch(handle, leaves) as b:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(
-                lambda i: post_upload(b.url, b.leaves[i], blobs[i], timeout=120).status_code,
-                range(leaves)))
+            codes = list(
+                pool.map(
+                    lambda i: post_upload(b.url, b.leaves[i], blobs[i], timeout=120).status_code,
+                    range(leaves),
+                )
+            )
         t1 = time.perf_counter()
         record = b.wait(1, timeout=120)
         t2 = time.perf_counter()
@@ -48,5 +51,7 @@ def test_round_of_uploads_throughput(management: ManagementAPI, tmp_path: Path) 
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, base.astype(np.float64) + shift, rtol=1e-6, atol=1e-5)
     total = sum(len(x) for x in blobs) / 2**20
-    print(f"\n{leaves} uploads x {mb:g} MB ({total:.0f} MB sent): uploads {t1 - t0:.2f} s "
-          f"({total / (t1 - t0):.0f} MB/s), last upload -> aggregated {t2 - t1:.2f} s")
+    print(
+        f"\n{leaves} uploads x {mb:g} MB ({total:.0f} MB sent): uploads {t1 - t0:.2f} s "
+        f"({total / (t1 - t0):.0f} MB/s), last upload -> aggregated {t2 - t1:.2f} s"
+    )

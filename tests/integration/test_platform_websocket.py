@@ -32,8 +32,10 @@ def _ticket(url: str, leaf: dict[str, str]) -> dict[str, str]:
 
 
 def _ws_url(url: str, t: dict[str, str]) -> str:
-    return (f"{url.replace('http://', 'ws://')}/api/v1/ws?ticket={t['ticket_id']}"
-            f"&request_id={t['request_id']}")
+    return (
+        f"{url.replace('http://', 'ws://')}/api/v1/ws?ticket={t['ticket_id']}"
+        f"&request_id={t['request_id']}"
+    )
 
 
 def test_websocket_gets_run_status_and_aggregation_and_ticket_is_single_use(
@@ -45,13 +47,16 @@ def test_websocket_gets_run_status_and_aggregation_and_ticket_is_single_use(
         with connect(_ws_url(b.url, t), open_timeout=5) as ws:
             b.admin.set_run_status(b.branch_id, "start")
             assert json.loads(ws.recv(timeout=5)) == {
-                "message_type": "run_status", "body": {"run_status": "start"}}
+                "message_type": "run_status",
+                "body": {"run_status": "start"},
+            }
             b.upload_ok(0, 1.0, model(rng))
             b.upload_ok(1, 1.0, model(rng))
             rec = b.wait(1)
             assert json.loads(ws.recv(timeout=5)) == {
                 "message_type": "aggregation_status",
-                "body": {"aggregation_id": rec["aggregation_id"]}}
+                "body": {"aggregation_id": rec["aggregation_id"]},
+            }
         with pytest.raises(InvalidStatus) as err:
             connect(_ws_url(b.url, t), open_timeout=5)
         assert err.value.response.status_code == 401
@@ -79,15 +84,18 @@ def test_no_amqp_health(platform: PlatformHandle, tmp_path: Path) -> None:
 def test_stop_with_a_websocket_open_is_prompt_and_public_url_is_used(tmp_path: Path) -> None:
     import time
 
-    handle = start_platform(tmp_path / "data", no_amqp=True,
-                            public_url="http://files.example.test:9")
+    handle = start_platform(
+        tmp_path / "data", no_amqp=True, public_url="http://files.example.test:9"
+    )
     try:
         with make_branch(handle, 1) as b:
             fid = b.upload_ok(0, 1.0, [np.ones(2)])
-            resp = requests.get(f"{b.url}/api/v1/file/download/{fid}",
-                                headers=leaf_headers(b.leaves[0]), timeout=5)
+            resp = requests.get(
+                f"{b.url}/api/v1/file/download/{fid}", headers=leaf_headers(b.leaves[0]), timeout=5
+            )
             assert resp.json()["data"]["download_url"].startswith(
-                f"http://files.example.test:9/files/{fid}?expires=")
+                f"http://files.example.test:9/files/{fid}?expires="
+            )
             with connect(_ws_url(b.url, _ticket(b.url, b.leaves[0])), open_timeout=5):
                 t0 = time.monotonic()
                 handle.stop()

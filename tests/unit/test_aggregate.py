@@ -81,8 +81,7 @@ def test_fedavg_of_huge_weightings_does_not_overflow(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     leaves = [[rng.standard_normal(50).astype(np.float32)] for _ in range(3)]
     small = aggregate(_uploads(tmp_path, leaves, [3.0, 5.0, 7.0]))[0]
-    big = aggregate(_uploads(tmp_path, leaves, [3.0 * 2.0**900, 5.0 * 2.0**900,
-                                                7.0 * 2.0**900]))[0]
+    big = aggregate(_uploads(tmp_path, leaves, [3.0 * 2.0**900, 5.0 * 2.0**900, 7.0 * 2.0**900]))[0]
     np.testing.assert_array_equal(small, big)
 
 
@@ -131,8 +130,9 @@ def test_integer_layers_round_half_to_even_only_at_the_end(tmp_path: Path) -> No
     assert got.dtype == np.int8
     np.testing.assert_array_equal(got, np.array([2, 2, -2, 0, 8], dtype=np.int8))
     # fedavg: (1 * 1 + 3 * 2) / 4 = 1.75 -> 2; no rounding of the products on the way
-    ups = _uploads(tmp_path, [[np.array([1], dtype=np.int32)], [np.array([2], dtype=np.int32)]],
-                   [1.0, 3.0])
+    ups = _uploads(
+        tmp_path, [[np.array([1], dtype=np.int32)], [np.array([2], dtype=np.int32)]], [1.0, 3.0]
+    )
     np.testing.assert_array_equal(aggregate(ups)[0], np.array([2], dtype=np.int32))
     # median of an even count of ints: 2.5 -> 2 (half to even), 3.5 -> 4
     ups = _uploads(tmp_path, [[np.array([v, v + 1], dtype=np.uint16)] for v in (1, 2, 3, 4)])
@@ -140,8 +140,11 @@ def test_integer_layers_round_half_to_even_only_at_the_end(tmp_path: Path) -> No
 
 
 def test_bool_layers_are_a_vote_ties_to_false(tmp_path: Path) -> None:
-    leaves = [[np.array([True, True, False])], [np.array([False, True, False])],
-              [np.array([True, False, False])]]
+    leaves = [
+        [np.array([True, True, False])],
+        [np.array([False, True, False])],
+        [np.array([True, False, False])],
+    ]
     got = aggregate(_uploads(tmp_path, leaves), "mean")[0]
     assert got.dtype == np.bool_
     np.testing.assert_array_equal(got, [True, True, False])
@@ -216,8 +219,10 @@ def test_blocked_and_memory_mapped_scratch_gives_the_same_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
     rng = np.random.default_rng(11)
-    leaves = [[rng.standard_normal(1001).astype(np.float32), rng.standard_normal((3, 3))]
-              for _ in range(7)]
+    leaves = [
+        [rng.standard_normal(1001).astype(np.float32), rng.standard_normal((3, 3))]
+        for _ in range(7)
+    ]
     ups = _uploads(tmp_path, leaves)
     in_memory = aggregate(ups, strategy, trim_fraction=0.3)
     scratch = tmp_path / "scratch"
@@ -238,8 +243,9 @@ def test_batches_and_blocks_add_up_across_their_edges(
     monkeypatch.setattr(_aggregate, "BATCH_UPLOADS", 3)  # 10 uploads: batches 3, 3, 3, 1
     monkeypatch.setattr(_aggregate, "STAGING_BYTES", 8 * 3 * 300)  # blocks of 300 coordinates
     rng = np.random.default_rng(9)
-    leaves = [[rng.standard_normal(1000), rng.integers(0, 9, (7, 11)).astype(np.uint8)]
-              for _ in range(10)]
+    leaves = [
+        [rng.standard_normal(1000), rng.integers(0, 9, (7, 11)).astype(np.uint8)] for _ in range(10)
+    ]
     weights = rng.uniform(1.0, 9.0, 10)
     got = aggregate(_uploads(tmp_path, leaves, weights), strategy)
     for i in range(2):
@@ -308,8 +314,9 @@ def test_streaming_average_takes_arrays_one_at_a_time() -> None:
     ref = np.average(np.stack([x[0] for x in leaves]).astype(np.float64), weights=weights, axis=0)
     np.testing.assert_array_max_ulp(got, ref.astype(np.float32), maxulp=1)
     unweighted = streaming_average(zip(weights, leaves, strict=True), weighted=False)[0]
-    np.testing.assert_allclose(unweighted, np.mean(np.stack([x[0] for x in leaves]), axis=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        unweighted, np.mean(np.stack([x[0] for x in leaves]), axis=0), rtol=1e-6
+    )
     with pytest.raises(AggregationError, match="no uploads"):
         streaming_average([])
     with pytest.raises(AggregationError, match="upload 1: weighting"):
@@ -336,9 +343,13 @@ def test_mismatched_uploads_name_the_leaf_and_layer(tmp_path: Path, strategy: st
     good = [np.zeros((2, 2), dtype=np.float32), np.zeros(3, dtype=np.float32)]
     cases = {
         r"leaf leaf1, layer_1: shape \(4,\) differs from leaf leaf0's \(3,\)": [
-            good[0], np.zeros(4, dtype=np.float32)],
+            good[0],
+            np.zeros(4, dtype=np.float32),
+        ],
         r"leaf leaf1, layer_0: dtype float64 differs from leaf leaf0's float32": [
-            np.zeros((2, 2)), good[1]],
+            np.zeros((2, 2)),
+            good[1],
+        ],
         r"leaf leaf1: 1 layers, but leaf leaf0 has 2": [good[0]],
     }
     for message, second in cases.items():
@@ -366,8 +377,10 @@ def test_unreadable_upload_and_bad_weighting_name_the_leaf(tmp_path: Path) -> No
 
 
 def _bug_uploads() -> list[Upload]:
-    return [Upload(leaf, Path(f"/nonexistent/{leaf}.npz"), w)
-            for leaf, w in (("d", 2.0), ("c", 5.0), ("b", 5.0), ("a", 1.0))]
+    return [
+        Upload(leaf, Path(f"/nonexistent/{leaf}.npz"), w)
+        for leaf, w in (("d", 2.0), ("c", 5.0), ("b", 5.0), ("a", 1.0))
+    ]
 
 
 def test_apply_bug_victims_are_deterministic() -> None:
@@ -403,9 +416,14 @@ def test_double_count_doubles_the_victims_weight(tmp_path: Path) -> None:
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_read_weights_fast_reads_what_read_weights_reads(tmp_path: Path, compression: str) -> None:
     rng = np.random.default_rng(4)
-    layers = [rng.standard_normal((3, 4)).astype(np.float32), np.arange(6, dtype=np.int16),
-              np.array(5.0), np.zeros((0, 3)), np.asfortranarray(rng.standard_normal((3, 5))),
-              np.array([True, False])]
+    layers = [
+        rng.standard_normal((3, 4)).astype(np.float32),
+        np.arange(6, dtype=np.int16),
+        np.array(5.0),
+        np.zeros((0, 3)),
+        np.asfortranarray(rng.standard_normal((3, 5))),
+        np.array([True, False]),
+    ]
     path = save_weights(tmp_path / "u", 2.5, layers, compression=compression)
     w_ref, ref = read_weights(path)
     w, got = read_weights_fast(path)

@@ -29,8 +29,20 @@ def _rows(output: str, section: str) -> list[list[str]]:
 def test_bench_aggregate_prints_both_tables(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,
-        ["bench", "aggregate", "--params", "2000", "--uploads", "3,12", "--layers", "3",
-         "--workdir", str(tmp_path), "--repeat", "2"],
+        [
+            "bench",
+            "aggregate",
+            "--params",
+            "2000",
+            "--uploads",
+            "3,12",
+            "--layers",
+            "3",
+            "--workdir",
+            str(tmp_path),
+            "--repeat",
+            "2",
+        ],
     )
     assert result.exit_code == 0, result.output
     out = result.output

@@ -50,8 +50,11 @@ def test_mask_url_hides_only_the_password() -> None:
 
 def test_bad_ports_name_both_urls_instead_of_a_value_error() -> None:
     with pytest.raises(BrokerError) as info:
-        with provide_broker("external", amqp_url="amqp://u:s3cret@127.0.0.1:x/",
-                            management_url="http://u:s3cret@127.0.0.1:99999/"):
+        with provide_broker(
+            "external",
+            amqp_url="amqp://u:s3cret@127.0.0.1:x/",
+            management_url="http://u:s3cret@127.0.0.1:99999/",
+        ):
             pass
     message = str(info.value)
     assert "AMQP check failed: URL 'amqp://u:***@127.0.0.1:x/' is wrong: Port" in message

@@ -17,8 +17,13 @@ from bk_sim.platform._signing import UrlSigner, load_or_create_secret
 from bk_sim.platform._store import Store, is_file_id, new_id
 from bk_sim.weights import encode_weights, validate_weights
 
-BASE = {"strategy": "fedavg", "quorum": None, "round_timeout_s": None, "trim_fraction": 0.1,
-        "model_config": {}}
+BASE = {
+    "strategy": "fedavg",
+    "quorum": None,
+    "round_timeout_s": None,
+    "trim_fraction": 0.1,
+    "model_config": {},
+}
 
 
 def test_signed_urls_verify_expire_and_resist_forgery(tmp_path: Path) -> None:
@@ -43,50 +48,56 @@ def test_signed_urls_verify_expire_and_resist_forgery(tmp_path: Path) -> None:
 
 
 def test_fault_rates_follow_the_seed_and_counts_run_out() -> None:
-    spec = {"seed": 5, "http": [{"endpoint": "upload", "rate": 0.5},
-                                {"endpoint": "*", "status": 429, "count": 2}]}
+    spec = {
+        "seed": 5,
+        "http": [{"endpoint": "upload", "rate": 0.5}, {"endpoint": "*", "status": 429, "count": 2}],
+    }
     a, b = BranchFaults.from_json(spec), BranchFaults.from_json(spec)
     seq_a = [a.pick_http("upload") is not None for _ in range(20)]
     assert seq_a == [b.pick_http("upload") is not None for _ in range(20)]
     assert 0 < sum(seq_a) < 20
     c = BranchFaults.from_json(spec)
-    assert [r.status if (r := c.pick_http("run")) else None for _ in range(3)] == [429, 429,
-                                                                                  None]
+    assert [r.status if (r := c.pick_http("run")) else None for _ in range(3)] == [429, 429, None]
     assert c.to_json()["http"][1]["count"] == 0
     assert BranchFaults.from_json({}).pick_http("upload") is None
 
 
-@pytest.mark.parametrize(("spec", "needle"), [
-    ([], "must be a JSON object"),
-    ({"http": {}}, "http must be a list"),
-    ({"http": [{"status": 200}]}, "HTTP error status"),
-    ({"http": [{"count": -1}]}, "count must be null"),
-    ({"http": [{"latency_s": "slow"}]}, "latency_s must be a finite number"),
-    ({"http": [{"reset": 1}]}, "reset must be true or false"),
-    ({"http": [{"bogus": 1}]}, "unknown keys bogus"),
-    ({"notifications": {"drop_rate": 1.5}}, "drop_rate must be within"),
-    ({"aggregation": "stale2"}, "aggregation must be null"),
-    ({"seed": "x"}, "seed must be an integer"),
-    ({"notifications": {"delay_s": 10**400}}, "delay_s must be a finite number"),
-])
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ([], "must be a JSON object"),
+        ({"http": {}}, "http must be a list"),
+        ({"http": [{"status": 200}]}, "HTTP error status"),
+        ({"http": [{"count": -1}]}, "count must be null"),
+        ({"http": [{"latency_s": "slow"}]}, "latency_s must be a finite number"),
+        ({"http": [{"reset": 1}]}, "reset must be true or false"),
+        ({"http": [{"bogus": 1}]}, "unknown keys bogus"),
+        ({"notifications": {"drop_rate": 1.5}}, "drop_rate must be within"),
+        ({"aggregation": "stale2"}, "aggregation must be null"),
+        ({"seed": "x"}, "seed must be an integer"),
+        ({"notifications": {"delay_s": 10**400}}, "delay_s must be a finite number"),
+    ],
+)
 def test_bad_fault_specs_name_the_field(spec: object, needle: str) -> None:
     with pytest.raises(FaultSpecError, match=needle):
         BranchFaults.from_json(spec)
 
 
-@pytest.mark.parametrize(("body", "needle"), [
-    ({"strategy": "max"}, "strategy must be one of"),
-    ({"quorum": 0}, "quorum must be null or an integer >= 1"),
-    ({"quorum": True}, "quorum must be null"),
-    ({"quorum": 2**63}, "quorum must be null"),  # past SQLite INTEGER: was a 500
-    ({"round_timeout_s": 10**400}, "round_timeout_s must be null"),  # was OverflowError
-    ({"round_timeout_s": -1}, "round_timeout_s must be null or a number > 0"),
-    ({"trim_fraction": 0.5}, r"trim_fraction must be a number in \[0, 0.5\)"),
-    ({"model_config": []}, "model_config must be a JSON object"),
-    ({"colour": "red"}, "unknown config keys: colour"),
-])
-def test_bad_branch_config_is_400_naming_the_field(body: dict[str, object], needle: str
-                                                   ) -> None:
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"strategy": "max"}, "strategy must be one of"),
+        ({"quorum": 0}, "quorum must be null or an integer >= 1"),
+        ({"quorum": True}, "quorum must be null"),
+        ({"quorum": 2**63}, "quorum must be null"),  # past SQLite INTEGER: was a 500
+        ({"round_timeout_s": 10**400}, "round_timeout_s must be null"),  # was OverflowError
+        ({"round_timeout_s": -1}, "round_timeout_s must be null or a number > 0"),
+        ({"trim_fraction": 0.5}, r"trim_fraction must be a number in \[0, 0.5\)"),
+        ({"model_config": []}, "model_config must be a JSON object"),
+        ({"colour": "red"}, "unknown config keys: colour"),
+    ],
+)
+def test_bad_branch_config_is_400_naming_the_field(body: dict[str, object], needle: str) -> None:
     with pytest.raises(RequestRejected, match=needle) as err:
         _parse_config(body, base=BASE)
     assert err.value.status == 400
@@ -128,11 +139,20 @@ def test_store_survives_reopen_and_refuses_unsafe_ids(tmp_path: Path) -> None:
     tree = store.create_tree("t")
     branch = store.create_branch(tree["id"], "b", dict(BASE))
     leaf = store.add_leaf(branch, new_id(), "leaf-0", "secret-token")
-    rnd = store.open_round(store.update_branch(branch["id"], run_status="start",
-                                               run_number=1), [[[2]], ["<f4"]])
+    rnd = store.open_round(
+        store.update_branch(branch["id"], run_status="start", run_number=1), [[[2]], ["<f4"]]
+    )
     fid = new_id()
-    store.add_upload(file_id=fid, branch_id=branch["id"], number=rnd["round"],
-                     leaf_id=leaf.id, digest="sha256=x", weighting=2.0, size=10, replace=True)
+    store.add_upload(
+        file_id=fid,
+        branch_id=branch["id"],
+        number=rnd["round"],
+        leaf_id=leaf.id,
+        digest="sha256=x",
+        weighting=2.0,
+        size=10,
+        replace=True,
+    )
     store.close()
     again = Store(tmp_path)
     [loaded] = again.leaves(branch["id"])
@@ -168,7 +188,11 @@ def test_public_surface_is_pinned() -> None:
     import bk_sim.platform
 
     assert bk_sim.platform.__all__ == [
-        "AdminClient", "PlatformConfig", "PlatformHandle", "build_app", "serve",
+        "AdminClient",
+        "PlatformConfig",
+        "PlatformHandle",
+        "build_app",
+        "serve",
         "start_platform",
     ]
 
@@ -210,8 +234,9 @@ def test_an_unexpected_aggregation_error_fails_the_round_instead_of_leaving_it_c
 
     async def run() -> None:
         with ThreadPoolExecutor(1) as pool:
-            rounds = _rounds.RoundManager(store, Notifier(None, WsHub()), lambda _b: None,
-                                          pool, max_decompressed_bytes=None)
+            rounds = _rounds.RoundManager(
+                store, Notifier(None, WsHub()), lambda _b: None, pool, max_decompressed_bytes=None
+            )
             await rounds.submit(leaf, file_id=new_id(), digest="sha256=x", size=1, info=info)
             await rounds.shutdown()  # waits for the aggregation task
 

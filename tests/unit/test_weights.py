@@ -188,16 +188,28 @@ def _lying_size_bomb(extra: int) -> bytes:
         np.save(npy, arr)
         comp = zlib.compressobj(9, zlib.DEFLATED, -15)
         deflated = comp.compress(npy.getvalue()) + comp.compress(bytes(trailing)) + comp.flush()
-        fields = (20, 0, 8, 0, 0x21, zlib.crc32(npy.getvalue()), len(deflated),
-                  len(npy.getvalue()), len(name))
-        central.append(struct.pack("<IH", 0x02014B50, 20)
-                       + struct.pack("<HHHHHIIIHHHHHII", *fields, 0, 0, 0, 0, 0, out.tell())
-                       + name)
+        fields = (
+            20,
+            0,
+            8,
+            0,
+            0x21,
+            zlib.crc32(npy.getvalue()),
+            len(deflated),
+            len(npy.getvalue()),
+            len(name),
+        )
+        central.append(
+            struct.pack("<IH", 0x02014B50, 20)
+            + struct.pack("<HHHHHIIIHHHHHII", *fields, 0, 0, 0, 0, 0, out.tell())
+            + name
+        )
         out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + name + deflated)
     cd_offset = out.tell()
     out.write(b"".join(central))
-    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 2, 2, out.tell() - cd_offset,
-                          cd_offset, 0))
+    out.write(
+        struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 2, 2, out.tell() - cd_offset, cd_offset, 0)
+    )
     return out.getvalue()
 
 
@@ -221,7 +233,8 @@ def test_a_header_claiming_a_huge_array_is_refused_not_a_memory_error() -> None:
     bzip2 member, which the ISA-L reader leaves to it) that was a MemoryError (a 500)."""
     npy = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        npy, {"descr": "<f8", "fortran_order": False, "shape": (2**42,)})
+        npy, {"descr": "<f8", "fortran_order": False, "shape": (2**42,)}
+    )
     npy.write(bytes(64))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_BZIP2) as zf:
@@ -255,8 +268,9 @@ def test_validation_info_describes_the_archive() -> None:
     assert info.layer_count == 2
 
 
-def test_a_failed_save_leaves_no_half_written_file(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_save_leaves_no_half_written_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import bk_sim._files
 
     def full_disk(src: str, dst: object) -> None:
