@@ -32,8 +32,8 @@ from typing import Literal
 import numpy as np
 from isal import isal_zlib
 
-from bk_sim._files import atomic_write
 from bk_sim.errors import WeightsFormatError
+from bk_sim.files import atomic_write
 
 Compression = Literal["faithful", "fast", "stored"]
 COMPRESSIONS: tuple[Compression, ...] = ("faithful", "fast", "stored")

@@ -5,7 +5,6 @@ from bk_sim.broker._provider import (
     PROVIDERS,
     BrokerEndpoints,
     check_socket_capacity,
-    mask_url,
     provide_broker,
     restart_broker,
 )
@@ -17,7 +16,6 @@ __all__ = [
     "ManagementAPI",
     "check_socket_capacity",
     "docker_available",
-    "mask_url",
     "provide_broker",
     "restart_broker",
 ]

@@ -9,9 +9,9 @@ from bk_sim.broker._provider import (
     ENV_MANAGEMENT_URL,
     PROVIDERS,
     check_socket_capacity,
-    mask_url,
     provide_broker,
 )
+from bk_sim.redact import redact_url
 
 
 @click.group("broker")
@@ -65,8 +65,8 @@ def check(
         on_status=lambda message: click.echo(message, err=True),
     ) as endpoints:
         click.echo(f"provider:       {endpoints.provider}")
-        click.echo(f"amqp_url:       {mask_url(endpoints.amqp_url)}")
-        click.echo(f"management_url: {mask_url(endpoints.management_url)}")
+        click.echo(f"amqp_url:       {redact_url(endpoints.amqp_url)}")
+        click.echo(f"management_url: {redact_url(endpoints.management_url)}")
         click.echo(f"restartable:    {'yes' if endpoints.restartable else 'no'}")
         click.echo(f"reason:         {endpoints.reason}")
         if needed_connections:

@@ -38,6 +38,7 @@ from pika.adapters.utils.connection_workflow import (
 from bk_sim.broker import _testcontainer
 from bk_sim.broker._management import ManagementAPI
 from bk_sim.errors import BrokerError
+from bk_sim.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +92,6 @@ class BrokerEndpoints:
         parts = urlsplit(self.amqp_url)
         default = 5671 if parts.scheme == "amqps" else DEFAULT_AMQP_PORT
         return parts.hostname or "127.0.0.1", parts.port or default
-
-
-def mask_url(url: str | None) -> str:
-    """The URL with its password replaced by ``***``, for logs and the run's first lines."""
-    if url is None:
-        return "-"
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    # From the netloc text, not ``parts.port``: that raises for a bad port, and a URL
-    # with a bad port is exactly what an error message shows.
-    host_port = parts.netloc.rpartition("@")[2]
-    netloc = f"{parts.username or ''}:***@{host_port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 # -- the public entry points ------------------------------------------------------------
@@ -329,7 +316,7 @@ def _external(amqp_url: str | None, management_url: str | None, source: str) -> 
         "external",
         amqp_url,
         management_url,
-        f"external: AMQP {mask_url(amqp_url)} and management API {mask_url(management_url)} "
+        f"external: AMQP {redact_url(amqp_url)} and management API {redact_url(management_url)} "
         f"both answered ({source})",
     )
 
@@ -443,7 +430,7 @@ def _check_amqp(url: str, timeout: float | None = None) -> None:
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise _ProbeError(
             "url",
-            f"AMQP check failed: URL {mask_url(url)!r} is wrong: expected "
+            f"AMQP check failed: URL {redact_url(url)!r} is wrong: expected "
             "amqp://user:password@host:5672/vhost",
         )
     where = f"{parts.hostname}:{_port(url, 'AMQP', 5671 if parts.scheme == 'amqps' else 5672)}"
@@ -457,7 +444,7 @@ def _check_amqp(url: str, timeout: float | None = None) -> None:
         params.blocked_connection_timeout = timeout
     except (ValueError, TypeError) as exc:
         raise _ProbeError(
-            "url", f"AMQP check failed: URL {mask_url(url)!r} is wrong: {exc}"
+            "url", f"AMQP check failed: URL {redact_url(url)!r} is wrong: {exc}"
         ) from exc
     try:
         with _quiet_pika():
@@ -515,7 +502,7 @@ def _check_management(url: str, timeout: float | None = None) -> dict[str, Any]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _ProbeError(
             "url",
-            f"management API check failed: URL {mask_url(url)!r} is wrong: expected "
+            f"management API check failed: URL {redact_url(url)!r} is wrong: expected "
             "http://user:password@host:15672/",
         )
     where = (
@@ -548,7 +535,7 @@ def _check_management(url: str, timeout: float | None = None) -> dict[str, Any]:
     if resp.status_code == 404:
         raise _ProbeError(
             "url",
-            f"management API check failed: nothing at {mask_url(api)} (HTTP 404): fix the "
+            f"management API check failed: nothing at {redact_url(api)} (HTTP 404): fix the "
             "management URL's host, port or path prefix",
         )
     if resp.status_code != 200:
@@ -576,7 +563,7 @@ def _port(url: str, what: str, default: int) -> int:
         return urlsplit(url).port or default
     except ValueError as exc:
         raise _ProbeError(
-            "url", f"{what} check failed: URL {mask_url(url)!r} is wrong: {exc}"
+            "url", f"{what} check failed: URL {redact_url(url)!r} is wrong: {exc}"
         ) from exc
 
 

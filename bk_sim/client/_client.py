@@ -26,7 +26,6 @@ import urllib3
 
 import bk_sim
 from bk_sim import weights as _weights
-from bk_sim._files import atomic_write
 from bk_sim.client._config import (
     DEFAULT_HOST,
     DEFAULT_OUTPUT_DIR,
@@ -49,6 +48,8 @@ from bk_sim.errors import (
     UnsafeFileIdError,
     WeightsFormatError,
 )
+from bk_sim.files import atomic_write
+from bk_sim.redact import redact_url
 
 _log = logging.getLogger("bk_sim.client")
 
@@ -235,17 +236,8 @@ def _check_api(api: APIConfig) -> None:
         if scheme not in _PROXY_SCHEMES or not proxy.hostname:
             raise ClientConfigError(
                 f"proxies[{key!r}] must be a {'/'.join(_PROXY_SCHEMES)} URL with a host, "
-                f"got {redact_proxy(url)!r}"
+                f"got {redact_url(url)!r}"
             )
-
-
-def redact_proxy(url: str) -> str:
-    """A proxy URL without its password, for error messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
 def _is_number(value: Any) -> bool:

@@ -30,6 +30,7 @@ import urllib3
 from bk_sim.client._config import Credentials, RetryConfig
 from bk_sim.client._events import EventSink
 from bk_sim.errors import ApiError, AuthError, ClientError, NotFoundError, TransportError
+from bk_sim.redact import redact_url
 
 _log = logging.getLogger("bk_sim.client.http")
 
@@ -107,15 +108,6 @@ def error_text(content: bytes) -> str:
     if len(content) > _PREVIEW_CHARS:
         preview += "..."
     return preview or "(empty body)"
-
-
-def redact_url(url: str) -> str:
-    """A URL without its query string: pre-signed download URLs carry their signature there."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # unbalanced IPv6 brackets: still cut the query off
-        return url.split("?", 1)[0].split("#", 1)[0]
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 _QUERY_RE = re.compile(r"\?[^\s)'\"]*")

@@ -48,10 +48,10 @@ from locust.stats import (
     stats_history,
 )
 
-from bk_sim._files import atomic_write
 from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
 from bk_sim.client import Credentials
 from bk_sim.errors import BkSimError, ScenarioError
+from bk_sim.files import atomic_write
 from bk_sim.load._observer import HTTP_TYPES, NOTIFY
 from bk_sim.load._payloads import build_payloads
 from bk_sim.load._shape import stages_shape

@@ -30,9 +30,9 @@ from aiohttp import BodyPartReader, web
 from aiohttp.abc import AbstractAccessLogger
 
 from bk_sim import __version__
-from bk_sim._files import atomic_write
 from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import BrokerError, PlatformError, WeightsFormatError
+from bk_sim.files import atomic_write
 from bk_sim.platform._aggregate import STRATEGIES
 from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault, is_finite
 from bk_sim.platform._notify import (

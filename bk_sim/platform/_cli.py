@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from bk_sim._files import SECRET_MODE, atomic_write
 from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
+from bk_sim.files import SECRET_MODE, atomic_write
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._aggregate import STRATEGIES
 from bk_sim.platform._app import (

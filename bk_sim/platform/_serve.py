@@ -12,8 +12,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bk_sim._files import atomic_write
 from bk_sim.errors import BkSimError, PlatformError
+from bk_sim.files import atomic_write
 from bk_sim.platform._app import ACCESS_LOGGER, PlatformConfig, build_app
 
 log = logging.getLogger(__name__)

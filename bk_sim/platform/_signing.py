@@ -13,7 +13,7 @@ import secrets
 import time
 from pathlib import Path
 
-from bk_sim._files import SECRET_MODE, atomic_write
+from bk_sim.files import SECRET_MODE, atomic_write
 
 DEFAULT_TTL_S = 300.0
 _SECRET_BYTES = 32

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bk_sim._files import atomic_write
+from bk_sim.files import atomic_write
 
 # XML 1.0 forbids most control characters even when escaped; drop them.
 _BAD_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bk_sim._files import atomic_write
 from bk_sim.errors import ReportError
+from bk_sim.files import atomic_write
 from bk_sim.report._compare import Delta, compare_lines, compare_runs
 from bk_sim.report._html import render_html
 from bk_sim.report._junit import write_junit

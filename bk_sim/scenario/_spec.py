@@ -436,7 +436,7 @@ class Scenario:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for results.json: Paths as strings, tuples as lists, no secrets
         (the admin token, and the passwords in the broker URLs)."""
-        from bk_sim.broker import mask_url  # pika and requests load only when reporting
+        from bk_sim.redact import redact_url
 
         out = _plain(self)
         assert isinstance(out, dict)
@@ -444,7 +444,7 @@ class Scenario:
             out["platform"]["admin_token"] = "***"
         for key in ("amqp_url", "management_url"):
             if out["broker"].get(key) is not None:
-                out["broker"][key] = mask_url(out["broker"][key])
+                out["broker"][key] = redact_url(out["broker"][key])
         return out
 
 

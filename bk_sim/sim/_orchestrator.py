@@ -27,10 +27,10 @@ from typing import Any, Protocol
 import multiprocess as mp
 import numpy as np
 
-from bk_sim._files import SECRET_MODE, atomic_write
 from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
 from bk_sim.client import Client, Credentials, RetryConfig
 from bk_sim.errors import BkSimError, ClientError, PlatformError, ScenarioError
+from bk_sim.files import SECRET_MODE, atomic_write
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import LeafPlan
 from bk_sim.sim._checks import Check, Judgement, judge

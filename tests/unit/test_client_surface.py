@@ -23,7 +23,7 @@ from bk_sim.client._client import (
     websocket_url,
 )
 from bk_sim.client._events import ClientEvent, EventSink
-from bk_sim.client._http import HttpTransport, error_text, parse_retry_after, redact_url
+from bk_sim.client._http import HttpTransport, error_text, parse_retry_after
 from bk_sim.errors import (
     ApiError,
     AuthError,
@@ -32,6 +32,7 @@ from bk_sim.errors import (
     UnsafeFileIdError,
     WeightsFormatError,
 )
+from bk_sim.redact import redact_url
 
 CREDS = Credentials(
     id="leaf-1", name="n", session_token="tok-xyz", owner_id="o", tree_id="t", branch_id="b"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bk_sim._files import SECRET_MODE, atomic_write
+from bk_sim.files import SECRET_MODE, atomic_write
 
 
 def test_writes_bytes_and_text_and_creates_the_folder(tmp_path: Path) -> None:

@@ -271,12 +271,12 @@ def test_validation_info_describes_the_archive() -> None:
 def test_a_failed_save_leaves_no_half_written_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bk_sim._files
+    import bk_sim.files
 
     def full_disk(src: str, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bk_sim._files.os, "replace", full_disk)
+    monkeypatch.setattr(bk_sim.files.os, "replace", full_disk)
     with pytest.raises(OSError, match="No space left"):
         W.save_weights(tmp_path / "w", 1.0, [np.ones(4)])
     assert list(tmp_path.iterdir()) == []
