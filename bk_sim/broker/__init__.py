@@ -1,6 +1,7 @@
 """Where a run's RabbitMQ comes from, and how bk-sim talks to its management API."""
 
 from bk_sim.broker._management import ManagementAPI
+from bk_sim.broker._process import NodeTLS, process_available
 from bk_sim.broker._provider import (
     PROVIDERS,
     BrokerEndpoints,
@@ -14,8 +15,10 @@ __all__ = [
     "PROVIDERS",
     "BrokerEndpoints",
     "ManagementAPI",
+    "NodeTLS",
     "check_socket_capacity",
     "docker_available",
+    "process_available",
     "provide_broker",
     "restart_broker",
 ]

@@ -8,9 +8,12 @@
   enabling the management plugin).
 - ``testcontainers``: a throwaway ``rabbitmq:3-management`` container (Docker needed);
   the only provider bk-sim can restart itself (``restart_broker``).
+- ``process``: a RabbitMQ node of bk-sim's own, started from the local installation on
+  free ports with a private data dir (``_process.py``); restartable; removed at the end.
 - ``none``: no broker; the run uses the WebSocket transport.
-- ``auto``: the first of external (configured), local (port open), testcontainers (Docker
-  answers), none; ``reason`` says which and why in one line.
+- ``auto``: the first of external (configured), process (the run restarts its broker or
+  needs more connections than the shared local broker holds), local (port open),
+  testcontainers (Docker answers), none; ``reason`` says which and why in one line.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import http.client
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -35,14 +40,14 @@ from pika.adapters.utils.connection_workflow import (
     AMQPConnectorStackTimeout,
 )
 
-from bk_sim.broker import _testcontainer
+from bk_sim.broker import _process, _testcontainer
 from bk_sim.broker._management import ManagementAPI
 from bk_sim.errors import BrokerError
 from bk_sim.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = ("auto", "external", "local", "testcontainers", "none")
+PROVIDERS = ("auto", "external", "local", "process", "testcontainers", "none")
 ENV_AMQP_URL = "BK_SIM_AMQP_URL"
 ENV_MANAGEMENT_URL = "BK_SIM_MANAGEMENT_URL"
 
@@ -81,6 +86,10 @@ class BrokerEndpoints:
     _container: _testcontainer.RabbitContainer | None = field(
         default=None, compare=False, repr=False
     )
+    #: AMQPS listener of a ``process`` node started with TLS (None otherwise).
+    amqps_url: str | None = None
+    # The node behind a process broker (``restart_broker`` uses it).
+    _node: _process.ProcessNode | None = field(default=None, compare=False, repr=False)
 
     def amqp_host_port(self) -> tuple[str, int]:
         """``(host, port)`` of the AMQP listener, e.g. for a chaos TCP proxy in front of it."""
@@ -105,18 +114,33 @@ def provide_broker(
     management_url: str | None = None,
     may_enable_plugin: bool = False,
     on_status: Status | None = None,
+    needs_restart: bool = False,
+    needed_connections: int = 0,
+    tls: _process.NodeTLS | None = None,
 ) -> Iterator[BrokerEndpoints]:
-    """Yield the run's broker; tear down what it started (testcontainers) whatever happens."""
+    """Yield the run's broker; tear down what it started (testcontainers, process) whatever
+    happens, Ctrl-C included.
+
+    ``needs_restart`` / ``needed_connections`` steer ``auto`` towards a node of bk-sim's own;
+    ``tls`` gives that node an AMQPS listener (``endpoints.amqps_url``).
+    """
     if provider not in PROVIDERS:
         raise BrokerError(
             f"unknown broker provider {provider!r}: choose one of {', '.join(PROVIDERS)}"
         )
-    if provider in ("local", "testcontainers", "none") and (amqp_url or management_url):
+    if provider in ("local", "process", "testcontainers", "none") and (amqp_url or management_url):
         raise BrokerError(
             f"broker provider {provider!r} does not take URLs; "
             "use provider 'external' (or 'auto') with --amqp-url / --management-url"
         )
-    endpoints = _choose(provider, amqp_url, management_url, may_enable_plugin, on_status)
+    if tls is not None and provider not in ("auto", "process"):
+        raise BrokerError(
+            f"TLS needs bk-sim's own broker node (provider 'process' or 'auto'), not {provider!r}"
+        )
+    if tls is not None:
+        needs_restart = True  # only a node of bk-sim's own gets the run's certificates
+    need = _Need(needs_restart, needed_connections, tls)
+    endpoints = _choose(provider, amqp_url, management_url, may_enable_plugin, on_status, need)
     logger.info("broker: %s", endpoints.reason)  # the caller shows ``reason`` itself
     try:
         yield endpoints
@@ -124,6 +148,9 @@ def provide_broker(
         if endpoints._container is not None:
             _say(on_status, "testcontainers: removing the broker container")
             endpoints._container.stop()
+        if endpoints._node is not None:
+            _say(on_status, f"process: stopping and removing node {endpoints._node.nodename}")
+            endpoints._node.remove()
 
 
 def restart_broker(
@@ -132,17 +159,23 @@ def restart_broker(
     timeout: float = _testcontainer.READY_TIMEOUT_S,
     on_status: Status | None = None,
 ) -> BrokerEndpoints:
-    """Restart a testcontainers broker (``docker restart``, volume kept); wait until it answers.
+    """Restart a process node (stopped and started, data kept) or a testcontainers broker
+    (``docker restart``, volume kept); wait until it answers.
 
     Returns the endpoints to use afterwards: the same URLs when Docker runs on this machine
     (ports are fixed at start), re-read ones with a remote Docker host.
     """
+    if endpoints._node is not None:
+        endpoints._node.restart(
+            _ready, timeout=max(timeout, _process.START_TIMEOUT_S), on_status=on_status
+        )
+        return endpoints
     container = endpoints._container
     if container is None:
         raise BrokerError(
-            f"bk-sim cannot restart the {endpoints.provider!r} broker: only a testcontainers "
-            "broker is restarted by bk-sim (restart a local one with rabbitmqctl stop_app; "
-            "rabbitmqctl start_app)"
+            f"bk-sim cannot restart the {endpoints.provider!r} broker: only a process or "
+            "testcontainers broker is restarted by bk-sim (restart a local one with "
+            "rabbitmqctl stop_app; rabbitmqctl start_app)"
         )
     container.restart(timeout=timeout, on_status=on_status)
     return replace(endpoints, amqp_url=container.amqp_url, management_url=container.management_url)
@@ -218,20 +251,38 @@ def _ulimit_advice(needed: int, provider: str) -> str:
 # -- choosing ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Need:
+    """What the run asks of its broker beyond AMQP: restarts, many connections, TLS."""
+
+    restart: bool = False
+    connections: int = 0
+    tls: _process.NodeTLS | None = None
+
+
 def _choose(
     provider: str,
     amqp_url: str | None,
     management_url: str | None,
     may_enable_plugin: bool,
     on_status: Status | None,
+    need: _Need | None = None,
 ) -> BrokerEndpoints:
+    need = need or _Need()
     if provider == "none":
         return BrokerEndpoints(
             "none", None, None, "none: asked for no broker; the run uses the WebSocket transport"
         )
+    if provider == "process":
+        return _process_node(need, on_status, why="asked for")
     if provider in ("external", "auto"):
         amqp_url, management_url, source = _configured(amqp_url, management_url)
         if amqp_url or management_url:
+            if need.tls is not None:
+                raise BrokerError(
+                    "TLS needs bk-sim's own broker node, but an external broker is configured "
+                    f"({ENV_AMQP_URL} / --amqp-url): unset it or use provider 'process'"
+                )
             return _external(amqp_url, management_url, source)
         if provider == "external":
             raise BrokerError(
@@ -251,20 +302,122 @@ def _choose(
 
     # auto, with nothing configured
     host, port = _host_port(LOCAL_AMQP_URL)
-    if _port_open(host, port):
+    local_open = _port_open(host, port)
+    own_why = _own_node_reason(need, local_open, host, port)
+    if own_why is not None:
+        ok, process_why = _process.process_available()
+        if ok:
+            return _process_node(need, on_status, why=f"auto: {own_why}")
+        if need.restart or need.tls is not None:
+            ok, docker_why = _testcontainer.docker_available()
+            if ok and need.tls is None:
+                return _testcontainers(on_status, why=f"{own_why}, {process_why}, and {docker_why}")
+            raise BrokerError(
+                f"auto: {own_why}, but bk-sim cannot start a broker of its own here: {process_why}"
+                + ("" if need.tls is not None else f"; and no Docker ({docker_why})")
+            )
+        logger.warning("auto: %s, but %s: using the shared broker", own_why, process_why)
+    if local_open:
         return _local(may_enable_plugin, on_status, why=f" (auto: {ENV_AMQP_URL} unset)")
     ok, docker_why = _testcontainer.docker_available()
     if ok:
         return _testcontainers(
             on_status, why=f"no broker configured or listening on {host}:{port}, and {docker_why}"
         )
+    process_ok, process_why = _process.process_available()
+    if process_ok:
+        return _process_node(
+            need, on_status, why=f"auto: no broker configured or listening on {host}:{port}"
+        )
     return BrokerEndpoints(
         "none",
         None,
         None,
-        f"none: no broker configured ({ENV_AMQP_URL} unset), nothing listening on {host}:{port} "
-        f"and no Docker daemon answered ({docker_why}); the run uses the WebSocket transport",
+        f"none: no broker configured ({ENV_AMQP_URL} unset), nothing listening on {host}:{port}, "
+        f"no Docker daemon answered ({docker_why}) and {process_why}; the run uses the "
+        "WebSocket transport",
     )
+
+
+def _own_node_reason(need: _Need, local_open: bool, host: str, port: int) -> str | None:
+    """Why ``auto`` should start a node of bk-sim's own instead of the shared one, or None."""
+    if need.tls is not None:
+        return "the run uses TLS (AMQPS with this run's certificates)"
+    if need.restart:
+        return (
+            "the run restarts its broker (chaos restart_broker), which must never hit the "
+            f"shared broker on {host}:{port}"
+        )
+    if need.connections > 0 and local_open:
+        try:
+            api = ManagementAPI(LOCAL_MANAGEMENT_URL, timeout=PROBE_TIMEOUT_S)
+            try:
+                nodes = api.nodes()
+            finally:
+                api.close()
+        except BrokerError:
+            return None  # the run's own capacity check will say what is wrong
+        problem = capacity_problem(nodes, need.connections)
+        if problem is not None:
+            return (
+                f"the run needs {need.connections} connections, more than the shared broker on "
+                f"{host}:{port} holds ({problem.split(':', 1)[0]})"
+            )
+    return None
+
+
+def _ready(amqp_url: str, management_url: str) -> None:
+    _check_amqp(amqp_url)
+    _check_management(management_url)
+
+
+def _process_node(need: _Need, on_status: Status | None, *, why: str) -> BrokerEndpoints:
+    """Start bk-sim's own node (sweeping ones left by dead runs first)."""
+    ok, detail = _process.process_available()
+    if not ok:
+        raise BrokerError(f"process: cannot start a RabbitMQ node of bk-sim's own: {detail}")
+    _process.sweep_orphans()
+    server, _ = _process.find_server()
+    assert server is not None
+    node = _process.ProcessNode(server, tls=need.tls)
+    where = f"127.0.0.1:{node.amqp_port}" + (
+        f", AMQPS on {node.amqps_port}" if need.tls is not None else ""
+    )
+    _say(
+        on_status,
+        f"process: {why}, so bk-sim starts a RabbitMQ node of its own: {node.nodename} on "
+        f"{where} (management API on {node.management_port}, data in {node.dir})",
+    )
+    try:
+        took = node.start(_ready, on_status=on_status)
+        if need.tls is not None:
+            _check_tls(node.amqps_port, need.tls.cacertfile)
+    except BaseException:
+        node.remove()
+        raise
+    limit = node.open_files_limit()
+    return BrokerEndpoints(
+        "process",
+        node.amqp_url,
+        node.management_url,
+        f"process: {why}; own node {node.nodename} on {where}, management API on "
+        f"{node.management_port}, ready in {took:.1f} s"
+        + (f", open-file limit {limit}" if limit else ""),
+        restartable=True,
+        amqps_url=node.amqps_url,
+        _node=node,
+    )
+
+
+def _check_tls(port: int, cafile: Path) -> None:
+    """A TLS handshake with the node's AMQPS listener, verified against the run's CA."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=PROBE_TIMEOUT_S) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+                pass
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerError(f"process: the node's AMQPS listener on {port} failed: {exc}") from exc
 
 
 def _configured(
@@ -396,11 +549,7 @@ def _enable_plugin(on_status: Status | None) -> None:
 
 
 def _testcontainers(on_status: Status | None, *, why: str) -> BrokerEndpoints:
-    def ready(amqp_url: str, management_url: str) -> None:
-        _check_amqp(amqp_url)
-        _check_management(management_url)
-
-    container = _testcontainer.RabbitContainer.start(ready, on_status=on_status)
+    container = _testcontainer.RabbitContainer.start(_ready, on_status=on_status)
     return BrokerEndpoints(
         "testcontainers",
         container.amqp_url,

@@ -95,12 +95,13 @@ class BrokerInjector:
         # An external broker only with a command that names it: the default `rabbitmqctl`
         # would restart the local node, which may not be the run's broker at all.
         named = self._command != DEFAULT_RESTART_COMMAND
-        if self.endpoints.provider not in ("testcontainers", "local") and not (
+        if self.endpoints.provider not in ("process", "testcontainers", "local") and not (
             self.endpoints.provider == "external" and named
         ):
             raise ScenarioError(
                 f"chaos: restart_broker cannot restart a {self.endpoints.provider!r} broker: "
-                "only 'testcontainers' (docker restart), 'local' (rabbitmqctl), or "
+                "only 'process' (bk-sim's own node), 'testcontainers' (docker restart), "
+                "'local' (rabbitmqctl), or "
                 "'external' with a chaos.restart_command that reaches it (e.g. "
                 "[rabbitmqctl, -n, NODE])"
             )
@@ -108,7 +109,7 @@ class BrokerInjector:
     def restart(self) -> BrokerEndpoints:
         """Restart the broker application and wait until its AMQP port takes connections."""
         self.check_restartable()
-        if self.endpoints.provider == "testcontainers":
+        if self.endpoints.provider in ("process", "testcontainers"):
             self.endpoints = restart_broker(self.endpoints)
             return self.endpoints
         for verb in ("stop_app", "start_app"):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 Mode = Literal["local", "remote"]
 Strategy = Literal["fedavg", "mean", "median", "trimmed_mean"]
 AggregationFault = Literal["unweighted", "drop_leaf", "double_count", "stale"]
-BrokerProvider = Literal["auto", "external", "local", "testcontainers", "none"]
+BrokerProvider = Literal["auto", "external", "local", "process", "testcontainers", "none"]
 Transport = Literal["amqp", "websocket"]
 Distribution = Literal["fixed", "uniform", "lognormal", "list"]
 Compression = Literal["faithful", "fast", "stored"]
@@ -114,7 +114,9 @@ class BrokerSpec:
     """Where the AMQP broker comes from."""
 
     provider: BrokerProvider = _f(
-        "auto", "`auto`: external URL, else local service, else testcontainers"
+        "auto",
+        "`auto`: external URL, else bk-sim's own node (`process`) when the run restarts the "
+        "broker, uses TLS or outgrows the local service, else local service, else testcontainers",
     )
     amqp_url: str | None = _f(None, "broker URL for `external` (or a hint for `auto`)")
     management_url: str | None = _f(None, "management API URL (with credentials)")

@@ -242,6 +242,17 @@ class WorkerControl:
         return self._spawn(spec)
 
 
+def broker_needs(scenario: Scenario, *, chaos: bool) -> dict[str, Any]:
+    """What the run asks of its broker (``provide_broker`` keywords): ``auto`` starts a node
+    of bk-sim's own for restarts and for more connections than the shared broker holds."""
+    restarts = chaos and any(f.kind == "restart_broker" for f in scenario.chaos.faults)
+    amqp = scenario.transport == "amqp"
+    return {
+        "needs_restart": restarts,
+        "needed_connections": scenario.leaves.count + _SOCKET_MARGIN if amqp else 0,
+    }
+
+
 def plan_leaves(scenario: Scenario, credentials: list[dict[str, str]]) -> list[LeafPlan]:
     """Each leaf's weighting and schedule, a pure function of the scenario's seed."""
     spec = scenario.leaves
@@ -431,6 +442,7 @@ class SimulationRun:
                 management_url=b.management_url,
                 may_enable_plugin=self._may_enable_plugin,
                 on_status=self._say,
+                **broker_needs(self.scenario, chaos=self._hooks is not None),
             )
         )
         self._say(f"broker: {endpoints.reason}")

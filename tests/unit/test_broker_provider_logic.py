@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import bk_sim.broker
@@ -15,8 +17,10 @@ def test_public_surface_is_pinned() -> None:
         "PROVIDERS",
         "BrokerEndpoints",
         "ManagementAPI",
+        "NodeTLS",
         "check_socket_capacity",
         "docker_available",
+        "process_available",
         "provide_broker",
         "restart_broker",
     ]
@@ -116,7 +120,7 @@ def test_a_missing_url_is_derived_from_the_other(monkeypatch: pytest.MonkeyPatch
 
 def test_restart_of_a_broker_bk_sim_did_not_start_is_refused() -> None:
     endpoints = BrokerEndpoints("local", "amqp://a/", "http://a/", "r", restartable=True)
-    with pytest.raises(BrokerError, match="only a testcontainers broker"):
+    with pytest.raises(BrokerError, match="only a process or testcontainers broker"):
         restart_broker(endpoints)
 
 
@@ -266,3 +270,32 @@ def test_restart_rereads_ports_docker_moved(fast_polls: None) -> None:
     assert after.amqp_url == "amqp://guest:guest@127.0.0.1:35679/"
     assert after.management_url == "http://guest:guest@127.0.0.1:45679/"
     assert after.reason == "r" and after.restartable
+
+
+def test_auto_with_restarts_and_no_installation_says_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BK_SIM_AMQP_URL", raising=False)
+    monkeypatch.delenv("BK_SIM_MANAGEMENT_URL", raising=False)
+    monkeypatch.setattr(
+        provider_mod._process,
+        "process_available",
+        lambda: (False, "no RabbitMQ installation: rabbitmq-server is not installed"),
+    )
+    monkeypatch.setattr(
+        provider_mod._testcontainer, "docker_available", lambda: (False, "no Docker socket")
+    )
+    with pytest.raises(BrokerError) as info:
+        with provide_broker("auto", needs_restart=True):
+            pass
+    message = str(info.value)
+    assert "the run restarts its broker" in message
+    assert "rabbitmq-server is not installed" in message
+    assert "no Docker socket" in message
+
+
+def test_tls_needs_an_own_node() -> None:
+    tls = bk_sim.broker.NodeTLS(*(Path("/nonexistent"),) * 3)
+    with pytest.raises(BrokerError, match="TLS needs bk-sim's own broker node"):
+        with provide_broker("local", tls=tls):
+            pass
