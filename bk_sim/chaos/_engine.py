@@ -88,6 +88,7 @@ class ChaosRun:
         self._emit: Callable[[dict[str, Any]], None] = lambda e: None
         self._killed: dict[int, tuple[int, int]] = {}  # leaf -> (round, worker)
         self._ended = False
+        self._platform_lock = threading.Lock()
 
     # ------------------------------------------------------------------ hooks
 
@@ -260,6 +261,8 @@ class ChaosRun:
             return "broker"
         if fault.kind == "http":
             return f"platform http: {fault.http.endpoint if fault.http else '*'}"
+        if fault.kind == "kill_platform":
+            return "platform process"
         n = self.scenario.leaves.count
         return "all leaves" if len(targets) == n else f"{len(targets)} of {n} leaves"
 
@@ -305,6 +308,9 @@ class ChaosRun:
         if kind == "kill_leaf":
             self._kill(targets, round_now)
             return
+        if kind == "kill_platform":
+            self._kill_platform()
+            return
         raise ScenarioError(f"chaos: unknown fault kind {kind!r}")
 
     def _finish(self, fault: ChaosFaultSpec, name: str) -> None:
@@ -319,6 +325,28 @@ class ChaosRun:
             proxy.set_blackhole(False)
         elif proxy is not None and fault.kind == "slow_close":
             proxy.set_slow_close(0.0)
+
+    def _kill_platform(self) -> None:
+        """SIGKILL the local platform and start it again on the same port and data dir;
+        leaves see refused connections meanwhile and retry. The runtime faults are set
+        again on the new process."""
+        handle = getattr(self._ctx, "platform", None)
+        if handle is None:
+            raise ScenarioError("chaos: kill_platform needs the local platform")
+        with self._platform_lock:
+            pid = handle.pid
+            t0 = time.monotonic()
+            handle.restart(kill=True)
+            self._emit(
+                harness_event(
+                    "platform_restarted",
+                    killed_pid=pid,
+                    pid=handle.pid,
+                    down_s=round(time.monotonic() - t0, 3),
+                )
+            )
+            if self._http is not None:
+                self._http.use(handle.admin)
 
     # ------------------------------------------------------------------ leaves
 
@@ -372,8 +400,9 @@ class ChaosRun:
         ctx = self._ctx
         if not self._killed or ctx is None or ctx.admin is None or ctx.branch_id is None:
             return
+        admin = ctx.platform.admin if getattr(ctx, "platform", None) is not None else ctx.admin
         try:
-            records: Sequence[Mapping[str, Any]] = ctx.admin.rounds(ctx.branch_id)
+            records: Sequence[Mapping[str, Any]] = admin.rounds(ctx.branch_id)
         except BkSimError as exc:
             _log.warning("chaos: could not read round records: %s", exc)
             return

@@ -143,6 +143,12 @@ class HttpInjector:
         self._base = base
         self._active: dict[str, dict[str, Any]] = {}
 
+    def use(self, admin: Any) -> None:
+        """Talk to the platform through ``admin`` from now on (it was restarted), and set
+        the rules again: a restarted platform starts without the faults set at runtime."""
+        self._admin = admin
+        self._apply()
+
     def add(self, name: str, rule: dict[str, Any]) -> None:
         self._active[name] = rule
         self._apply()

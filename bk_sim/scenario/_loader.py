@@ -703,8 +703,8 @@ def _check_chaos(s: Scenario) -> None:
                 _join(path, "kind"),
                 f"{f.kind!r} needs transport 'amqp' and platform.mode 'local'",
             )
-        if f.kind == "http" and s.platform.mode != "local":
-            raise _Problem(_join(path, "kind"), "'http' faults need platform.mode 'local'")
+        if f.kind in ("http", "kill_platform") and s.platform.mode != "local":
+            raise _Problem(_join(path, "kind"), f"{f.kind!r} faults need platform.mode 'local'")
         if f.kind == "kill_leaf" and s.platform.round_timeout_s is None:
             raise _Problem(
                 _join(path, "kind"),

@@ -335,6 +335,7 @@ ChaosKind = Literal[
     "slow_close",
     "http",
     "kill_leaf",
+    "kill_platform",
 ]
 ChaosPhase = Literal[
     "round_start", "first_upload", "uploads_half_done", "awaiting_aggregate", "round_closed"
@@ -352,7 +353,8 @@ class ChaosFaultSpec:
 
     kind: ChaosKind = _f(
         doc="`kill_connections`, `close_channel`, `restart_broker`, `latency`, `bandwidth`, "
-        "`blackhole`, `reset_peer`, `slow_close`, `http` or `kill_leaf`"
+        "`blackhole`, `reset_peer`, `slow_close`, `http`, `kill_leaf` or `kill_platform` (the "
+        "local platform SIGKILLed and started again on its port and data)"
     )
     name: str | None = _f(None, "label in events and results (default: `<kind>-<index>`)")
     at_s: float | None = _f(

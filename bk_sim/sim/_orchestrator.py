@@ -128,6 +128,8 @@ class HookContext:
     plans: list[LeafPlan]
     emit: Callable[[dict[str, Any]], None]
     workers: WorkerControl
+    #: The local platform's ``PlatformHandle`` (chaos ``kill_platform``); None when remote.
+    platform: Any = None
 
 
 class RunHooks(Protocol):
@@ -307,6 +309,7 @@ class SimulationRun:
         self._branch_id: str | None = None
         self._base_faults: dict[str, Any] = {}
         self._endpoints: BrokerEndpoints | None = None
+        self._platform_handle: Any = None
         self._may_enable_plugin = may_enable_plugin
         self._say = progress or (lambda line: _log.info("%s", line))
         if hooks is None and scenario.chaos.faults:
@@ -469,6 +472,7 @@ class SimulationRun:
             else {"no_amqp": True}
         )
         handle = start_platform(self.run_dir / "platform", admin_token=token, **broker_urls)
+        self._platform_handle = handle
         try:
             admin = handle.admin
             tree_id = admin.create_tree(f"bk-sim-{sc.name}")
@@ -489,10 +493,11 @@ class SimulationRun:
             _write_credentials(self.run_dir / "leaves.json", creds)
             self._say(f"platform at {handle.url}: branch {branch_id}, {len(creds)} leaves")
             try:
-                yield handle.url, creds, lambda: admin.rounds(branch_id)
+                # handle.admin, not admin: a chaos kill_platform replaces the client.
+                yield handle.url, creds, lambda: handle.admin.rounds(branch_id)
             finally:
                 with contextlib.suppress(BkSimError):
-                    admin.delete_tree(tree_id)
+                    handle.admin.delete_tree(tree_id)
         finally:
             handle.stop()
 
@@ -552,6 +557,7 @@ class SimulationRun:
                         plans=plans,
                         emit=events.put,
                         workers=workers,
+                        platform=self._platform_handle,
                     )
                 )
             while True:
