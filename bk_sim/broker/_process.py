@@ -58,6 +58,7 @@ POLL_S = 0.25
 DIR_PREFIX = "bk-sim-rabbit-"
 OWNER_FILE = "owner.pid"
 USER = "guest"
+AMQPS_DEFAULT_PORT = 5671
 PASSWORD = "guest"
 
 Status = Callable[[str], None]
@@ -139,6 +140,15 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0):
@@ -166,6 +176,9 @@ class ProcessNode:
         ports = free_ports(5)
         self.amqp_port, self.management_port, self.dist_port, self.amqps_port = ports[:4]
         self._epmd_port = ports[4]
+        if tls is not None and _port_free(AMQPS_DEFAULT_PORT):
+            # The published client's default (rbmq_port=5671) then works as it is.
+            self.amqps_port = AMQPS_DEFAULT_PORT
         self._proc: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
         self._run_as = RUN_AS if os.geteuid() == 0 else None
@@ -390,11 +403,16 @@ class ProcessNode:
             "log.file.level = info",
         ]
         if self.tls is not None:
+            # Copies the node's user can read wherever the originals live (a 0700 dir).
+            (d / "tls").mkdir()
+            for src in (self.tls.cacertfile, self.tls.certfile, self.tls.keyfile):
+                shutil.copyfile(src, d / "tls" / src.name)
+            (d / "tls" / self.tls.keyfile.name).chmod(0o600)
             conf += [
                 f"listeners.ssl.1 = 127.0.0.1:{self.amqps_port}",
-                f"ssl_options.cacertfile = {self.tls.cacertfile}",
-                f"ssl_options.certfile = {self.tls.certfile}",
-                f"ssl_options.keyfile = {self.tls.keyfile}",
+                f"ssl_options.cacertfile = {d / 'tls' / self.tls.cacertfile.name}",
+                f"ssl_options.certfile = {d / 'tls' / self.tls.certfile.name}",
+                f"ssl_options.keyfile = {d / 'tls' / self.tls.keyfile.name}",
                 "ssl_options.verify = verify_none",
                 "ssl_options.fail_if_no_peer_cert = false",
             ]
@@ -404,9 +422,6 @@ class ProcessNode:
             entry = pwd.getpwnam(self._run_as)
             for path in [d, *d.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
-            if self.tls is not None:  # the node reads its key as its own user
-                for f in (self.tls.cacertfile, self.tls.certfile, self.tls.keyfile):
-                    os.chown(f, entry.pw_uid, entry.pw_gid)
 
     def _ensure_epmd(self) -> None:
         """The node registers with an epmd: the machine's when one runs on 4369 (sharing it

@@ -130,6 +130,22 @@ def platform() -> None:
     help='Write {"url", "pid"} here once listening (for supervisors).',
 )
 @click.option(
+    "--tls-cert",
+    envvar="BK_SIM_TLS_CERT",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve HTTPS and WSS with this certificate chain (PEM; with --tls-key).",
+)
+@click.option(
+    "--tls-key",
+    envvar="BK_SIM_TLS_KEY",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Private key of --tls-cert (PEM).",
+)
+@click.option(
     "--exit-on-stdin-eof",
     is_flag=True,
     hidden=True,
@@ -147,6 +163,8 @@ def serve_cmd(
     max_upload_bytes: int,
     max_decompressed_bytes: int,
     ready_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     exit_on_stdin_eof: bool,
 ) -> None:
     """Serve the leaf API, the admin API and the WebSocket endpoint until Ctrl-C."""
@@ -163,7 +181,15 @@ def serve_cmd(
         max_upload_bytes=max_upload_bytes,
         max_decompressed_bytes=max_decompressed_bytes,
     )
-    serve(config, host=host, port=port, ready_file=ready_file, exit_on_stdin_eof=exit_on_stdin_eof)
+    serve(
+        config,
+        host=host,
+        port=port,
+        ready_file=ready_file,
+        exit_on_stdin_eof=exit_on_stdin_eof,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
 
 
 @platform.command("create-branch")

@@ -39,6 +39,7 @@ class PlatformHandle:
         host: str,
         port: int,
         startup_timeout: float,
+        tls_ca: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.admin_token = admin_token
@@ -47,6 +48,7 @@ class PlatformHandle:
         self._host = host
         self._port = port
         self._startup_timeout = startup_timeout
+        self._tls_ca = tls_ca
         self._proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.admin: AdminClient = AdminClient("http://unused", admin_token)
@@ -113,6 +115,9 @@ class PlatformHandle:
         self._port = int(self.url.rsplit(":", 1)[1])
         self.admin.close()
         self.admin = AdminClient(self.url, self.admin_token)
+        if self._tls_ca is not None:  # HTTPS with a run's own CA: verify against it alone
+            self.admin._session.trust_env = False  # REQUESTS_CA_BUNDLE would win over verify
+            self.admin._session.verify = str(self._tls_ca)
 
     def stop(self, *, kill: bool = False, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM (graceful: open rounds stay in the store) or SIGKILL with ``kill``."""
@@ -168,8 +173,14 @@ def start_platform(
     max_upload_bytes: int | None = None,
     max_decompressed_bytes: int | None = None,
     startup_timeout: float = STARTUP_TIMEOUT_S,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
 ) -> PlatformHandle:
     """Start ``bk-sim platform serve`` in a child process; returns once it serves.
+
+    ``tls_cert`` / ``tls_key``: serve HTTPS and WSS; ``tls_ca`` is what ``handle.admin``
+    verifies the platform against (a run's own CA).
 
     ``port=0`` picks a free port (see ``handle.url``); the log is
     ``<data_dir>/platform.log``. Raises ``PlatformError`` with the log's tail if it fails.
@@ -190,4 +201,6 @@ def start_platform(
         args += ["--max-upload-bytes", str(max_upload_bytes)]
     if max_decompressed_bytes is not None:
         args += ["--max-decompressed-bytes", str(max_decompressed_bytes)]
-    return PlatformHandle(path, args, env, token, host, port, startup_timeout)
+    if tls_cert is not None or tls_key is not None:
+        args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+    return PlatformHandle(path, args, env, token, host, port, startup_timeout, tls_ca)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -29,8 +30,12 @@ def serve(
     port: int = 8080,
     ready_file: Path | None = None,
     exit_on_stdin_eof: bool = False,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> None:
     """Serve until a signal; ``ready_file`` gets ``{"url", "pid"}`` once listening.
+
+    ``tls_cert`` / ``tls_key`` (PEM): serve HTTPS and WSS instead of HTTP and WS.
 
     ``exit_on_stdin_eof``: also stop when stdin closes, so a platform started by a
     harness dies with it (the harness holds the other end of the pipe).
@@ -38,15 +43,38 @@ def serve(
     # pika logs tracebacks for failures this module translates and logs itself.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
-        asyncio.run(_serve(config, host, port, ready_file, exit_on_stdin_eof))
+        context = tls_context(tls_cert, tls_key)
+        asyncio.run(_serve(config, host, port, ready_file, exit_on_stdin_eof, context))
     except BkSimError:
         raise
     except OSError as exc:
         raise PlatformError(f"cannot listen on {host}:{port}: {exc}") from exc
 
 
+def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The server-side TLS context of ``--tls-cert`` / ``--tls-key``; None for plain HTTP."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise PlatformError("give both --tls-cert and --tls-key (PEM files), or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise PlatformError(
+            f"cannot load the TLS certificate {cert} with key {key}: {reason}"
+        ) from exc
+    return context
+
+
 async def _serve(
-    config: PlatformConfig, host: str, port: int, ready_file: Path | None, exit_on_stdin_eof: bool
+    config: PlatformConfig,
+    host: str,
+    port: int,
+    ready_file: Path | None,
+    exit_on_stdin_eof: bool,
+    context: ssl.SSLContext | None = None,
 ) -> None:
     app = build_app(config)
     runner = web.AppRunner(
@@ -54,10 +82,10 @@ async def _serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=context)
         await site.start()
         bound = runner.addresses[0]
-        url = f"http://{host}:{bound[1]}"
+        url = f"{'https' if context is not None else 'http'}://{host}:{bound[1]}"
         log.info("bk-sim platform listening on %s", url)
         if ready_file is not None:
             atomic_write(ready_file, json.dumps({"url": url, "pid": os.getpid()}))

@@ -546,6 +546,12 @@ def _check_platform(p: PlatformSpec, path: str) -> None:
                     _join(path, key),
                     "applies only to platform.mode 'remote' (local mode starts its own platform)",
                 )
+    if p.tls and p.mode != "local":
+        raise _Problem(
+            _join(path, "tls"),
+            "applies to the local platform (a remote https:// host is verified against the "
+            "leaves' CA bundle: REQUESTS_CA_BUNDLE / SSL_CERT_FILE)",
+        )
     if p.quorum is not None and p.round_timeout_s is None:
         raise _Problem(
             _join(path, "quorum"),

@@ -101,6 +101,11 @@ class PlatformSpec:
     )
     trim_fraction: float = _f(0.1, "fraction cut at each end by `trimmed_mean`", ge=0.0, lt=0.5)
     faults: FaultsSpec = _f(FaultsSpec, "fault injection (local, or remote with `admin_url`)")
+    tls: bool = _f(
+        False,
+        "local: HTTPS, WSS and AMQPS (bk-sim's own broker node) with a CA made for the run; "
+        "leaves verify both against it",
+    )
     host: str | None = _f(None, "remote: the platform's base URL")
     credentials_file: Path | None = _f(
         None, "remote: JSON list of leaf credentials (six fields); relative to the scenario"

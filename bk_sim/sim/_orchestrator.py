@@ -23,11 +23,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import multiprocess as mp
 import numpy as np
 
-from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
+from bk_sim.broker import BrokerEndpoints, NodeTLS, check_socket_capacity, provide_broker
 from bk_sim.client import Client, Credentials, RetryConfig
 from bk_sim.errors import BkSimError, ClientError, PlatformError, ScenarioError
 from bk_sim.files import SECRET_MODE, atomic_write
@@ -37,6 +38,7 @@ from bk_sim.sim._checks import Check, Judgement, judge
 from bk_sim.sim._eventlog import EventLog, harness_event, read_events, redact
 from bk_sim.sim._synth import leaf_weightings
 from bk_sim.sim._worker import WorkerSpec, worker_main
+from bk_sim.tls import RunCertificates, make_run_certificates
 
 _log = logging.getLogger(__name__)
 
@@ -310,6 +312,7 @@ class SimulationRun:
         self._base_faults: dict[str, Any] = {}
         self._endpoints: BrokerEndpoints | None = None
         self._platform_handle: Any = None
+        self._tls: RunCertificates | None = None
         self._may_enable_plugin = may_enable_plugin
         self._say = progress or (lambda line: _log.info("%s", line))
         if hooks is None and scenario.chaos.faults:
@@ -353,6 +356,9 @@ class SimulationRun:
         credentials: list[dict[str, str]] = []
         try:
             with contextlib.ExitStack() as stack:
+                if sc.platform.tls:
+                    self._tls = make_run_certificates(self.run_dir / "tls")
+                    self._say(f"TLS: a CA and certificates for this run in {self.run_dir / 'tls'}")
                 endpoints = self._broker(stack)
                 transport = sc.transport
                 if endpoints.provider == "none" and transport == "amqp":
@@ -375,6 +381,8 @@ class SimulationRun:
                 amqp_host, amqp_port = (
                     endpoints.amqp_host_port() if endpoints.amqp_url else (None, None)
                 )
+                if self._tls is not None and endpoints.amqps_url:  # leaves use AMQPS
+                    amqp_host, amqp_port = _host_port_of(endpoints.amqps_url)
                 if self._hooks is not None:
                     amqp_host, amqp_port = self._hooks.prepare(endpoints, amqp_host, amqp_port)
                 plans = plan_leaves(sc, credentials)
@@ -446,6 +454,9 @@ class SimulationRun:
                 may_enable_plugin=self._may_enable_plugin,
                 on_status=self._say,
                 **broker_needs(self.scenario, chaos=self._hooks is not None),
+                tls=None
+                if self._tls is None
+                else NodeTLS(self._tls.ca, self._tls.cert, self._tls.key),
             )
         )
         self._say(f"broker: {endpoints.reason}")
@@ -471,7 +482,15 @@ class SimulationRun:
             if endpoints.amqp_url and endpoints.management_url
             else {"no_amqp": True}
         )
-        handle = start_platform(self.run_dir / "platform", admin_token=token, **broker_urls)
+        tls = self._tls
+        handle = start_platform(
+            self.run_dir / "platform",
+            admin_token=token,
+            **broker_urls,
+            tls_cert=tls.cert if tls else None,
+            tls_key=tls.key if tls else None,
+            tls_ca=tls.ca if tls else None,
+        )
         self._platform_handle = handle
         try:
             admin = handle.admin
@@ -529,6 +548,7 @@ class SimulationRun:
                 amqp_port=amqp_port,
                 aggregates_dir=self.run_dir / "aggregates",
                 plans=tuple(plans[w::nproc]),
+                tls_ca=str(self._tls.ca) if self._tls is not None else None,
             )
             for w in range(nproc)
         ]
@@ -626,6 +646,11 @@ class SimulationRun:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _host_port_of(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 5671
 
 
 def _write_credentials(path: Path, creds: list[dict[str, str]]) -> None:

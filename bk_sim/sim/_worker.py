@@ -8,6 +8,7 @@ orchestrator as an event dict over ``events``; the process never writes the log 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from bk_sim.errors import BkSimError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import AggregateCache, LeafAgent, LeafPlan
 from bk_sim.sim._eventlog import client_event, harness_event
+from bk_sim.tls import CA_ENV_VARS
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class WorkerSpec:
     aggregates_dir: Path
     plans: tuple[LeafPlan, ...] = field(repr=False)
     incarnation: int = 0  # > 0: started again after being killed (chaos)
+    #: platform.tls: the run's CA (PEM); leaves use TLS everywhere and trust only it.
+    tls_ca: str | None = None
 
 
 class _QueueObserver:
@@ -61,16 +65,21 @@ class _QueueObserver:
         self._put(client_event(event, leaf=self._leaf))
 
 
+def tls_client_env(ca: str) -> dict[str, str]:
+    """The environment that makes a leaf's client trust ``ca`` (and only it)."""
+    return {name: ca for name in CA_ENV_VARS}
+
+
 def make_client(spec: WorkerSpec, plan: LeafPlan, observer: Any, output_dir: Path) -> Client:
     """A client configured from the scenario's client settings."""
     sc = spec.scenario.client
     return Client(
         plan.credentials,
-        api_config=APIConfig(host=spec.api_url, ssl=False),
+        api_config=APIConfig(host=spec.api_url, ssl=spec.tls_ca is not None),
         rabbitmq_config=RabbitMQConfig(
             host=spec.amqp_host,
             port=spec.amqp_port or 5672,
-            ssl=False,
+            ssl=spec.tls_ca is not None,
             max_reconnect_attempts=sc.reconnect.max_attempts,
             reconnect_backoff_factor=sc.reconnect.backoff_factor,
             reconnect_max_delay=sc.reconnect.max_delay,
@@ -154,6 +163,10 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+    if spec.tls_ca is not None:
+        # The client's own CA settings, as for the published client: requests reads
+        # REQUESTS_CA_BUNDLE (HTTPS), OpenSSL's default paths SSL_CERT_FILE (AMQPS, WSS).
+        os.environ.update(tls_client_env(spec.tls_ca))
     put: Callable[[dict[str, Any]], None] = events.put
     local_stop = threading.Event()
     cache = AggregateCache(spec.aggregates_dir)
