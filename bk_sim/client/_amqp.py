@@ -70,6 +70,10 @@ BLOCKED_CONNECTION_TIMEOUT_S = 60.0
 CLOSE_GRACE_S = 2.0
 
 
+#: pika's message when a socket's peer vanished before the AMQP stream was set up.
+_PEER_GONE = "Expected connected socket, but getpeername() failed"
+
+
 def describe_amqp_error(exc: BaseException | None, queue: str = "") -> str:
     """A short, secret-free text for an event's ``error`` field."""
     if exc is None:
@@ -230,7 +234,19 @@ class AmqpConsumer:
         try:
             if not self._stopping.is_set():
                 ioloop.add_callback_threadsafe(self._connect)
-                ioloop.start()
+                while True:
+                    try:
+                        ioloop.start()
+                        break
+                    except ValueError as exc:
+                        # pika raises this out of the loop, not to on_open_error, when the
+                        # peer reset the socket between connect and the stream set-up (a
+                        # proxy or load balancer in front of a broker that is down): it is
+                        # one failed attempt, and the loop can run again.
+                        if self._stopping.is_set() or _PEER_GONE not in str(exc):
+                            raise
+                        self._connection = None
+                        self._attempt_failed(describe_amqp_error(exc, self._queue))
         except Exception as exc:  # noqa: BLE001 - a bug must end the thread loudly, not hang
             if isinstance(exc, AssertionError) and self._stopping.is_set():
                 # pika 1.4 raises AssertionError out of the loop when a connection is

@@ -141,3 +141,21 @@ def test_wrong_ca_fails_fast_with_a_certificate_error(
     assert took < 5.0  # no 1 + 2 + 4 + 8 + 16 s of retries
     assert not [e for e in events if e.kind == "retry_wait"]
     assert os.environ["SSL_CERT_FILE"] == str(other.ca)
+
+
+def test_serve_refuses_half_or_unreadable_tls_settings(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bk_sim.cli import main
+
+    runner = CliRunner()
+    base = ["platform", "serve", "--admin-token", "t", "--no-amqp", "--port", "0"]
+    base += ["--data-dir", str(tmp_path / "d")]
+    half = runner.invoke(main, [*base, "--tls-cert", str(tmp_path / "c.pem")])
+    assert half.exit_code == 2
+    assert "give both --tls-cert and --tls-key" in half.output
+    certs = make_run_certificates(tmp_path / "tls")
+    bad = runner.invoke(main, [*base, "--tls-cert", str(certs.cert), "--tls-key", str(certs.ca)])
+    assert bad.exit_code == 2
+    assert f"cannot load the TLS certificate {certs.cert}" in bad.output
+    assert "Traceback" not in bad.output
