@@ -62,7 +62,10 @@ def scenario(name: str, cycles: int, run_s: int, comment: str) -> tuple[str, dic
         },
         "broker": {"provider": "process"},
         "transport": "amqp",
-        "leaves": {"count": 6, "processes": 6},
+        # Two stragglers upload 3 s after the others: a platform killed "mid-round" then
+        # really dies while the round is open (tiny uploads otherwise all land in ~50 ms,
+        # and the kill would hit the window between aggregate and notification).
+        "leaves": {"count": 6, "processes": 6, "stragglers": {"fraction": 0.34, "delay_s": 3.0}},
         "model": {"preset": "tiny"},
         "payload": {"compression": "fast"},
         "rounds": rounds,
@@ -102,14 +105,14 @@ HEADER = """\
 # platform SIGKILLed and restarted mid-round (after the first upload, and with half the
 # uploads in); then a quiet round.
 # Expected: 0 notifications lost or handled twice, every aggregate correct, no upload
-# counted twice, every leaf back within 60 s.
+# counted twice, every leaf back within 60 s. Two of the six leaves straggle (3 s late).
 #
 # Run:   {run}
 """
 
 
 def main() -> int:
-    cycles_long = int(sys.argv[1]) if len(sys.argv) > 1 else 34
+    cycles_long = int(sys.argv[1]) if len(sys.argv) > 1 else 27
     long_comment = HEADER.format(
         name="soak",
         what=f"{cycles_long} cycles of {len(CYCLE)} faults ({cycles_long * len(CYCLE)} faults), "
@@ -120,10 +123,10 @@ def main() -> int:
     write(ROOT / "scenarios" / "soak.yaml", *scenario("soak", cycles_long, 3600, long_comment))
     short_comment = HEADER.format(
         name="soak_short",
-        what=f"the CI cut of soak.yaml: 2 cycles ({2 * len(CYCLE)} faults), about 2 minutes.",
+        what=f"the CI cut of soak.yaml: 1 cycle ({len(CYCLE)} faults), about 2 minutes.",
         run="bk-sim chaos scenarios/soak_short.yaml",
     )
-    write(ROOT / "scenarios" / "soak_short.yaml", *scenario("soak_short", 2, 600, short_comment))
+    write(ROOT / "scenarios" / "soak_short.yaml", *scenario("soak_short", 1, 600, short_comment))
     return 0
 
 
