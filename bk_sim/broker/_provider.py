@@ -190,6 +190,16 @@ def check_socket_capacity(endpoints: BrokerEndpoints, needed_connections: int) -
     """
     if endpoints.management_url is None or needed_connections <= 0:
         return
+    limit = endpoints._node.open_files_limit() if endpoints._node is not None else None
+    if limit is not None:  # bk-sim's own node: its VM's limit, before the API reports one
+        problem = capacity_problem(
+            [{"name": endpoints._node.nodename if endpoints._node else "?", "fd_total": limit}],
+            needed_connections,
+            provider=endpoints.provider,
+        )
+        if problem:
+            raise BrokerError(problem)
+        return
     api = ManagementAPI(endpoints.management_url, timeout=max(PROBE_TIMEOUT_S, 5.0))
     try:
         nodes = api.nodes()
@@ -324,18 +334,15 @@ def _choose(
         return _testcontainers(
             on_status, why=f"no broker configured or listening on {host}:{port}, and {docker_why}"
         )
-    process_ok, process_why = _process.process_available()
-    if process_ok:
-        return _process_node(
-            need, on_status, why=f"auto: no broker configured or listening on {host}:{port}"
-        )
+    process_ok, _ = _process.process_available()
+    hint = " (--broker process would start bk-sim's own RabbitMQ node)" if process_ok else ""
     return BrokerEndpoints(
         "none",
         None,
         None,
-        f"none: no broker configured ({ENV_AMQP_URL} unset), nothing listening on {host}:{port}, "
-        f"no Docker daemon answered ({docker_why}) and {process_why}; the run uses the "
-        "WebSocket transport",
+        f"none: no broker configured ({ENV_AMQP_URL} unset), nothing listening on {host}:{port} "
+        f"and no Docker daemon answered ({docker_why}){hint}; the run uses the WebSocket "
+        "transport",
     )
 
 

@@ -33,7 +33,7 @@ def simulation_options(func: F) -> F:
     )(func)
     func = click.option(
         "--broker",
-        type=click.Choice(["auto", "external", "local", "testcontainers", "none"]),
+        type=click.Choice(["auto", "external", "local", "process", "testcontainers", "none"]),
         default=None,
         help="Where the broker comes from (overrides broker.provider).",
     )(func)

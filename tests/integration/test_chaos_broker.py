@@ -96,6 +96,8 @@ def test_broker_restart_scenario_on_a_throwaway_broker(tmp_path: Any) -> None:
             str(root / "scenarios/broker_restart.yaml"),
             "--set",
             f"report.dir={tmp_path}",
+            "--set",
+            "broker.provider=testcontainers",
         ],
         capture_output=True,
         text=True,
