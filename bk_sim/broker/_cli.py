@@ -46,16 +46,22 @@ def broker() -> None:
     show_default=True,
     help="Also check the broker can hold this many connections (its socket limit).",
 )
+@click.option(
+    "--restarts",
+    is_flag=True,
+    help="The run restarts its broker (chaos restart_broker): auto then starts bk-sim's own node.",
+)
 def check(
     provider: str,
     amqp_url: str | None,
     management_url: str | None,
     enable_plugin: bool,
     needed_connections: int,
+    restarts: bool,
 ) -> None:
     """Choose the broker as a run would, print it and why; exit 2 when none is usable.
 
-    A testcontainers broker is started, checked and removed again.
+    A testcontainers or process broker is started, checked and removed again.
     """
     with provide_broker(
         provider,
@@ -63,6 +69,8 @@ def check(
         management_url=management_url,
         may_enable_plugin=enable_plugin,
         on_status=lambda message: click.echo(message, err=True),
+        needs_restart=restarts,
+        needed_connections=needed_connections,
     ) as endpoints:
         click.echo(f"provider:       {endpoints.provider}")
         click.echo(f"amqp_url:       {redact_url(endpoints.amqp_url)}")
