@@ -455,7 +455,7 @@ class SimulationRun:
                 on_status=self._say,
                 **broker_needs(self.scenario, chaos=self._hooks is not None),
                 tls=None
-                if self._tls is None
+                if self._tls is None or provider == "none"  # WebSocket: no broker at all
                 else NodeTLS(self._tls.ca, self._tls.cert, self._tls.key),
             )
         )
