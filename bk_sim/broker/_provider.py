@@ -145,12 +145,17 @@ def provide_broker(
     try:
         yield endpoints
     finally:
+        # A status callback that fails (a closed pipe) must not skip the teardown.
         if endpoints._container is not None:
-            _say(on_status, "testcontainers: removing the broker container")
-            endpoints._container.stop()
+            try:
+                _say(on_status, "testcontainers: removing the broker container")
+            finally:
+                endpoints._container.stop()
         if endpoints._node is not None:
-            _say(on_status, f"process: stopping and removing node {endpoints._node.nodename}")
-            endpoints._node.remove()
+            try:
+                _say(on_status, f"process: stopping and removing node {endpoints._node.nodename}")
+            finally:
+                endpoints._node.remove()
 
 
 def restart_broker(

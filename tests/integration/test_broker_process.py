@@ -139,3 +139,16 @@ def test_auto_prefers_an_own_node_when_the_run_restarts_its_broker() -> None:
         assert endpoints.provider == "process"
         assert "the run restarts its broker" in lines[0]  # said on the first line
         assert "shared broker on 127.0.0.1:5672" in lines[0]
+
+
+def test_a_failing_status_callback_does_not_skip_the_teardown() -> None:
+    def status(line: str) -> None:
+        if "stopping and removing" in line:
+            raise BrokenPipeError("stdout closed (bk-sim ... | head)")
+
+    with pytest.raises(BrokenPipeError):
+        with provide_broker("process", on_status=status) as endpoints:
+            assert endpoints._node is not None
+            directory = endpoints._node.dir
+    assert not directory.exists()
+    assert _leftovers(directory) == []
