@@ -278,12 +278,11 @@ def test_auto_with_restarts_and_no_installation_says_what_is_missing(
     monkeypatch.delenv("BK_SIM_AMQP_URL", raising=False)
     monkeypatch.delenv("BK_SIM_MANAGEMENT_URL", raising=False)
     monkeypatch.setattr(
-        provider_mod._process,
-        "process_available",
+        "bk_sim.broker._process.process_available",
         lambda: (False, "no RabbitMQ installation: rabbitmq-server is not installed"),
     )
     monkeypatch.setattr(
-        provider_mod._testcontainer, "docker_available", lambda: (False, "no Docker socket")
+        "bk_sim.broker._testcontainer.docker_available", lambda: (False, "no Docker socket")
     )
     with pytest.raises(BrokerError) as info:
         with provide_broker("auto", needs_restart=True):
