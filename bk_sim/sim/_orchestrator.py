@@ -358,8 +358,9 @@ class SimulationRun:
             with contextlib.ExitStack() as stack:
                 if sc.platform.tls:
                     self._tls = make_run_certificates(self.run_dir / "tls")
+                endpoints = self._broker(stack)  # its first line says which broker and why
+                if self._tls is not None:
                     self._say(f"TLS: a CA and certificates for this run in {self.run_dir / 'tls'}")
-                endpoints = self._broker(stack)
                 transport = sc.transport
                 if endpoints.provider == "none" and transport == "amqp":
                     transport = "websocket"
