@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import pwd
+import random
 import secrets
 import shlex
 import shutil
@@ -59,6 +60,8 @@ DIR_PREFIX = "bk-sim-rabbit-"
 OWNER_FILE = "owner.pid"
 USER = "guest"
 AMQPS_DEFAULT_PORT = 5671
+#: Lowest port chosen for a node (the ephemeral range starts above; see ``free_ports``).
+FIXED_PORT_MIN = 20000
 PASSWORD = "guest"
 
 Status = Callable[[str], None]
@@ -128,13 +131,40 @@ def _is_debian_wrapper(path: Path) -> bool:
         return False
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports free right now (all held open while choosing)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    """Distinct loopback ports free right now, below the ephemeral range.
+
+    A port from the ephemeral range (what ``bind(0)`` hands out) can be taken as the local
+    port of any outgoing connection while the node is down for a restart or still
+    booting, and the node then fails to listen and stops; ports below it are only ever
+    taken by an explicit bind. Falls back to ``bind(0)`` when that range is too small.
+    """
+    low, _ = _ephemeral_range()
+    chosen: list[int] = []
+    if low > FIXED_PORT_MIN + 100:
+        candidates = random.Random().sample(
+            range(FIXED_PORT_MIN, low), k=min(400, low - FIXED_PORT_MIN)
+        )
+        for port in candidates:
+            if len(chosen) == count:
+                break
+            if _port_free(port):
+                chosen.append(port)
+    if len(chosen) == count:
+        return chosen
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count - len(chosen))]
     try:
         for sock in socks:
             sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+        return chosen + [int(sock.getsockname()[1]) for sock in socks]
     finally:
         for sock in socks:
             sock.close()
@@ -269,9 +299,15 @@ class ProcessNode:
             if proc.poll() is not None:
                 self._proc = None
                 self._kill_leftovers(signal.SIGKILL)
+                taken = [p for p in self._ports() if not _port_free(p)]
+                why = (
+                    f" (port {', '.join(map(str, taken))} taken by another process)"
+                    if taken
+                    else ""
+                )
                 raise _EarlyExit(
-                    f"process: RabbitMQ node {self.nodename} exited with code {proc.returncode} "
-                    f"while starting: {self.log_tail()}"
+                    f"process: RabbitMQ node {self.nodename} stopped while starting{why}: "
+                    f"{self.log_tail()}"
                 )
             try:
                 ready(self.amqp_url, self.management_url)
@@ -359,6 +395,10 @@ class ProcessNode:
         return " | ".join(" ".join(t.split())[:200] for t in texts[-lines:]) or "(no log)"
 
     # -- helpers
+    def _ports(self) -> list[int]:
+        ports = [self.amqp_port, self.management_port, self.dist_port]
+        return ports + ([self.amqps_port] if self.tls is not None else [])
+
     def _wrap(self, inner: str) -> list[str]:
         if self._run_as is None:
             return ["/bin/sh", "-c", inner]

@@ -112,7 +112,7 @@ HEADER = """\
 
 
 def main() -> int:
-    cycles_long = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+    cycles_long = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     long_comment = HEADER.format(
         name="soak",
         what=f"{cycles_long} cycles of {len(CYCLE)} faults ({cycles_long * len(CYCLE)} faults), "
