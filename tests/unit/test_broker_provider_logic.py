@@ -298,3 +298,14 @@ def test_tls_needs_an_own_node() -> None:
     with pytest.raises(BrokerError, match="TLS needs bk-sim's own broker node"):
         with provide_broker("local", tls=tls):
             pass
+
+
+def test_own_node_ports_avoid_the_ephemeral_range() -> None:
+    # An outgoing connection may take any ephemeral port while a node restarts.
+    from bk_sim.broker._process import FIXED_PORT_MIN, _ephemeral_range, free_ports
+
+    low, _ = _ephemeral_range()
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    if low > FIXED_PORT_MIN + 100:
+        assert all(FIXED_PORT_MIN <= p < low for p in ports)
