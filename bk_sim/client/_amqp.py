@@ -70,8 +70,11 @@ BLOCKED_CONNECTION_TIMEOUT_S = 60.0
 CLOSE_GRACE_S = 2.0
 
 
-#: pika's message when a socket's peer vanished before the AMQP stream was set up.
-_PEER_GONE = "Expected connected socket, but getpeername() failed"
+#: pika's messages when a connection died while it was being opened (see ``_run``).
+_PIKA_OPEN_ABORTED = (
+    "Expected connected socket, but getpeername() failed",
+    "from workflow, but got",
+)
 
 
 def describe_amqp_error(exc: BaseException | None, queue: str = "") -> str:
@@ -238,15 +241,20 @@ class AmqpConsumer:
                     try:
                         ioloop.start()
                         break
-                    except ValueError as exc:
-                        # pika raises this out of the loop, not to on_open_error, when the
+                    except (ValueError, AssertionError) as exc:
+                        # pika raises these out of the loop, not to on_open_error, when the
                         # peer reset the socket between connect and the stream set-up (a
-                        # proxy or load balancer in front of a broker that is down): it is
-                        # one failed attempt, and the loop can run again.
-                        if self._stopping.is_set() or _PEER_GONE not in str(exc):
+                        # proxy or load balancer in front of a broker that is down), or when
+                        # the connection was closed during its AMQP handshake (pika 1.4's
+                        # workflow passes the exception class): one failed attempt, and the
+                        # loop can run again. Unless a reconnect is already scheduled.
+                        if self._stopping.is_set() or not any(
+                            m in str(exc) for m in _PIKA_OPEN_ABORTED
+                        ):
                             raise
                         self._connection = None
-                        self._attempt_failed(describe_amqp_error(exc, self._queue))
+                        if self._timer is None:
+                            self._attempt_failed(describe_amqp_error(exc, self._queue))
         except Exception as exc:  # noqa: BLE001 - a bug must end the thread loudly, not hang
             if isinstance(exc, AssertionError) and self._stopping.is_set():
                 # pika 1.4 raises AssertionError out of the loop when a connection is
