@@ -28,6 +28,8 @@ import numpy as np
 import psutil
 
 PARTS = ("harness", "leaves", "platform", "broker")
+#: Samples of a process's first seconds are left out of its slope (imports, warm-up).
+WARMUP_PER_PROCESS_S = 15.0
 
 
 def _cmd(proc: psutil.Process) -> str:
@@ -83,6 +85,9 @@ def slope_mb_per_h(rows: list[tuple[float, int, float]]) -> float | None:
         groups[pid].append((t, mb))
     xs, ys = [], []
     for points in groups.values():
+        # A fresh process grows while it imports and warms up: not a leak.
+        first = min(t for t, _ in points)
+        points = [(t, mb) for t, mb in points if t >= first + WARMUP_PER_PROCESS_S]
         if len(points) < 3:
             continue
         arr = np.asarray(points)
@@ -101,8 +106,28 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--every", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=60.0)
+    ap.add_argument("--replot", type=Path, help="re-summarise a memory.csv instead of running")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
+    if args.replot is not None:
+        with open(args.replot, newline="") as fh:
+            old = [
+                {
+                    "t": float(r["t_s"]),
+                    "part": r["part"],
+                    "pid": int(r["pid"]),
+                    "mb": float(r["rss_mb"]),
+                }
+                for r in csv.DictReader(fh)
+            ]
+        args.out.mkdir(parents=True, exist_ok=True)
+        summary = summarize(
+            old, args.warmup, ["(replot)", str(args.replot)], max(float(r["t"]) for r in old)
+        )
+        (args.out / "memory.json").write_text(json.dumps(summary, indent=2))
+        _plot(old, summary, args.out / "memory.png")
+        print(json.dumps(summary["parts"], indent=2))
+        return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         ap.error("give the command to run after --")
@@ -124,20 +149,28 @@ def main() -> int:
                 child.wait(args.every)
             except subprocess.TimeoutExpired:
                 pass
-    summary: dict[str, Any] = {"command": command, "duration_s": time.time() - t0, "parts": {}}
+    summary = summarize(rows, args.warmup, command, time.time() - t0)
+    (args.out / "memory.json").write_text(json.dumps(summary, indent=2))
+    _plot(rows, summary, args.out / "memory.png")
+    print(json.dumps(summary["parts"], indent=2))
+    return int(child.returncode or 0)
+
+
+def summarize(
+    rows: list[dict[str, Any]], warmup: float, command: list[str], duration: float
+) -> dict[str, Any]:
+    """Per part: samples, processes, peak, and the slope (MB/h) within process lifetimes."""
+    summary: dict[str, Any] = {"command": command, "duration_s": duration, "parts": {}}
     for part in PARTS:
         mine = [(r["t"], r["pid"], r["mb"]) for r in rows if r["part"] == part]
-        fit = [m for m in mine if m[0] >= args.warmup]
+        fit = [m for m in mine if m[0] >= warmup]
         summary["parts"][part] = {
             "samples": len(mine),
             "processes": len({m[1] for m in mine}),
             "max_mb": max((m[2] for m in mine), default=None),
             "slope_mb_per_h": slope_mb_per_h(fit),
         }
-    (args.out / "memory.json").write_text(json.dumps(summary, indent=2))
-    _plot(rows, summary, args.out / "memory.png")
-    print(json.dumps(summary["parts"], indent=2))
-    return int(child.returncode or 0)
+    return summary
 
 
 def _summed(rows: list[tuple[float, int, float]]) -> list[tuple[float, int, float]]:
