@@ -149,7 +149,9 @@ class DropoutsSpec:
     """Leaves that miss rounds."""
 
     skip_fraction: float = _f(0.0, "fraction of leaf-rounds skipped (no upload)", ge=0.0, le=1.0)
-    die_fraction: float = _f(0.0, "fraction of leaves whose process dies mid-run", ge=0.0, le=1.0)
+    die_fraction: float = _f(
+        0.0, "fraction of leaves whose process is killed mid-run", ge=0.0, le=1.0
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
