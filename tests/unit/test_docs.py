@@ -42,7 +42,8 @@ _OUTSIDE = re.compile(
 
 
 def _docs() -> list[Path]:
-    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+    """The README, every page in docs/, and the run-folder guide the README links to."""
+    return [README, ROOT / "reports" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _prose(text: str) -> str:
