@@ -359,6 +359,18 @@ def validate_weights(
     return _check(arrays, require_weighting=True, strict=strict)
 
 
+def load_arrays(
+    source: Source, *, max_decompressed_bytes: int | None = None
+) -> dict[str, np.ndarray]:
+    """Every array of an archive of either payload kind, loaded without pickle."""
+    return _load_fast(source, max_decompressed_bytes)
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], *, strict: bool = False) -> WeightsInfo:
+    """``validate_weights`` on arrays already loaded (``load_arrays``)."""
+    return _check(arrays, require_weighting=True, strict=strict)
+
+
 def _load(source: Source, max_decompressed_bytes: int | None) -> dict[str, np.ndarray]:
     """Every array of the archive, loaded without pickle."""
     if isinstance(source, (bytes, bytearray, memoryview)):
