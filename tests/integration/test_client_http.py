@@ -991,3 +991,28 @@ def test_client_follows_real_amqp_notifications(
     finally:
         management.delete_vhost(vhost)
         management.delete_user(leaf)
+
+
+# --------------------------------------------------------------------------- drop-in API
+
+
+def test_published_positional_construction_and_properties(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    from bk_sim.client import APIConfig, Credentials
+
+    c = CREDS
+    creds = Credentials(
+        c["id"], c["name"], c["session_token"], c["tree_id"], c["branch_id"], c["owner_id"]
+    )
+    out = str(tmp_path / "agg")
+    with Client(creds, APIConfig(platform.url), None, None, None, FAST, False, out) as client:
+        assert client.output_dir == out and client.use_websocket is False
+        assert (client.tree_id, client.branch_id, client.user_id) == (
+            c["tree_id"],
+            c["branch_id"],
+            c["owner_id"],
+        )
+        assert client.is_initialized
+    with pytest.raises(TypeError):
+        Client(creds, platform.url)  # type: ignore[arg-type]  # the seed's host is keyword-only

@@ -587,3 +587,34 @@ def test_a_refused_authorization_header_never_shows_the_token() -> None:
         t.request("GET", t.url("/x"), endpoint="x")
     assert "tok-SECRET" not in str(info.value) and info.value.__cause__ is None
     assert info.value.__suppress_context__
+
+
+# --------------------------------------------------------------------------- drop-in API
+
+
+def test_credentials_take_the_published_positional_order() -> None:
+    creds = Credentials("leaf", "name", "tok", "tree", "branch", "owner")
+    assert (creds.tree_id, creds.branch_id, creds.owner_id) == ("tree", "branch", "owner")
+
+
+def test_retry_strategy_waits_the_documented_times_not_urllib3s() -> None:
+    from urllib3.util.retry import RequestHistory
+
+    cfg = RetryConfig(max_retries=4, backoff_factor=1.0, max_backoff=3.0)
+    strategy = cfg.get_retry_strategy()
+    waits = []
+    for n in range(1, 5):
+        history = tuple(RequestHistory("GET", "/x", None, 503, None) for _ in range(n))
+        waits.append(strategy.new(history=history).get_backoff_time())
+    assert waits == [1.0, 2.0, 3.0, 3.0]  # urllib3 itself: 0, 2, 4, 8
+    assert strategy.total == 4 and 503 in strategy.status_forcelist
+
+
+def test_create_session_mounts_the_strategy_for_both_schemes() -> None:
+    session = RetryConfig(max_retries=2).create_session()
+    try:
+        for prefix in ("http://", "https://"):
+            retries = session.get_adapter(prefix + "h").max_retries  # type: ignore[attr-defined]
+            assert retries.total == 2 and retries.new().get_backoff_time() == 0.0
+    finally:
+        session.close()
