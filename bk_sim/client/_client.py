@@ -181,7 +181,14 @@ def resolve_settings(
         ("run_config", run, RunConfig),
     ):
         if not isinstance(obj, cls):
-            raise ClientConfigError(f"{name} must be a {cls.__name__}, got {type(obj).__name__}")
+            hint = (
+                " (the seed README's host is keyword-only: pass host=...)"
+                if name == "api_config" and isinstance(obj, str)
+                else ""
+            )
+            raise ClientConfigError(
+                f"{name} must be a {cls.__name__}, got {type(obj).__name__}{hint}"
+            )
     _check_api(api)
     _check_rabbitmq(rabbit)
     _check_websocket(ws)

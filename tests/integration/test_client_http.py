@@ -25,6 +25,7 @@ from bk_sim.errors import (
     AnalyticsError,
     ApiError,
     AuthError,
+    ClientConfigError,
     ClientError,
     NotFoundError,
     RunBlockedError,
@@ -1006,7 +1007,8 @@ def test_published_positional_construction_and_properties(
         c["id"], c["name"], c["session_token"], c["tree_id"], c["branch_id"], c["owner_id"]
     )
     out = str(tmp_path / "agg")
-    with Client(creds, APIConfig(platform.url), None, None, None, FAST, False, out) as client:
+    api = APIConfig(platform.url)
+    with Client(creds, api, None, None, None, FAST, False, out, notifications=False) as client:
         assert client.output_dir == out and client.use_websocket is False
         assert (client.tree_id, client.branch_id, client.user_id) == (
             c["tree_id"],
@@ -1014,5 +1016,5 @@ def test_published_positional_construction_and_properties(
             c["owner_id"],
         )
         assert client.is_initialized
-    with pytest.raises(TypeError):
-        Client(creds, platform.url)  # type: ignore[arg-type]  # the seed's host is keyword-only
+    with pytest.raises(ClientConfigError, match="keyword-only: pass host="):
+        Client(creds, platform.url, notifications=False)  # type: ignore[arg-type]

@@ -15,15 +15,14 @@ from requests.adapters import BaseAdapter
 
 import bk_sim
 import bk_sim.client
-from bk_sim.client import Client, Credentials, RetryConfig
-from bk_sim.client import ClientEvent, EventSink, get_metadata
+from bk_sim.client import Client, ClientEvent, Credentials, EventSink, RetryConfig, get_metadata
 from bk_sim.client._client import (
     parse_notification,
     safe_download_path,
     websocket_url,
 )
-from bk_sim.client._metadata import metadata_dict
 from bk_sim.client._http import HttpTransport, error_text, parse_retry_after
+from bk_sim.client._metadata import metadata_dict
 from bk_sim.errors import (
     ApiError,
     AuthError,
