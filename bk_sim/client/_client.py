@@ -570,8 +570,8 @@ class Client:
         """Write a learning archive (``.npz`` appended if missing) and return its path."""
         return str(_weights.save_weights(file_path, weighting, parameters, compression=compression))
 
+    @staticmethod
     def save_fields(
-        self,
         entries: Mapping[str, Any],
         kind: str = _analytics.PAYLOAD_KIND_FEDERATED_ANALYTICS,
         file_path: str | os.PathLike[str] = "fields",
@@ -586,8 +586,8 @@ class Client:
         """
         return str(_analytics.save_fields(file_path, entries, kind, weighting))
 
+    @staticmethod
     def save_analytics(
-        self,
         columns: Mapping[str, Any],
         file_path: str | os.PathLike[str] = "analytics",
         nan_policy: str = _analytics.NAN_POLICY_OMIT,
