@@ -20,7 +20,14 @@ import pytest
 from _fake_platform import FakePlatform, Fault, Socks5Proxy
 
 import bk_sim
-from bk_sim.client import Client, ClientEvent, RetryConfig, RunConfig, WebSocketConfig
+from bk_sim.client import (
+    Client,
+    ClientEvent,
+    ConsumerSpec,
+    RetryConfig,
+    RunConfig,
+    WebSocketConfig,
+)
 from bk_sim.errors import (
     AnalyticsError,
     ApiError,
@@ -1018,3 +1025,57 @@ def test_published_positional_construction_and_properties(
         assert client.is_initialized
     with pytest.raises(ClientConfigError, match="keyword-only: pass host="):
         Client(creds, platform.url, notifications=False)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- consumer_factory
+
+
+class _PluggedConsumer:
+    """A host's own consumer: records its life; the host delivers through spec.on_message."""
+
+    def __init__(self, spec: ConsumerSpec) -> None:
+        self.spec = spec
+        self.calls: list[str] = []
+
+    @property
+    def connected(self) -> bool:
+        return self.calls == ["start"]
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.calls.append("close")
+
+
+def test_a_host_plugs_its_consumer_in_through_consumer_factory(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    made: list[_PluggedConsumer] = []
+
+    def factory(spec: ConsumerSpec) -> _PluggedConsumer:
+        made.append(_PluggedConsumer(spec))
+        return made[-1]
+
+    client, _ = make_client(
+        platform, tmp_path, notifications=True, use_websocket=True, consumer_factory=factory
+    )
+    with client:
+        (consumer,) = made
+        spec = consumer.spec
+        assert spec.transport == "websocket" and spec.credentials == client.credentials
+        assert spec.websocket_url == platform.url.replace("http://", "ws://") + "/api/v1/ws"
+        assert client.notifications_connected
+        spec.on_message({"message_type": "aggregation_status", "body": {"aggregation_id": "a7"}})
+        assert client.get_latest_aggregation_id() == "a7"
+        assert spec.get_ticket()["ticket_id"]  # the client's own ticket call
+    assert consumer.calls == ["start", "close"]
+
+
+def test_a_factory_that_returns_no_consumer_is_a_config_error(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    with pytest.raises(ClientConfigError, match="returned int, which has no start"):
+        make_client(platform, tmp_path, notifications=True, consumer_factory=lambda spec: 3)
+    with pytest.raises(ClientConfigError, match="consumer_factory must be callable"):
+        make_client(platform, tmp_path, consumer_factory="amqp")
