@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -322,14 +323,14 @@ def _number(value: Any, what: str) -> float:
         raise AnalyticsError(f"{what} must be a number, got {value!r}") from exc
 
 
-def npz_path(file_path: str | Path) -> Path:
+def npz_path(file_path: str | os.PathLike[str]) -> Path:
     """``file_path`` with ``.npz`` appended when missing (as the published client does)."""
     target = Path(file_path)
     return target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
 
 
 def save_fields(
-    file_path: str | Path,
+    file_path: str | os.PathLike[str],
     entries: Mapping[str, Any],
     kind: str = PAYLOAD_KIND_FEDERATED_ANALYTICS,
     weighting: float | None = None,
@@ -342,7 +343,7 @@ def save_fields(
 
 
 def save_analytics(
-    file_path: str | Path, columns: Mapping[str, Any], nan_policy: str = NAN_POLICY_OMIT
+    file_path: str | os.PathLike[str], columns: Mapping[str, Any], nan_policy: str = NAN_POLICY_OMIT
 ) -> Path:
     """Reduce raw columns to their bundles and write an FA archive; returns the path."""
     return save_fields(file_path, analytics_fields(columns, nan_policy))

@@ -847,9 +847,10 @@ class Client:
     def get_latest_aggregation_id(self) -> str | None:
         """Take the newest unread aggregation id without blocking; None when there is none."""
         try:
-            return self._queue.get_nowait()
+            latest: str = self._queue.get_nowait()
         except _queue.Empty:
             return None
+        return latest
 
     def _on_notification(self, msg: dict[str, Any]) -> None:
         """Handle one notification (PROTOCOL.md section 4); never raises."""

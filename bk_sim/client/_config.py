@@ -148,7 +148,7 @@ class RetryConfig:
 
     def backoff(self, retry_number: int) -> float:
         """Seconds to wait before retry ``retry_number`` (1-based)."""
-        return min(self.backoff_factor * 2 ** (retry_number - 1), self.max_backoff)
+        return float(min(self.backoff_factor * 2 ** (retry_number - 1), self.max_backoff))
 
     def get_retry_strategy(self) -> Retry:
         """A urllib3 ``Retry`` for code that brings its own ``requests`` session.

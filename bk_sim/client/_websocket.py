@@ -23,6 +23,7 @@ consumer's: attempt 0 is the first connect, the counter resets once connected,
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -321,17 +322,7 @@ class WebSocketConsumer:
         uri = f"{self._url}{sep}{query}"
         try:
             return self._helper(
-                lambda: connect(
-                    uri,
-                    ssl=self._ssl,
-                    open_timeout=self._config.open_timeout,
-                    ping_interval=None,
-                    close_timeout=CLOSE_TIMEOUT_S,
-                    max_size=MAX_MESSAGE_BYTES,
-                    **_DIRECT,
-                ),
-                "bk-ws-connect",
-                on_late=self._close_socket,
+                functools.partial(self._connect, uri), "bk-ws-connect", on_late=self._close_socket
             )
         except _Stopped:
             raise
@@ -347,6 +338,18 @@ class WebSocketConsumer:
             raise _ConnectFailed(f"cannot connect: {type(exc).__name__}: {_short(exc)}") from exc
         except (InvalidURI, InvalidHandshake, WebSocketException) as exc:
             raise _ConnectFailed(f"handshake failed: {type(exc).__name__}: {_short(exc)}") from exc
+
+    def _connect(self, uri: str) -> ClientConnection:
+        ws: ClientConnection = connect(
+            uri,
+            ssl=self._ssl,
+            open_timeout=self._config.open_timeout,
+            ping_interval=None,
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_size=MAX_MESSAGE_BYTES,
+            **_DIRECT,
+        )
+        return ws
 
     @staticmethod
     def _ticket_fields(ticket: Any) -> tuple[str, str]:

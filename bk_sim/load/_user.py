@@ -33,7 +33,7 @@ from pathlib import Path
 
 from locust import User, between
 from locust.exception import StopUser
-from locust.user.users import LOCUST_STATE_STOPPING
+from locust.user.task import LOCUST_STATE_STOPPING
 
 from bk_sim.client import (
     APIConfig,
@@ -165,10 +165,11 @@ class LeafUser(User):
     """One leaf; the concrete class (tasks, wait time, context) comes from ``user_class``."""
 
     abstract = True
-    context: LoadContext
+    # Not ``context``: that name is Locust's ``User.context()`` (request-event context).
+    load_context: LoadContext
 
     def on_start(self) -> None:
-        ctx = self.context
+        ctx = self.load_context
         if not ctx.ready.wait(SETUP_TIMEOUT_S):
             _log.error("no setup from the master within %.0f s: user stops", SETUP_TIMEOUT_S)
             raise StopUser()
@@ -190,8 +191,8 @@ class LeafUser(User):
         if client is None:
             return
         client.close()
-        self.context.forget(client)
-        self.context.release_slot(self.slot)
+        self.load_context.forget(client)
+        self.load_context.release_slot(self.slot)
         shutil.rmtree(client.settings.output_dir, ignore_errors=True)
         self.client = None
 
@@ -199,9 +200,9 @@ class LeafUser(User):
 
     def upload(self) -> None:
         client = self._client()
-        assert self.context.payloads is not None
+        assert self.load_context.payloads is not None
         try:
-            client.file_upload(self.context.payloads.path(self.slot))
+            client.file_upload(self.load_context.payloads.path(self.slot))
         except RunBlockedError as exc:
             self._refused("upload", exc)
         except BkSimError as exc:
@@ -209,7 +210,7 @@ class LeafUser(User):
 
     def download(self) -> None:
         client = self._client()
-        if not self.context.scenario.load.notifications:
+        if not self.load_context.scenario.load.notifications:
             if self.last_aggregation_id is None:
                 return  # nothing to download: without notifications no id ever arrives
             aggregation_id: str | None = self.last_aggregation_id
@@ -246,13 +247,13 @@ class LeafUser(User):
 
     def _await_aggregation(self, client: Client) -> str | None:
         """The newest aggregation id (waiting for one if none is unread); None on stop."""
-        wait = self.context.scenario.load.aggregate_wait_s
+        wait = self.load_context.scenario.load.aggregate_wait_s
         t0 = time.monotonic()
         while time.monotonic() - t0 < wait:
             if self._state == LOCUST_STATE_STOPPING:
                 return None
             try:
-                agg = client.queue.get(timeout=min(_WAIT_SLICE_S, wait))
+                agg: str = client.queue.get(timeout=min(_WAIT_SLICE_S, wait))
             except queue.Empty:
                 continue
             self.last_aggregation_id = agg
@@ -294,7 +295,7 @@ def user_class(context: LoadContext) -> type[LeafUser]:
     }
     attrs = {
         "abstract": False,
-        "context": context,
+        "load_context": context,
         "tasks": tasks,
         "wait_time": between(spec.wait_min_s, spec.wait_max_s),
         "__module__": __name__,
