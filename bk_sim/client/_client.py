@@ -601,21 +601,21 @@ class Client:
         return str(_analytics.save_analytics(file_path, columns, nan_policy))
 
     @staticmethod
-    def validate_weight_shape(file: IO[bytes]) -> bool:
+    def validate_weight_shape(file: IO[bytes] | str | os.PathLike[str]) -> bool:
         """Check an open ``.npz`` file by its declared kind; rewind it; True or raise.
 
         Learning: ``weighting`` one value and at least one ``layer_*``; analytics: at
         least one named field, none positional, each at least 1-D with an allowed dtype.
         Raises ``WeightsFormatError`` (``AnalyticsError`` for analytics) saying why.
         """
-        if isinstance(file, (str, os.PathLike)):  # a path too, though upstream takes a file
-            data: Any = Path(file).read_bytes()
-        else:
-            data = file.read()
-            try:
+        try:
+            if isinstance(file, (str, os.PathLike)):  # a path too; upstream takes a file
+                data: Any = Path(file).read_bytes()
+            else:
+                data = file.read()
                 file.seek(0)
-            except (AttributeError, OSError, ValueError) as exc:
-                raise WeightsFormatError(f"cannot rewind the file: {exc}") from exc
+        except (AttributeError, OSError, ValueError) as exc:  # not a file, closed, unseekable
+            raise WeightsFormatError(f"cannot read and rewind {file!r}: {exc}") from exc
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise WeightsFormatError(f"expected a binary file, read {type(data).__name__}")
         _analytics.validate_payload(_weights.load_arrays(bytes(data)))

@@ -183,6 +183,17 @@ def test_validate_weight_shape_checks_an_open_file_and_rewinds_it(tmp_path: Path
         assert f.read(2) == b"PK"  # still readable from the start for the upload
 
 
+def test_validate_weight_shape_refuses_what_is_not_an_open_file(tmp_path: Path) -> None:
+    path = Client.save_weights(str(tmp_path / "w"), 1.0, [np.zeros(2)])
+    f = open(path, "rb")  # noqa: SIM115 - closed on purpose below
+    f.close()
+    with pytest.raises(WeightsFormatError, match="cannot read and rewind"):
+        Client.validate_weight_shape(f)
+    with pytest.raises(WeightsFormatError, match="cannot read and rewind"):
+        Client.validate_weight_shape(tmp_path / "missing.npz")
+    assert Client.validate_weight_shape(path)  # a path is accepted too
+
+
 def _npz(tmp_path: Path, name: str, **arrays: Any) -> Path:
     target = tmp_path / f"{name}.npz"
     np.savez(target, **arrays)
