@@ -4,6 +4,7 @@
 
     BkSimError                       exit code 2 unless said otherwise
     ├── WeightsFormatError           an .npz that breaks PROTOCOL.md section 3
+    │   └── AnalyticsError           a federated-analytics payload or column refused
     ├── ClientError                  the leaf client could not do what was asked
     │   ├── ClientConfigError        bad credentials or settings (before any request)
     │   ├── RunBlockedError          upload refused: the run is not started
@@ -34,6 +35,10 @@ class BkSimError(Exception):
 
 class WeightsFormatError(BkSimError, ValueError):
     """A weights archive does not follow the NPZ format of PROTOCOL.md section 3."""
+
+
+class AnalyticsError(WeightsFormatError):
+    """A federated-analytics payload, field or raw column breaks the FA contract."""
 
 
 class ClientError(BkSimError):

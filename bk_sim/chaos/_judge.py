@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bk_sim.client._backoff import reconnect_delay
+from bk_sim.client import reconnect_delay
 from bk_sim.scenario import Scenario
 from bk_sim.sim._checks import Check, as_time, records_from_events
 

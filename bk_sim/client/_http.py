@@ -55,10 +55,11 @@ def _environment_snapshot() -> Mapping[Any, Any] | None:
     name. None (never cache) where it is missing, or where requests also reads proxies
     from the system (macOS, Windows), not only from the environment.
     """
-    if (
-        requests.utils.getproxies is not urllib.request.getproxies_environment
-        or requests.utils.proxy_bypass is not urllib.request.proxy_bypass_environment
-    ):
+    if getattr(
+        requests.utils, "getproxies", None
+    ) is not urllib.request.getproxies_environment or getattr(
+        requests.utils, "proxy_bypass", None
+    ) is not getattr(urllib.request, "proxy_bypass_environment", None):
         return None
     data = getattr(os.environ, "_data", None)
     return data if isinstance(data, dict) else None
@@ -102,8 +103,9 @@ def error_text(content: bytes) -> str:
         body = json.loads(content)
     except JSON_ERRORS:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return body["error"]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):
+        return error
     preview = content[:_PREVIEW_CHARS].decode("utf-8", errors="replace").strip()
     if len(content) > _PREVIEW_CHARS:
         preview += "..."
@@ -298,8 +300,10 @@ class HttpTransport:
                 cached = self._settings_cache.get(key)
         if cached is None:
             # A copy: requests adds the environment's proxies to the dict it is given.
-            cached = self._session.merge_environment_settings(
-                url, dict(self.proxies), None, self.verify, None
+            cached = dict(
+                self._session.merge_environment_settings(
+                    url, dict(self.proxies), None, self.verify, None
+                )
             )
             if env is not None:
                 with self._settings_lock:

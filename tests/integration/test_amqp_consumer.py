@@ -384,7 +384,7 @@ def test_queue_deleted_then_redeclared_consumes_again(
 
 def test_broker_unreachable_at_start_follows_schedule_and_gives_up() -> None:
     factor, max_delay, attempts = 1.1, 1.25, 3
-    creds = Credentials("leaf-x", "x", "secret", "owner", "tree", "branch")
+    creds = Credentials("leaf-x", "x", "secret", "tree", "branch", "owner")
     rec = Recorder()
     consumer = _consumer(
         creds, rec, port=_closed_port(), attempts=attempts, factor=factor, max_delay=max_delay
@@ -410,7 +410,7 @@ def test_broker_unreachable_at_start_follows_schedule_and_gives_up() -> None:
 
 
 def test_close_during_backoff_is_prompt_and_idempotent() -> None:
-    creds = Credentials("leaf-y", "y", "secret", "owner", "tree", "branch")
+    creds = Credentials("leaf-y", "y", "secret", "tree", "branch", "owner")
     rec = Recorder()
     consumer = _consumer(creds, rec, port=_closed_port(), attempts=0, factor=30, max_delay=60)
     consumer.start()
@@ -427,7 +427,7 @@ def test_close_during_backoff_is_prompt_and_idempotent() -> None:
 def test_close_in_the_middle_of_a_connect_is_prompt() -> None:
     silent = socket.create_server((HOST, 0))  # accepts TCP, never speaks AMQP
     try:
-        creds = Credentials("leaf-z", "z", "secret", "owner", "tree", "branch")
+        creds = Credentials("leaf-z", "z", "secret", "tree", "branch", "owner")
         rec = Recorder()
         consumer = _consumer(creds, rec, port=int(silent.getsockname()[1]), attempts=0)
         consumer.start()
@@ -519,7 +519,7 @@ def test_close_from_inside_on_message_does_not_deadlock(leaf: Leaf) -> None:
 
 
 def test_tls_parameters_are_built_when_ssl_is_set() -> None:
-    creds = Credentials("leaf-t", "t", "secret", "owner", "tree-t", "branch")
+    creds = Credentials("leaf-t", "t", "secret", "tree-t", "branch", "owner")
     cfg = RabbitMQConfig(host="broker.example", port=5671, ssl=True, heartbeat=30)
     consumer = AmqpConsumer(creds, cfg, "broker.example", lambda m: None, EventSink(None, "t"))
     params = consumer._params

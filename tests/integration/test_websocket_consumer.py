@@ -23,9 +23,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 
-from bk_sim.client._backoff import reconnect_delay
-from bk_sim.client._config import WebSocketConfig
-from bk_sim.client._events import ClientEvent, EventSink
+from bk_sim.client import ClientEvent, EventSink, WebSocketConfig, reconnect_delay
 from bk_sim.client._websocket import WebSocketConsumer
 from bk_sim.errors import TransportError
 
@@ -389,8 +387,7 @@ def test_close_from_inside_on_message(server: _WsServer) -> None:
 
 _EXIT_SCRIPT = """
 import time
-from bk_sim.client._config import WebSocketConfig
-from bk_sim.client._events import EventSink
+from bk_sim.client import EventSink, WebSocketConfig
 from bk_sim.client._websocket import WebSocketConsumer
 
 def hanging_ticket():
