@@ -828,10 +828,11 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
         raise RequestRejected(400, "trim_fraction must be a number in [0, 0.5)")
     if not isinstance(config["model_config"], dict):
         raise RequestRejected(400, "model_config must be a JSON object")
-    try:  # FA: {field name: sum | min | max | must_match}
-        config["field_ops"] = check_field_ops(config.get("field_ops"))
-    except ValueError as exc:
-        raise RequestRejected(400, str(exc)) from exc
+    if "field_ops" in config:  # FA: {field name: sum | min | max | must_match}
+        try:
+            config["field_ops"] = check_field_ops(config["field_ops"])
+        except ValueError as exc:
+            raise RequestRejected(400, str(exc)) from exc
     config["trim_fraction"] = float(trim)
     config["round_timeout_s"] = None if timeout is None else float(timeout)
     return config

@@ -17,9 +17,7 @@ KIND_KEY = "__bk_payload_kind__"
 FA = "federated_analytics"
 
 
-def fa_archive(
-    fields: Mapping[str, Any], *, kind: str | None = FA, weighting: Any = 0.0
-) -> bytes:
+def fa_archive(fields: Mapping[str, Any], *, kind: str | None = FA, weighting: Any = 0.0) -> bytes:
     """An FA archive as the published 3.0.1 client writes one (``weighting`` 0.0)."""
     arrays: dict[str, Any] = {k: np.asarray(v) for k, v in fields.items()}
     if weighting is not None:
