@@ -255,3 +255,30 @@ def test_create_branch_cli_sets_field_ops(platform: PlatformHandle, tmp_path: Pa
         bad = CliRunner().invoke(main, [*base, "--field-op", bad_op], env=env)
         assert bad.exit_code == 2 and "--field-op" in bad.output, bad.output
         assert bad.exception is None or isinstance(bad.exception, SystemExit)
+
+
+def test_learning_and_analytics_branches_side_by_side(platform: PlatformHandle) -> None:
+    """One platform, one learning and one analytics branch, uploads interleaved."""
+    from tests.integration._platform_support import assert_layers, model, reference
+
+    rng = np.random.default_rng(5)
+    with make_branch(platform, 2) as fl, make_branch(platform, 2, field_ops=OPS) as fa:
+        models = [model(rng) for _ in range(2)]
+        sites = [_site(i, rng) for i in range(2)]
+        for i in range(2):
+            fl.upload_ok(i, float(i + 1), models[i])
+            assert post_fa(platform.url, fa.leaves[i], fa_archive(sites[i][0])).status_code == 201
+        fl_rec, fa_rec = fl.wait(1), fa.wait(1)
+        assert (fl_rec["kind"], fl_rec["strategy"]) == ("federated_learning", "fedavg")
+        assert (fa_rec["kind"], fa_rec["strategy"]) == ("federated_analytics", "field_ops")
+        assert_layers(fl.download(1, fl_rec["aggregation_id"]), reference("fedavg", [1, 2], models))
+        got = download_fields(platform.url, fa.leaves[1], fa_rec["aggregation_id"])
+        assert got["hist"].tolist() == [[3, 6], [9, 12]]
+        assert got["age_n"].tolist() == [sum(int(s[0]["age_n"][0]) for s in sites)]
+        # a second round on each, again interleaved, keeps both kinds apart
+        fl.upload_ok(0, 1.0, models[1])
+        assert post_fa(platform.url, fa.leaves[0], fa_archive(sites[1][0])).status_code == 201
+        fl.upload_ok(1, 1.0, models[0])
+        assert post_fa(platform.url, fa.leaves[1], fa_archive(sites[0][0])).status_code == 201
+        assert fl.wait(2)["status"] == "aggregated" and fa.wait(2)["status"] == "aggregated"
+        assert "analytics" not in fl.wait(2)
