@@ -282,3 +282,21 @@ def test_learning_and_analytics_branches_side_by_side(platform: PlatformHandle) 
         assert post_fa(platform.url, fa.leaves[1], fa_archive(sites[0][0])).status_code == 201
         assert fl.wait(2)["status"] == "aggregated" and fa.wait(2)["status"] == "aggregated"
         assert "analytics" not in fl.wait(2)
+
+
+def test_an_open_analytics_round_survives_a_platform_restart(tmp_path: Path) -> None:
+    """Schema, must_match reference and uploads are in SQLite: a restart resumes them."""
+    handle = start_platform(tmp_path / "data", no_amqp=True)
+    try:
+        with make_branch(handle, 2, field_ops={"version": "must_match"}) as b:
+            first = {**bundle("a", np.arange(4.0)), "version": np.array([7])}
+            assert post_fa(handle.url, b.leaves[0], fa_archive(first)).status_code == 201
+            handle.restart()
+            wrong = {**bundle("a", np.arange(2.0)), "version": np.array([8])}
+            assert "must_match" in _refusal(post_fa(handle.url, b.leaves[1], fa_archive(wrong)))
+            right = {**bundle("a", np.arange(2.0)), "version": np.array([7])}
+            assert post_fa(handle.url, b.leaves[1], fa_archive(right)).status_code == 201
+            record = b.wait(1)
+            assert record["analytics"]["derived"]["a"]["count"] == 6
+    finally:
+        handle.stop()
