@@ -118,12 +118,17 @@ def site_rows(spec: TabularSpec, site: int) -> int:
     return _site_draws(spec, site)[0]
 
 
-def site_columns(spec: TabularSpec, site: int) -> dict[str, np.ndarray]:
-    """The site's raw columns: float64 (with NaNs), int64 and bool, ``rows`` values each."""
+def site_columns(spec: TabularSpec, site: int, round: int = 1) -> dict[str, np.ndarray]:
+    """The site's raw columns in a round: float64 (with NaNs), int64 and bool.
+
+    A site keeps its row count, shifts and NaN factor in every round; its values are drawn
+    afresh per round, so a site's uploads differ from round to round (an identical upload
+    would be a retry of the previous round's to the platform).
+    """
     rows, nan_factor, shifts = _site_draws(spec, site)
     out: dict[str, np.ndarray] = {}
     for j, col in enumerate(_columns(spec)):
-        rng = np.random.default_rng((spec.seed, _VALUES, site, j))
+        rng = np.random.default_rng((spec.seed, _VALUES, site, j, round))
         z = float(shifts[j]) * spec.shift
         if col.kind == "float":
             values = rng.standard_normal(rows)
@@ -172,12 +177,13 @@ def field_ops(spec: TabularSpec) -> dict[str, str]:
 
 
 def site_fields(
-    spec: TabularSpec, site: int, columns: dict[str, np.ndarray] | None = None
+    spec: TabularSpec, site: int, columns: dict[str, np.ndarray] | None = None, round: int = 1
 ) -> dict[str, np.ndarray]:
-    """The site's custom ``save_fields`` entries (see the module docstring)."""
+    """The site's custom ``save_fields`` entries (see the module docstring); ``columns``:
+    the round's ``site_columns`` when the caller has them already."""
     if not spec.custom_fields:
         return {}
-    cols = site_columns(spec, site) if columns is None else columns
+    cols = site_columns(spec, site, round) if columns is None else columns
     rows = site_rows(spec, site)
     fields: dict[str, np.ndarray] = {
         "site_rows": np.array([rows], np.int64),
@@ -202,11 +208,11 @@ def site_fields(
 
 
 def site_bundle(
-    spec: TabularSpec, site: int, columns: dict[str, np.ndarray] | None = None
+    spec: TabularSpec, site: int, columns: dict[str, np.ndarray] | None = None, round: int = 1
 ) -> dict[str, np.ndarray]:
     """The six-field analytics bundle of every column, as ``save_analytics`` reduces it
     (NaNs omitted and counted)."""
-    cols = site_columns(spec, site) if columns is None else columns
+    cols = site_columns(spec, site, round) if columns is None else columns
     out: dict[str, np.ndarray] = {}
     for name, raw in cols.items():
         x = raw.astype(np.float64)
@@ -223,8 +229,8 @@ def site_bundle(
     return out
 
 
-def site_payload(spec: TabularSpec, site: int) -> dict[str, np.ndarray]:
-    """Everything a site uploads in one FA archive: every bundle plus the custom entries
-    (what a leaf hands to ``save_fields(..., kind="federated_analytics")``)."""
-    cols = site_columns(spec, site)
+def site_payload(spec: TabularSpec, site: int, round: int = 1) -> dict[str, np.ndarray]:
+    """Everything a site uploads in one round's FA archive: every bundle plus the custom
+    entries (what a leaf hands to ``save_fields(..., kind="federated_analytics")``)."""
+    cols = site_columns(spec, site, round)
     return {**site_bundle(spec, site, cols), **site_fields(spec, site, cols)}

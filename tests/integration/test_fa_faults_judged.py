@@ -77,3 +77,28 @@ def test_each_analytics_fault_is_caught_with_forensics(
     else:
         assert {f.check for f in forensics} == {"mean_of_means"}
         assert all(f.column for f in forensics)
+
+
+def test_two_rounds_of_fresh_site_data_both_pass(platform: PlatformHandle) -> None:
+    """Round r uploads the round's redrawn values (same sites); each round is judged."""
+    with make_branch(platform, SITES, field_ops=field_ops(SPEC)) as b:
+        for rnd in (1, 2):
+            for s in range(SITES):
+                data = fa_archive(site_payload(SPEC, s, round=rnd))
+                assert post_fa(platform.url, b.leaves[s], data).status_code == 201
+            record = b.wait(rnd)
+            assert record["round"] == rnd and record["status"] == "aggregated"
+            aggregate = download_fields(platform.url, b.leaves[0], record["aggregation_id"])
+            site_of = {leaf["id"]: s for s, leaf in enumerate(b.leaves)}
+            sites = []
+            for upload in record["uploads"]:
+                s = site_of[upload["leaf_id"]]
+                cols = site_columns(SPEC, s, rnd)
+                sites.append((f"site-{s}", cols, site_fields(SPEC, s, cols)))
+            verdict = judge_analytics(
+                sites,
+                aggregate,
+                field_ops=field_ops(SPEC),
+                derived=record["analytics"]["derived"],
+            )
+            assert verdict.passed, verdict.summary()

@@ -70,3 +70,14 @@ def test_custom_fields_have_operations_including_must_match() -> None:
 def test_bad_specs_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         TabularSpec(**bad)  # type: ignore[arg-type]
+
+
+def test_rounds_redraw_values_but_keep_the_site() -> None:
+    r1, r2 = site_columns(SPEC, 3, round=1), site_columns(SPEC, 3, round=2)
+    assert r1["c00_float"].size == r2["c00_float"].size == site_rows(SPEC, 3)
+    assert not np.array_equal(r1["c02_int"], r2["c02_int"])
+    default = site_columns(SPEC, 3)  # round 1
+    assert all(np.array_equal(default[k], r1[k], equal_nan=True) for k in r1)
+    p2 = site_payload(SPEC, 3, round=2)
+    assert np.array_equal(p2["c00_float_n"], site_bundle(SPEC, 3, round=2)["c00_float_n"])
+    assert np.array_equal(p2["hist_c00_float"], site_fields(SPEC, 3, round=2)["hist_c00_float"])
