@@ -8,7 +8,13 @@ failure names the leaf that was dropped, double-counted or mis-weighted.
 derived statistics against the pooled raw columns.
 """
 
-from bk_sim.validate._analytics import AnalyticsFinding, AnalyticsJudgement, judge_analytics
+from bk_sim.validate._analytics import (
+    AnalyticsFinding,
+    AnalyticsJudgement,
+    ColumnHistogram,
+    column_histograms,
+    judge_analytics,
+)
 from bk_sim.validate._compare import Comparison, LayerComparison, compare, tolerance_for
 from bk_sim.validate._forensics import Forensics, forensics
 from bk_sim.validate._reference import STRATEGIES, ReferenceAggregate, reference_aggregate
@@ -17,10 +23,12 @@ __all__ = [
     "STRATEGIES",
     "AnalyticsFinding",
     "AnalyticsJudgement",
+    "ColumnHistogram",
     "Comparison",
     "Forensics",
     "LayerComparison",
     "ReferenceAggregate",
+    "column_histograms",
     "compare",
     "forensics",
     "judge_analytics",

@@ -32,7 +32,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AnalyticsFinding", "AnalyticsJudgement", "judge_analytics"]
+__all__ = [
+    "AnalyticsFinding",
+    "AnalyticsJudgement",
+    "ColumnHistogram",
+    "column_histograms",
+    "judge_analytics",
+]
 
 U = 2.0**-53
 KIND_KEY = "__bk_payload_kind__"
@@ -58,8 +64,11 @@ class AnalyticsFinding:
 
 @dataclass
 class AnalyticsJudgement:
+    """The verdict; ``pooled`` holds each column's reference statistics (for reports)."""
+
     checks: int = 0
     findings: list[AnalyticsFinding] = field(default_factory=list)
+    pooled: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -86,6 +95,7 @@ class AnalyticsJudgement:
             "passed": self.passed,
             "checks": self.checks,
             "findings": [_jsonable(asdict(f)) for f in self.findings],
+            "pooled": _jsonable(self.pooled),
         }
 
 
@@ -271,6 +281,7 @@ def judge_analytics(
     _check_layout(j, columns, custom)
     for name, col in columns.items():
         _check_column(j, name, col, nsites)
+        j.out.pooled[name] = _pooled_summary(col)
     for name, values in custom.items():
         _check_custom(j, name, ops.get(name), values, labels)
     if derived is not None:
@@ -300,6 +311,22 @@ def _check_layout(
             f"the aggregate holds fields no site sent: {', '.join(extra)}",
             field=extra[0],
         )
+
+
+def _pooled_summary(col: _Column) -> dict[str, Any]:
+    mean = col.total / col.n if col.n else math.nan
+    var = col.variance() if col.n else math.nan
+    return {
+        "count": col.n,
+        "nan": col.nan,
+        "sum": col.total,
+        "min": col.lo,
+        "max": col.hi,
+        "mean": mean,
+        "variance": var,
+        "std": math.sqrt(var) if var == var else math.nan,
+        "sites": len(col.site_n),
+    }
 
 
 def _check_column(j: _Judge, name: str, col: _Column, nsites: int) -> None:
@@ -508,3 +535,53 @@ def _attribute_leaves(
             "no single leaf's values explain the difference",
             field=changed[0],
         )
+
+
+@dataclass(frozen=True)
+class ColumnHistogram:
+    """Counts of one column over shared bins: pooled and per site (NaNs left out)."""
+
+    edges: list[float]
+    pooled: list[int]
+    sites: dict[str, list[int]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"edges": self.edges, "pooled": self.pooled, "sites": self.sites}
+
+
+def column_histograms(
+    sites: Iterable[tuple[str, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    pooled: Mapping[str, Mapping[str, Any]],
+    *,
+    bins: int = 30,
+) -> dict[str, ColumnHistogram]:
+    """Each column's pooled and per-site histograms, for a report's distribution plot.
+
+    A second pass over the regenerated ``sites`` (same shape as ``judge_analytics``
+    takes), with bins spanning the judge's pooled min and max (``verdict.pooled``), so
+    memory stays one site at a time. Integer columns get unit-aligned bins when their
+    range is small, bool columns two.
+    """
+    edges: dict[str, np.ndarray] = {}
+    for name, stats in pooled.items():
+        lo, hi = float(stats["min"]), float(stats["max"])
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            continue
+        if lo.is_integer() and hi.is_integer() and hi - lo < bins:
+            edges[name] = np.arange(lo - 0.5, hi + 1.0, 1.0)
+        else:
+            edges[name] = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    pooled_counts = {name: np.zeros(len(e) - 1, np.int64) for name, e in edges.items()}
+    per_site: dict[str, dict[str, list[int]]] = {name: {} for name in edges}
+    for label, columns, _ in sites:
+        for name, raw in columns.items():
+            if name not in edges:
+                continue
+            x = np.asarray(raw, dtype=np.float64)
+            counts = np.histogram(x[~np.isnan(x)], edges[name])[0]
+            pooled_counts[name] += counts
+            per_site[name][label] = counts.tolist()
+    return {
+        name: ColumnHistogram(e.tolist(), pooled_counts[name].tolist(), per_site[name])
+        for name, e in edges.items()
+    }

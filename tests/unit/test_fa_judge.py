@@ -130,3 +130,22 @@ def test_missing_unexpected_and_wrong_kind_fields_are_findings() -> None:
     assert {"kind", "unexpected_field", "field_missing"} <= checks
     assert any(f.field == "rogue" for f in verdict.findings)
     assert verdict.to_json()["passed"] is False
+
+
+def test_histograms_and_the_distribution_plot() -> None:
+    from bk_sim.report._fa_plots import analytics_distribution_plot
+    from bk_sim.validate import column_histograms
+
+    verdict, _ = _round(None)
+    assert verdict.pooled["c00_float"]["count"] == sum(
+        int(site_payload(SPEC, s)["c00_float_n"][0]) for s in range(SITES)
+    )
+    hists = column_histograms(_sites(SPEC), verdict.pooled, bins=20)
+    h = hists["c00_float"]
+    assert len(h.edges) == 21 and sum(h.pooled) == verdict.pooled["c00_float"]["count"]
+    assert set(h.sites) == {f"leaf-{i}" for i in range(SITES)}
+    assert [sum(c) for c in zip(*h.sites.values(), strict=True)] == h.pooled
+    assert hists["c03_bool"].edges == [-0.5, 0.5, 1.5]
+    svg = analytics_distribution_plot({k: v.to_json() for k, v in hists.items()}, max_sites=3)
+    assert svg.startswith("<svg") and "c00_float (3 of 6 sites)" in svg
+    assert analytics_distribution_plot({}) == ""
