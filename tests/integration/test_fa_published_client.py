@@ -78,9 +78,14 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="session")
-def branchkey_python(request: pytest.FixtureRequest) -> Path:
-    """Python of a venv with the published client installed (built once, then cached)."""
-    venv = Path(request.config.cache.mkdir(f"branchkey-{VERSION}-venv"))
+def branchkey_python(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Python of a venv with the published client installed (built once, then cached in
+    the pytest cache; in a temporary folder when the cache plugin is off)."""
+    cache = getattr(request.config, "cache", None)
+    name = f"branchkey-{VERSION}-venv"
+    venv = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
     python = venv / "bin" / "python"
     marker = venv / "installed-ok"
     if marker.is_file() and python.is_file():
