@@ -70,8 +70,9 @@ class AdminClient:
         round_timeout_s: float | None = None,
         trim_fraction: float = 0.1,
         model_config: dict[str, Any] | None = None,
+        field_ops: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        body = {
+        body: dict[str, Any] = {
             "tree_id": tree_id,
             "name": name,
             "strategy": strategy,
@@ -80,6 +81,8 @@ class AdminClient:
             "trim_fraction": trim_fraction,
             "model_config": model_config or {},
         }
+        if field_ops:  # FA: {field name: sum | min | max | must_match}
+            body["field_ops"] = field_ops
         result: dict[str, Any] = self._call("POST", "/admin/v1/branches", body)
         return result
 

@@ -34,6 +34,15 @@ from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import BrokerError, PlatformError, WeightsFormatError
 from bk_sim.files import atomic_write
 from bk_sim.platform._aggregate import STRATEGIES
+from bk_sim.platform._analytics import (
+    FEDERATED_ANALYTICS,
+    AnalyticsRefusal,
+    FieldsInfo,
+    check_field_ops,
+    metadata_kind,
+    upload_kind,
+    validate_fields,
+)
 from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault, is_finite
 from bk_sim.platform._notify import (
     WS_HEARTBEAT_S,
@@ -115,8 +124,12 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 def _validate_and_store(
-    data: bytes, target: Path, claimed_digest: str | None, max_decompressed: int
-) -> tuple[str, WeightsInfo]:
+    data: bytes,
+    target: Path,
+    claimed_digest: str | None,
+    max_decompressed: int,
+    declared_kind: str | None = None,
+) -> tuple[str, WeightsInfo | FieldsInfo]:
     """Runs in a worker thread: digest check, strict validation, then the bytes to disk."""
     raw_digest = hashlib.sha256(data).digest()
     digest = "sha256=" + base64.b64encode(raw_digest).decode("ascii")
@@ -132,6 +145,16 @@ def _validate_and_store(
             raise RequestRejected(
                 400, "x-bk-file-digest does not match the uploaded file (corrupted in transit?)"
             )
+    # -- FA hook: the payload kind picks the validation (docs/analytics.md)
+    info: WeightsInfo | FieldsInfo
+    try:
+        if upload_kind(data, declared_kind) == FEDERATED_ANALYTICS:
+            info = validate_fields(data, max_decompressed)
+            atomic_write(target, data)
+            return digest, info
+    except AnalyticsRefusal as exc:
+        raise RequestRejected(400, f"federated analytics upload refused: {exc}") from exc
+    # -- end FA hook
     try:
         info = validate_weights(data, strict=True, max_decompressed_bytes=max_decompressed)
     except WeightsFormatError as exc:
@@ -413,6 +436,7 @@ class Platform:
             raise RequestRejected(
                 400, f"x-bk-file-size says {declared} bytes but the file part has {len(data)}"
             )
+        declared_kind: str | None = None
         if form is not None:
             try:
                 meta = json.loads(form)
@@ -420,6 +444,10 @@ class Platform:
                 raise RequestRejected(400, f"form field 'data' is not valid JSON: {exc}") from exc
             if not isinstance(meta, dict):
                 raise RequestRejected(400, "form field 'data' must be a JSON object")
+            try:  # FA hook: the kind the metadata declares
+                declared_kind = metadata_kind(meta)
+            except AnalyticsRefusal as exc:
+                raise RequestRejected(400, f"federated analytics upload refused: {exc}") from exc
         file_id = new_id()
         target = self.store.file_path(file_id)
         digest, info = await self.in_thread(
@@ -428,6 +456,7 @@ class Platform:
             target,
             request.headers.get("x-bk-file-digest"),
             self.config.max_decompressed_bytes,
+            declared_kind,
         )
         try:
             kept_id, is_new = await self.rounds.submit(
@@ -564,6 +593,7 @@ class Platform:
                 "round_timeout_s": None,
                 "trim_fraction": 0.1,
                 "model_config": {},
+                "field_ops": {},
             },
         )
         branch = self.store.create_branch(tree_id, name, config)
@@ -755,6 +785,7 @@ def _config_view(branch: dict[str, Any]) -> dict[str, Any]:
         "round_timeout_s": branch["round_timeout_s"],
         "trim_fraction": branch["trim_fraction"],
         "model_config": branch["model_config"],
+        "field_ops": branch.get("field_ops", {}),  # FA
     }
 
 
@@ -797,6 +828,11 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
         raise RequestRejected(400, "trim_fraction must be a number in [0, 0.5)")
     if not isinstance(config["model_config"], dict):
         raise RequestRejected(400, "model_config must be a JSON object")
+    if "field_ops" in config:  # FA: {field name: sum | min | max | must_match}
+        try:
+            config["field_ops"] = check_field_ops(config["field_ops"])
+        except ValueError as exc:
+            raise RequestRejected(400, str(exc)) from exc
     config["trim_fraction"] = float(trim)
     config["round_timeout_s"] = None if timeout is None else float(timeout)
     return config

@@ -16,6 +16,7 @@ from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
 from bk_sim.files import SECRET_MODE, atomic_write
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._aggregate import STRATEGIES
+from bk_sim.platform._analytics_cli import parse_field_ops
 from bk_sim.platform._app import (
     DEFAULT_AMQP_URL,
     DEFAULT_MAX_DECOMPRESSED_BYTES,
@@ -203,6 +204,14 @@ def serve_cmd(
     help="Seconds after a round opens before quorum may close it.",
 )
 @click.option(
+    "--field-op",
+    "field_op",
+    multiple=True,
+    metavar="NAME=OP",
+    help="Federated analytics: the operation (sum, min, max, must_match) of a field; "
+    "repeatable. Bundle fields (<col>_n, _sum, _sumsq, _min, _max, _nan) need none.",
+)
+@click.option(
     "--tree-name",
     envvar="BK_SIM_TREE_NAME",
     default=None,
@@ -224,14 +233,21 @@ def create_branch_cmd(
     strategy: str,
     quorum: int | None,
     round_timeout: float | None,
+    field_op: tuple[str, ...],
     tree_name: str | None,
     out: Path,
 ) -> None:
     """Create a tree and a branch with N leaves, start its run, write leaves.json."""
+    field_ops = parse_field_ops(field_op)
     with AdminClient(url, admin_token) as admin:
         tree_id = admin.create_tree(tree_name or f"bk-sim-{uuid.uuid4().hex[:8]}")
         branch = admin.create_branch(
-            tree_id, "branch", strategy=strategy, quorum=quorum, round_timeout_s=round_timeout
+            tree_id,
+            "branch",
+            strategy=strategy,
+            quorum=quorum,
+            round_timeout_s=round_timeout,
+            field_ops=field_ops,
         )
         creds = admin.create_leaves(branch["branch_id"], leaves)
         admin.set_run_status(branch["branch_id"], "start")

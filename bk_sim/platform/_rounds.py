@@ -26,6 +26,14 @@ from typing import Any
 
 from bk_sim.errors import BkSimError, PlatformError
 from bk_sim.platform._aggregate import Upload, aggregate, apply_bug
+from bk_sim.platform._analytics import AnalyticsRefusal, FieldsInfo
+from bk_sim.platform._analytics_rounds import (
+    admit_analytics,
+    aggregate_analytics,
+    check_round_kind,
+    is_analytics_round,
+    round_signature,
+)
 from bk_sim.platform._faults import BranchFaults
 from bk_sim.platform._notify import Notifier, message
 from bk_sim.platform._store import Leaf, Store, new_id, now_iso, parse_iso
@@ -163,7 +171,7 @@ class RoundManager:
 
     # -- uploads
     async def submit(
-        self, leaf: Leaf, *, file_id: str, digest: str, size: int, info: WeightsInfo
+        self, leaf: Leaf, *, file_id: str, digest: str, size: int, info: WeightsInfo | FieldsInfo
     ) -> tuple[str, bool]:
         """Put a validated, already stored upload into the branch's round.
 
@@ -186,12 +194,35 @@ class RoundManager:
             duplicate = self._find_retry(branch["id"], latest, leaf.id, digest)
             if duplicate is not None and dedupe:
                 return duplicate["file_id"], False
+            # -- FA hook: a round takes the kind of its first upload (docs/analytics.md)
+            if accepting is not None and not check_round_kind(
+                json.loads(accepting["signature"]), info
+            ):
+                raise RequestRejected(
+                    400,
+                    "federated analytics upload refused: round_kind_mismatch: the open round "
+                    "takes the other payload kind (the kind of its first upload)",
+                )
+            if isinstance(info, FieldsInfo):
+                try:
+                    reference = admit_analytics(self._store, branch, accepting, info)
+                except AnalyticsRefusal as exc:
+                    raise RequestRejected(
+                        400, f"federated analytics upload refused: {exc}"
+                    ) from exc
+            # -- end FA hook
             if accepting is None:
-                accepting = self._store.open_round(branch, _signature(info))
+                signature: Any = (
+                    round_signature(info) if isinstance(info, FieldsInfo) else _signature(info)
+                )
+                accepting = self._store.open_round(branch, signature)
                 opened = True
             else:
-                _check_signature(json.loads(accepting["signature"]), info)
+                if isinstance(info, WeightsInfo):
+                    _check_signature(json.loads(accepting["signature"]), info)
                 opened = False
+            if isinstance(info, FieldsInfo) and reference is not None:  # FA hook
+                self._store.set_fa_round(branch["id"], accepting["round"], reference=reference)
             same_in_round = duplicate is not None and duplicate["round"] == accepting["round"]
             self._store.add_upload(
                 file_id=file_id,
@@ -291,6 +322,17 @@ class RoundManager:
         if branch is None or row is None:
             return
         faults = self._faults_for(branch_id)
+        if is_analytics_round(row):  # FA hook: its own combining, same notification
+            ok = await aggregate_analytics(
+                self._store, self._executor, branch, row, faults, self._max_decompressed
+            )
+            if ok:
+                aggregated = self._store.round_row(branch_id, number)
+                assert aggregated is not None
+                leaf_ids = [leaf.id for leaf in self._store.leaves(branch_id)]
+                text = message("aggregation_status", aggregation_id=aggregated["aggregation_id"])
+                await self._notifier.notify(branch, leaf_ids, text, faults)
+            return
         bug = faults.aggregation if faults is not None else None
         strategy = branch["strategy"]
         uploads = [

@@ -57,6 +57,19 @@ CREATE TABLE IF NOT EXISTS uploads (
     active INTEGER NOT NULL DEFAULT 1, seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS uploads_round ON uploads (branch_id, round, active);
+-- federated analytics (docs/analytics.md): branch field_ops, the schema frozen per run,
+-- and per round its must_match reference and its result (fields + derived statistics)
+CREATE TABLE IF NOT EXISTS fa_field_ops (
+    branch_id TEXT PRIMARY KEY REFERENCES branches(id) ON DELETE CASCADE, ops TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fa_schemas (
+    branch_id TEXT NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+    run_number INTEGER NOT NULL, schema TEXT NOT NULL, PRIMARY KEY (branch_id, run_number)
+);
+CREATE TABLE IF NOT EXISTS fa_rounds (
+    branch_id TEXT NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+    round INTEGER NOT NULL, reference TEXT, result TEXT, PRIMARY KEY (branch_id, round)
+);
 CREATE TABLE IF NOT EXISTS metrics (
     id INTEGER PRIMARY KEY AUTOINCREMENT, branch_id TEXT NOT NULL, leaf_id TEXT NOT NULL,
     mode TEXT NOT NULL, aggregation_id TEXT, data TEXT NOT NULL, received_at TEXT NOT NULL
@@ -202,6 +215,7 @@ class Store:
                 ts,
             ),
         )
+        self.set_field_ops(branch_id, config.get("field_ops") or {})  # FA
         branch = self.branch(branch_id)
         assert branch is not None
         return branch
@@ -210,9 +224,12 @@ class Store:
         row = self._one("SELECT * FROM branches WHERE id = ?", branch_id)
         if row is not None:
             row["model_config"] = json.loads(row["model_config"])
+            row["field_ops"] = self.field_ops(branch_id)  # FA
         return row
 
     def update_branch(self, branch_id: str, **fields: Any) -> dict[str, Any]:
+        if "field_ops" in fields:  # FA: its own table
+            self.set_field_ops(branch_id, fields.pop("field_ops") or {})
         if "model_config" in fields:
             fields["model_config"] = json.dumps(fields["model_config"])
         fields["updated_at"] = now_iso()
@@ -355,6 +372,7 @@ class Store:
                 for u in uploads
             ],
             "fault": fault,
+            **self._fa_record(row),
         }
 
     def round_numbers(self, branch_id: str) -> list[int]:
@@ -446,6 +464,65 @@ class Store:
                     seq_row[0],
                 ),
             )
+
+    # -- federated analytics (FA hook: the fa helper's tables, docs/analytics.md)
+    def field_ops(self, branch_id: str) -> dict[str, str]:
+        row = self._one("SELECT ops FROM fa_field_ops WHERE branch_id = ?", branch_id)
+        return dict(json.loads(row["ops"])) if row else {}
+
+    def set_field_ops(self, branch_id: str, ops: dict[str, str]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO fa_field_ops (branch_id, ops) VALUES (?, ?)",
+            (branch_id, json.dumps(ops, sort_keys=True)),
+        )
+
+    def fa_schema(self, branch_id: str, run_number: int) -> dict[str, Any] | None:
+        row = self._one(
+            "SELECT schema FROM fa_schemas WHERE branch_id = ? AND run_number = ?",
+            branch_id,
+            run_number,
+        )
+        return dict(json.loads(row["schema"])) if row else None
+
+    def set_fa_schema(self, branch_id: str, run_number: int, schema: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO fa_schemas (branch_id, run_number, schema) VALUES (?, ?, ?)",
+            (branch_id, run_number, json.dumps(schema)),
+        )
+
+    def fa_round(self, branch_id: str, number: int) -> dict[str, Any]:
+        """``{"reference": ..., "result": ...}`` of an FA round (None where not set)."""
+        row = self._one(
+            "SELECT reference, result FROM fa_rounds WHERE branch_id = ? AND round = ?",
+            branch_id,
+            number,
+        )
+        return {
+            k: (json.loads(row[k]) if row and row[k] else None) for k in ("reference", "result")
+        }
+
+    def set_fa_round(self, branch_id: str, number: int, **fields: Any) -> None:
+        """Set ``reference`` and/or ``result`` of an FA round."""
+        current = self.fa_round(branch_id, number)
+        current.update(fields)
+        self._db.execute(
+            "INSERT OR REPLACE INTO fa_rounds (branch_id, round, reference, result) "
+            "VALUES (?, ?, ?, ?)",
+            (
+                branch_id,
+                number,
+                None if current["reference"] is None else json.dumps(current["reference"]),
+                None if current["result"] is None else json.dumps(current["result"]),
+            ),
+        )
+
+    def _fa_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The round record's ``kind`` and, for an FA round, its ``analytics`` result."""
+        signature = json.loads(row["signature"])
+        if isinstance(signature, dict) and signature.get("kind") == "federated_analytics":
+            result = self.fa_round(row["branch_id"], row["round"])["result"]
+            return {"kind": "federated_analytics", "analytics": result}
+        return {"kind": "federated_learning"}
 
     # -- metrics
     def add_metrics(

@@ -194,6 +194,9 @@ def _from_data(
         applied.append((".".join(parts), text))
     if "name" not in merged and source is not None:
         merged["name"] = source.stem
+    payload = merged.get("payload")
+    if isinstance(payload, Mapping) and payload.get("kind") == "federated_analytics":
+        merged.setdefault("model", {"preset": "tiny"})  # FA: no model is trained
     try:
         scenario = _build(Scenario, merged, "")
         scenario = _resolve_files(scenario, source)
@@ -554,6 +557,23 @@ def _check_platform(p: PlatformSpec, path: str) -> None:
         )
 
 
+def _check_payload_kind(s: Scenario) -> None:
+    """Federated analytics: faults and settings of the right kind only."""
+    fa = s.payload.kind == "federated_analytics"
+    if fa and s.platform.faults.aggregation is not None:
+        raise _Problem(
+            "platform.faults.aggregation",
+            "applies to federated_learning rounds; use platform.faults.analytics",
+        )
+    if not fa and s.platform.faults.analytics is not None:
+        raise _Problem(
+            "platform.faults.analytics", "applies only to payload.kind 'federated_analytics'"
+        )
+    t = s.payload.tabular
+    if not t.rows_min <= t.rows_median <= t.rows_max:
+        raise _Problem("payload.tabular", "expected rows_min <= rows_median <= rows_max")
+
+
 def _faults_set(f: FaultsSpec) -> bool:
     return f != FaultsSpec()
 
@@ -676,6 +696,7 @@ def _check_scenario(s: Scenario) -> None:
                 "needs platform.round_timeout_s (and a quorum): a round missing an upload "
                 "never closes otherwise",
             )
+    _check_payload_kind(s)
     _check_chaos(s)
 
 

@@ -18,6 +18,9 @@ from typing import Any, Literal
 Mode = Literal["local", "remote"]
 Strategy = Literal["fedavg", "mean", "median", "trimmed_mean"]
 AggregationFault = Literal["unweighted", "drop_leaf", "double_count", "stale"]
+#: Federated analytics (docs/analytics.md): the payload kinds and the platform's FA faults.
+PayloadKind = Literal["federated_learning", "federated_analytics"]
+AnalyticsFault = Literal["mean_of_means", "drop_leaf", "nan_poisoned", "double_count"]
 BrokerProvider = Literal["auto", "external", "local", "testcontainers", "none"]
 Transport = Literal["amqp", "websocket"]
 Distribution = Literal["fixed", "uniform", "lognormal", "list"]
@@ -83,6 +86,9 @@ class FaultsSpec:
 
     aggregation: AggregationFault | None = _f(
         None, "deliberately wrong aggregation (the validator must fail the round)"
+    )
+    analytics: AnalyticsFault | None = _f(
+        None, "deliberately wrong analytics combining (federated_analytics payloads only)"
     )
     http: tuple[HttpFaultSpec, ...] = _f((), "HTTP fault rules (list of mappings)")
     notifications: NotificationFaultSpec = _f(NotificationFaultSpec, "notification faults")
@@ -211,12 +217,32 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TabularSpecFields:
+    """Synthetic tabular columns of each leaf (``payload.kind: federated_analytics``);
+    the scenario's ``seed`` seeds them (see ``bk_sim.synth.TabularSpec``)."""
+
+    columns: int = _f(20, "raw columns per site (kinds cycle float, float, int, bool)", ge=1)
+    rows_median: int = _f(2000, "median rows per site (log-normal row counts)", ge=1)
+    rows_sigma: float = _f(0.5, "sigma of the log-normal row counts", ge=0.0)
+    rows_min: int = _f(50, "fewest rows a site has", ge=1)
+    rows_max: int = _f(20000, "most rows a site has", ge=1)
+    shift: float = _f(1.0, "per-site mean shift, in units of the column's scale", ge=0.0)
+    nan_fraction: float = _f(0.05, "mean NaN fraction of float columns", ge=0.0, lt=0.5)
+    custom_fields: bool = _f(True, "also send custom save_fields entries (sum/min/max/must_match)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class PayloadSpec:
     """How uploads are written."""
 
     compression: Compression = _f(
         "fast", "`faithful` (numpy, zlib 6), `fast` (ISA-L level 1) or `stored`"
     )
+    kind: PayloadKind = _f(
+        "federated_learning",
+        "`federated_learning` (model weights) or `federated_analytics` (tabular statistics)",
+    )
+    tabular: TabularSpecFields = _f(TabularSpecFields, "analytics: the synthetic columns")
 
 
 @dataclass(frozen=True, kw_only=True)

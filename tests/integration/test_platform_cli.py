@@ -100,6 +100,7 @@ def test_create_branch_and_run_status(platform: PlatformHandle, tmp_path: Path) 
             "round_timeout_s": 5.0,
             "trim_fraction": 0.1,
             "model_config": {},
+            "field_ops": {},
         }
         assert read_queue(leaves[0], 1)[0]["body"] == {"run_status": "start"}
         result = runner.invoke(
