@@ -1,14 +1,19 @@
 """The published ``branchkey`` client as a leaf under test, side by side with ours.
 
 - ``prepare(requirement)`` builds (or reuses) an isolated, cached venv holding one
-  published release; ``list_envs()`` shows the cache.
+  published release; ``list_envs()`` shows the cache; ``clients`` is the click group for
+  ``bk-sim clients prepare|list``.
 - ``PublishedLeafProcess`` runs the leaf runner inside such an env and speaks its JSON
-  lines protocol; events come back as frozen dataclasses.
-- ``UNOBSERVABLE`` names what the harness cannot see from outside the package.
+  lines protocol; ``LeafSettings`` says how each client is built; events come back as
+  frozen dataclasses (``Reply``, ``HttpAttempt``, ``Notification``...).
+- ``OBSERVED`` / ``UNOBSERVABLE`` / ``unobservable()`` say what the harness sees of the
+  package from outside, and what it cannot, for results.json.
 
-bk_sim code never imports ``branchkey``: it runs only inside those envs.
+bk_sim never imports ``branchkey``: it runs only inside those envs, and the harness
+writes and reads every weights file with its own numpy.
 """
 
+from bk_sim.published._commands import clients
 from bk_sim.published._envs import (
     CACHE_ENV_VAR,
     PublishedEnv,
@@ -17,15 +22,67 @@ from bk_sim.published._envs import (
     prepare,
     transports_for,
 )
+from bk_sim.published._events import (
+    Bye,
+    ConsumerPhase,
+    ConsumerStopped,
+    Fatal,
+    HttpAttempt,
+    HttpRequest,
+    HttpRetry,
+    HttpRetryWait,
+    LogLine,
+    Notification,
+    NotificationBlocked,
+    NotificationDropped,
+    Printed,
+    Ready,
+    Reply,
+    RunnerEvent,
+    RunnerExited,
+    RunStatus,
+    Unknown,
+    parse_event,
+)
+from bk_sim.published._observability import OBSERVED, UNOBSERVABLE, Unobservable, unobservable
+from bk_sim.published._process import LeafSettings, PublishedLeafProcess, runner_script
 from bk_sim.published._requirement import BranchkeyRequirement, parse_requirement
 
 __all__ = [
     "CACHE_ENV_VAR",
+    "OBSERVED",
+    "UNOBSERVABLE",
     "BranchkeyRequirement",
+    "Bye",
+    "ConsumerPhase",
+    "ConsumerStopped",
+    "Fatal",
+    "HttpAttempt",
+    "HttpRequest",
+    "HttpRetry",
+    "HttpRetryWait",
+    "LeafSettings",
+    "LogLine",
+    "Notification",
+    "NotificationBlocked",
+    "NotificationDropped",
+    "Printed",
     "PublishedEnv",
+    "PublishedLeafProcess",
+    "Ready",
+    "Reply",
+    "RunStatus",
+    "RunnerEvent",
+    "RunnerExited",
+    "Unknown",
+    "Unobservable",
+    "clients",
     "default_cache_dir",
     "list_envs",
+    "parse_event",
     "parse_requirement",
     "prepare",
+    "runner_script",
     "transports_for",
+    "unobservable",
 ]

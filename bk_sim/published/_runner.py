@@ -607,7 +607,7 @@ class Runner:
         return {"file_id": str(file_id), "bytes": os.path.getsize(path)}
 
     def _wait_notification(self, leaf: _Leaf, command: dict[str, Any]) -> dict[str, Any]:
-        timeout = float(command.get("timeout_s", 60))
+        timeout = float(command.get("wait_s", 60))
         started = time.monotonic()
         _set_thread_attr("_bk_role", "taker")
         try:
