@@ -22,11 +22,15 @@ from bk_sim.broker import ManagementAPI
 from bk_sim.errors import PublishedClientError, ScenarioError
 from bk_sim.platform import PlatformHandle, start_platform
 from bk_sim.published import (
+    ConsumerStopped,
     HttpAttempt,
     HttpRequest,
     HttpRetryWait,
     LeafSettings,
     Notification,
+    NotificationBlocked,
+    NotificationDropped,
+    Printed,
     PublishedEnv,
     PublishedLeafProcess,
     Reply,
@@ -290,3 +294,84 @@ def test_an_unknown_release_is_a_one_line_error_and_leaves_nothing(
     assert "2.9.0" in message  # the releases pip saw are named
     assert list_envs(cache) == []
     assert not (cache / "branchkey_eq9.9.9").exists()
+
+
+def _two_rounds_unread(
+    runner: PublishedLeafProcess, branch: _Branch, settings: LeafSettings, tmp_path: Path
+) -> None:
+    """Round 1's notification stays unread in the one-slot queue while round 2 closes."""
+    assert runner.start_leaf("L0", branch.leaves[0], settings).ok
+    for number in (1, 2):
+        path = save_weights(tmp_path / f"r{number}.npz", 1.0, _models(number, 1)[0])
+        assert runner.upload("L0", path).ok
+        runner.wait_for(lambda _e, n=number: len(runner.events(Notification)) >= n, timeout_s=30)
+
+
+def test_2_9_0_amqp_replaces_an_unread_notification(
+    env_290: PublishedEnv, published_platform: PlatformHandle, tmp_path: Path
+) -> None:
+    settings = LeafSettings.for_broker(published_platform.url, AMQP_URL, transport="amqp")
+    with (
+        _branch(published_platform, 1) as branch,
+        PublishedLeafProcess(env_290, tmp_path / "runner") as runner,
+    ):
+        _two_rounds_unread(runner, branch, settings, tmp_path)
+        notes = [e for e in runner.events(Notification) if isinstance(e, Notification)]
+        first, second = notes[0].aggregation_id, notes[1].aggregation_id
+        dropped = runner.wait_for(lambda e: isinstance(e, NotificationDropped), timeout_s=10)
+        assert isinstance(dropped, NotificationDropped)
+        assert (dropped.aggregation_id, dropped.by) == (first, "client")
+        reply = runner.wait_notification("L0", timeout_s=5)
+        assert reply.ok and reply.result is not None
+        assert reply.result["aggregation_id"] == second  # the newest; round 1's is gone
+
+
+def test_3_0_1_websocket_blocks_on_an_unread_notification(
+    env_301: PublishedEnv, published_platform: PlatformHandle, tmp_path: Path
+) -> None:
+    settings = LeafSettings(host=published_platform.url, transport="websocket")
+    with (
+        _branch(published_platform, 1) as branch,
+        PublishedLeafProcess(env_301, tmp_path / "runner") as runner,
+    ):
+        _two_rounds_unread(runner, branch, settings, tmp_path)
+        notes = [e for e in runner.events(Notification) if isinstance(e, Notification)]
+        first, second = notes[0].aggregation_id, notes[1].aggregation_id
+        # The consumer's put waits while the slot is taken: the leaf reads round 1 first.
+        taken = runner.wait_notification("L0", timeout_s=5)
+        assert taken.ok and taken.result is not None and taken.result["aggregation_id"] == first
+        blocked = runner.wait_for(lambda e: isinstance(e, NotificationBlocked), timeout_s=10)
+        assert isinstance(blocked, NotificationBlocked) and blocked.aggregation_id == second
+        assert blocked.blocked_s > 0
+        taken = runner.wait_notification("L0", timeout_s=5)
+        assert taken.ok and taken.result is not None and taken.result["aggregation_id"] == second
+        assert not runner.events(NotificationDropped)
+
+
+def test_2_9_0_without_a_broker_builds_a_client_that_never_consumes(
+    env_290: PublishedEnv, published_platform: PlatformHandle, tmp_path: Path
+) -> None:
+    """The constructor blocks on the broker (pika: 3 connection attempts 3 s apart), and
+    when the package gives up it still returns a client, with no consumer at all."""
+    settings = LeafSettings(
+        host=published_platform.url,
+        transport="amqp",
+        rabbitmq_host="127.0.0.1",
+        rabbitmq_port=1,  # nothing listens there
+        rabbitmq_ssl=False,
+        reconnect_max_attempts=1,
+    )
+    with (
+        _branch(published_platform, 1) as branch,
+        PublishedLeafProcess(env_290, tmp_path / "runner") as runner,
+    ):
+        reply = runner.start_leaf("L0", branch.leaves[0], settings, timeout_s=60)
+        assert reply.ok, reply.error
+        assert reply.result is not None and reply.result["construct_s"] >= 5.0
+        stopped = runner.wait_for(lambda e: isinstance(e, ConsumerStopped), timeout_s=10)
+        assert isinstance(stopped, ConsumerStopped) and stopped.leaf == "L0"
+        printed = [e.text for e in runner.events(Printed) if isinstance(e, Printed)]
+        assert any("Failed to start RabbitMQ consumer" in text for text in printed), printed
+        status = runner.status("L0")
+        assert status.ok and status.result is not None
+        assert status.result["consumer_alive"] is False
