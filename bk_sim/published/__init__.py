@@ -6,6 +6,8 @@
 - ``PublishedLeafProcess`` runs the leaf runner inside such an env and speaks its JSON
   lines protocol; ``LeafSettings`` says how each client is built; events come back as
   frozen dataclasses (``Reply``, ``HttpAttempt``, ``Notification``...).
+- ``as_client_event`` maps runner events onto the kinds bk_sim's own client reports, so
+  one judge reads both.
 - ``OBSERVED`` / ``UNOBSERVABLE`` / ``unobservable()`` say what the harness sees of the
   package from outside, and what it cannot, for results.json.
 
@@ -47,6 +49,7 @@ from bk_sim.published._events import (
 from bk_sim.published._observability import OBSERVED, UNOBSERVABLE, Unobservable, unobservable
 from bk_sim.published._process import LeafSettings, PublishedLeafProcess, runner_script
 from bk_sim.published._requirement import BranchkeyRequirement, parse_requirement
+from bk_sim.published._vocabulary import as_client_event, endpoint_of
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -76,8 +79,10 @@ __all__ = [
     "RunnerExited",
     "Unknown",
     "Unobservable",
+    "as_client_event",
     "clients",
     "default_cache_dir",
+    "endpoint_of",
     "list_envs",
     "parse_event",
     "parse_requirement",

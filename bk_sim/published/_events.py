@@ -104,6 +104,7 @@ class HttpAttempt(RunnerEvent):
     url: str
     status: int | None = None
     error: str | None = None
+    attempt: int | None = None  # 1 for the first try of a call, 2 for its first retry...
 
 
 @dataclass(frozen=True)

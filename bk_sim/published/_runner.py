@@ -196,16 +196,21 @@ class _LogBridge(logging.Handler):
             scheme, host, port, method, path = (str(a) for a in args[:5])
             url = _redact(f"{scheme}://{host}:{port}{path}")
             status: int | str = int(str(args[6])) if str(args[6]).isdigit() else str(args[6])
+            attempt = None
             if isinstance(request, dict):
                 request["attempts"] += 1
-            _OUT.emit("http_attempt", leaf, method=method, url=url, status=status)
+                attempt = request["attempts"]
+            _OUT.emit("http_attempt", leaf, method=method, url=url, status=status, attempt=attempt)
             return True
         if msg.startswith("Retrying (") and len(args) >= 3:
+            attempt = None
             if isinstance(request, dict):
                 request["attempts"] += 1
+                attempt = request["attempts"]
             _OUT.emit(
                 "http_attempt",
                 leaf,
+                attempt=attempt,
                 method=request.get("method") if isinstance(request, dict) else None,
                 url=_redact(str(args[2])) if "://" in str(args[2]) else str(args[2]),
                 status=None,

@@ -229,7 +229,7 @@ def test_retries_and_their_waits_are_observed(
             for e in runner.events(HttpAttempt)
             if isinstance(e, HttpAttempt) and e.url.endswith("/file/upload")
         ]
-        assert [a.status for a in attempts] == [503, 503, 201]
+        assert [(a.status, a.attempt) for a in attempts] == [(503, 1), (503, 2), (201, 3)]
         [call] = [
             e
             for e in runner.events(HttpRequest)

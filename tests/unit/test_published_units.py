@@ -21,8 +21,10 @@ from bk_sim.published import (
     Ready,
     Reply,
     Unknown,
+    as_client_event,
     clients,
     default_cache_dir,
+    endpoint_of,
     list_envs,
     parse_event,
     parse_requirement,
@@ -301,3 +303,64 @@ def test_env_dataclass_round_trips_to_json(tmp_path: Path) -> None:
         "amqp",
         "websocket",
     ]
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def test_endpoints_use_the_client_route_names() -> None:
+    base = "http://127.0.0.1:1"
+    assert endpoint_of(f"{base}/api/v1/file/upload") == "upload"
+    assert endpoint_of(f"{base}/api/v1/file/download/abc") == "download_url"
+    assert endpoint_of(f"{base}/files/abc") == "download"
+    assert endpoint_of(f"{base}/api/v1/run/b") == "run"
+    assert endpoint_of(f"{base}/api/v1/ws/ticket") == "ws_ticket"
+    assert endpoint_of(None) is None
+
+
+def test_runner_events_map_onto_client_event_kinds() -> None:
+    def mapped(line: str) -> dict[str, object] | None:
+        return as_client_event(parse_event(line), leaf_id="leaf-1", transport="amqp", leaf=3)
+
+    attempt = mapped(
+        '{"event":"http_attempt","t":1,"leaf":"L0","method":"POST",'
+        '"url":"http://h:1/api/v1/file/upload","status":503,"attempt":1}'
+    )
+    assert attempt == {
+        "t": 1.0,
+        "leaf_id": "leaf-1",
+        "leaf": 3,
+        "kind": "http_request",
+        "transport": "http",
+        "method": "POST",
+        "endpoint": "upload",
+        "status": 503,
+        "attempt": 1,
+    }
+    wait = mapped('{"event":"http_retry_wait","t":1,"leaf":"L0","url":null,"seconds":0.0}')
+    assert wait is not None and wait["kind"] == "retry_wait" and wait["delay_s"] == 0.0
+    note = mapped('{"event":"notification","t":1,"leaf":"L0","aggregation_id":"a1"}')
+    assert note is not None and (note["kind"], note["value"]) == ("notification", "a1")
+    assert note["message_type"] == "aggregation_status" and note["transport"] == "amqp"
+    status = mapped('{"event":"run_status","t":1,"leaf":"L0","run_status":"stop"}')
+    assert status is not None and (status["message_type"], status["value"]) == (
+        "run_status",
+        "stop",
+    )
+    lost = mapped('{"event":"consumer","t":1,"leaf":"L0","phase":"connection_lost","message":"m"}')
+    assert lost is not None and lost["kind"] == "disconnect"
+    backoff = mapped(
+        '{"event":"consumer","t":1,"leaf":"L0","phase":"reconnect_wait","message":"m",'
+        '"attempt":2,"delay_s":4.0}'
+    )
+    assert backoff is not None and (backoff["kind"], backoff["attempt"], backoff["delay_s"]) == (
+        "reconnect_wait",
+        2,
+        4.0,
+    )
+    blocked = mapped(
+        '{"event":"notification_blocked","t":1,"leaf":"L0","aggregation_id":"a","blocked_s":2.5}'
+    )
+    assert blocked is not None and blocked["kind"] == "published_notification_blocked"
+    assert blocked["blocked_s"] == 2.5 and blocked["leaf"] == 3
+    assert mapped('{"event":"reply","t":1,"leaf":"L0","id":"c1","cmd":"x","ok":true}') is None
