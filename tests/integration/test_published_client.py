@@ -22,6 +22,7 @@ from bk_sim.broker import ManagementAPI
 from bk_sim.errors import PublishedClientError, ScenarioError
 from bk_sim.platform import PlatformHandle, start_platform
 from bk_sim.published import (
+    ConsumerPhase,
     ConsumerStopped,
     HttpAttempt,
     HttpRequest,
@@ -372,6 +373,83 @@ def test_2_9_0_without_a_broker_builds_a_client_that_never_consumes(
         assert isinstance(stopped, ConsumerStopped) and stopped.leaf == "L0"
         printed = [e.text for e in runner.events(Printed) if isinstance(e, Printed)]
         assert any("Failed to start RabbitMQ consumer" in text for text in printed), printed
+        status = runner.status("L0")
+        assert status.ok and status.result is not None
+        assert status.result["consumer_alive"] is False
+
+
+def test_2_9_0_amqp_reconnects_after_a_forced_close_and_is_observed(
+    env_290: PublishedEnv,
+    published_platform: PlatformHandle,
+    management: ManagementAPI,
+    tmp_path: Path,
+) -> None:
+    settings = LeafSettings.for_broker(published_platform.url, AMQP_URL, transport="amqp")
+    with (
+        _branch(published_platform, 1) as branch,
+        PublishedLeafProcess(env_290, tmp_path / "runner") as runner,
+    ):
+        leaf_id = branch.leaves[0]["id"]
+        assert runner.start_leaf("L0", branch.leaves[0], settings).ok
+
+        def phase(name: str, nth: int = 1) -> ConsumerPhase:
+            def seen(_e: object) -> bool:
+                found = [
+                    e
+                    for e in runner.events(ConsumerPhase)
+                    if isinstance(e, ConsumerPhase) and e.phase == name
+                ]
+                return len(found) >= nth
+
+            runner.wait_for(seen, timeout_s=30)
+            return [
+                e
+                for e in runner.events(ConsumerPhase)
+                if isinstance(e, ConsumerPhase) and e.phase == name
+            ][nth - 1]
+
+        phase("consuming")
+        management.close_user_connections(leaf_id)
+        lost = phase("connection_lost")
+        back = phase("reconnected")
+        again = phase("consuming", 2)
+        assert lost.t <= back.t <= again.t
+        print(f"\n2.9.0 AMQP forced close: consuming again after {again.t - lost.t:.3f} s")
+        assert runner.status("L0").result == {
+            "run_status": "start",
+            "run_number": 1,
+            "consumer_alive": True,
+            "queue_size": 0,
+        }
+        path = save_weights(tmp_path / "w.npz", 2.0, _models(3, 1)[0])
+        reply = runner.play_round("L0", path, notification_timeout_s=30)
+        assert reply.ok, f"{reply.stage}: {reply.error}"
+
+
+def test_2_9_0_amqp_consumer_stops_for_good_on_a_channel_error(
+    env_290: PublishedEnv,
+    published_platform: PlatformHandle,
+    management: ManagementAPI,
+    tmp_path: Path,
+) -> None:
+    """Its consumer reconnects on connection errors only: a channel error (here its queue
+    is deleted, and consuming again is answered 404) ends the consumer for good, and the
+    client lives on without one."""
+    settings = LeafSettings.for_broker(published_platform.url, AMQP_URL, transport="amqp")
+    with (
+        _branch(published_platform, 1) as branch,
+        PublishedLeafProcess(env_290, tmp_path / "runner") as runner,
+    ):
+        leaf = branch.leaves[0]
+        assert runner.start_leaf("L0", leaf, settings).ok
+        runner.wait_for(
+            lambda e: isinstance(e, ConsumerPhase) and e.phase == "consuming", timeout_s=30
+        )
+        management.delete_queue(leaf["tree_id"], leaf["id"])
+        stopped = runner.wait_for(lambda e: isinstance(e, ConsumerStopped), timeout_s=30)
+        assert isinstance(stopped, ConsumerStopped) and stopped.leaf == "L0"
+        phases = [e.phase for e in runner.events(ConsumerPhase) if isinstance(e, ConsumerPhase)]
+        assert "error" in phases and "reconnecting" not in phases, phases
         status = runner.status("L0")
         assert status.ok and status.result is not None
         assert status.result["consumer_alive"] is False
