@@ -208,15 +208,23 @@ def test_3_0_1_plays_a_round_over_websocket(
         _assert_observed(runner, replies, leaves=2)
 
 
+@pytest.fixture(params=["branchkey==2.9.0", "branchkey==3.0.1"])
+def any_env(request: pytest.FixtureRequest) -> PublishedEnv:
+    """Each release, for behaviour they share (both over WebSocket)."""
+    fixture = {"branchkey==2.9.0": "env_290", "branchkey==3.0.1": "env_301"}[request.param]
+    env: PublishedEnv = request.getfixturevalue(fixture)
+    return env
+
+
 def test_retries_and_their_waits_are_observed(
-    env_301: PublishedEnv, published_platform: PlatformHandle, tmp_path: Path
+    any_env: PublishedEnv, published_platform: PlatformHandle, tmp_path: Path
 ) -> None:
     """Two 503s on the upload: three attempts, and urllib3's real schedule (0 s, then
     2 s for backoff_factor 1.0), not the documented 1 s, 2 s."""
     settings = LeafSettings(host=published_platform.url, transport="websocket")
     with (
         _branch(published_platform, 1) as branch,
-        PublishedLeafProcess(env_301, tmp_path / "runner") as runner,
+        PublishedLeafProcess(any_env, tmp_path / "runner") as runner,
     ):
         assert runner.start_leaf("L0", branch.leaves[0], settings).ok
         published_platform.admin.set_faults(
@@ -327,13 +335,13 @@ def test_2_9_0_amqp_replaces_an_unread_notification(
         assert reply.result["aggregation_id"] == second  # the newest; round 1's is gone
 
 
-def test_3_0_1_websocket_blocks_on_an_unread_notification(
-    env_301: PublishedEnv, published_platform: PlatformHandle, tmp_path: Path
+def test_websocket_consumer_blocks_on_an_unread_notification(
+    any_env: PublishedEnv, published_platform: PlatformHandle, tmp_path: Path
 ) -> None:
     settings = LeafSettings(host=published_platform.url, transport="websocket")
     with (
         _branch(published_platform, 1) as branch,
-        PublishedLeafProcess(env_301, tmp_path / "runner") as runner,
+        PublishedLeafProcess(any_env, tmp_path / "runner") as runner,
     ):
         _two_rounds_unread(runner, branch, settings, tmp_path)
         notes = [e for e in runner.events(Notification) if isinstance(e, Notification)]
@@ -369,6 +377,7 @@ def test_2_9_0_without_a_broker_builds_a_client_that_never_consumes(
         reply = runner.start_leaf("L0", branch.leaves[0], settings, timeout_s=60)
         assert reply.ok, reply.error
         assert reply.result is not None and reply.result["construct_s"] >= 5.0
+        print(f"\n2.9.0 constructor without a broker: {reply.result['construct_s']:.1f} s")
         stopped = runner.wait_for(lambda e: isinstance(e, ConsumerStopped), timeout_s=10)
         assert isinstance(stopped, ConsumerStopped) and stopped.leaf == "L0"
         printed = [e.text for e in runner.events(Printed) if isinstance(e, Printed)]
