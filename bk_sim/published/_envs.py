@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -67,6 +68,7 @@ _UNREACHABLE = (
     "ConnectTimeoutError",
     "Network is unreachable",
 )
+_PROGRESS = ("Collecting", "Downloading", "Installing", "Successfully")
 _NOISE = ("is ignored: it is neither a file nor a directory",)
 
 
@@ -343,36 +345,39 @@ def _pip_install(python: Path, req: BranchkeyRequirement, say: Progress, timeout
         req.text,
     ]
     tail: deque[str] = deque(maxlen=400)
-    deadline = time.monotonic() + timeout_s
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
     )
-    assert proc.stdout is not None
-    try:
-        for raw in proc.stdout:
+    stdout = proc.stdout
+    assert stdout is not None
+
+    def relay() -> None:
+        """pip's lines as progress; in a thread so a silent, hung pip still times out."""
+        for raw in stdout:
             line = raw.rstrip()
             if not line or any(noise in line for noise in _NOISE):
                 continue
             tail.append(line)
-            if line.lstrip().startswith(
-                ("Collecting", "Downloading", "Installing", "Successfully")
-            ):
+            if line.lstrip().startswith(_PROGRESS):
                 say(f"{req}: pip: {line.strip()}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+    reader = threading.Thread(target=relay, name="pip-output", daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        timed_out = True
         proc.kill()
-        proc.wait()
-        code = -9
+        code = proc.wait()
     finally:
-        proc.stdout.close()
+        reader.join(timeout=10)
+        stdout.close()
+    if timed_out:
+        raise PublishedClientError(f"{req}: pip install did not finish within {timeout_s:.0f} s")
     if code == 0:
         return
     text = "\n".join(tail)
-    if time.monotonic() > deadline or code == -9:
-        raise PublishedClientError(f"{req}: pip install did not finish within {timeout_s:.0f} s")
     # pip says "No matching distribution" also when it reached no index: unreachable first
     for marker in _UNREACHABLE:
         if marker in text:

@@ -448,6 +448,7 @@ class Runner:
         if hasattr(self.bk, "RabbitMQConfig") and "rabbitmq_config" in params:
             self.transports.insert(0, "amqp")
         self.leaves: dict[str, _Leaf] = {}
+        self._leaves_lock = threading.Lock()
         self._download_lock = threading.Lock()
         if not self.has_output_dir:
             self.observation.unobserved.append(
@@ -485,17 +486,32 @@ class Runner:
         if not isinstance(leaf_key, str) or not leaf_key:
             _reply(command, ok=False, error="every command but shutdown needs a 'leaf'")
             return True
-        leaf = self.leaves.get(leaf_key)
-        if cmd == "start_leaf":
-            if leaf is not None:
-                _reply(command, ok=False, error=f"leaf {leaf_key!r} is already started")
+        with self._leaves_lock:
+            leaf = self.leaves.get(leaf_key)
+            if cmd == "start_leaf":
+                if leaf is not None:
+                    _reply(command, ok=False, error=f"leaf {leaf_key!r} is already started")
+                    return True
+                leaf = self._new_leaf(leaf_key)
+            elif leaf is None:
+                _reply(command, ok=False, error=f"leaf {leaf_key!r} is not started")
                 return True
-            leaf = self._new_leaf(leaf_key)
-        elif leaf is None:
-            _reply(command, ok=False, error=f"leaf {leaf_key!r} was not started")
-            return True
-        leaf.commands.put(command)
+            leaf.commands.put(command)
         return True
+
+    def _retire(self, leaf: _Leaf, why: str) -> None:
+        """Forget a leaf (stopped, or its client could not be built) so its key can be
+        started again; commands still queued for it are answered, not left hanging."""
+        with self._leaves_lock:
+            if self.leaves.get(leaf.key) is leaf:
+                del self.leaves[leaf.key]
+            while True:
+                try:
+                    pending = leaf.commands.get_nowait()
+                except queue.Empty:
+                    break
+                if pending is not None:
+                    _reply(pending, ok=False, error=f"leaf {leaf.key!r} {why}")
 
     def _new_leaf(self, key: str) -> _Leaf:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:80] or "leaf"
@@ -528,22 +544,27 @@ class Runner:
             if handler is None:
                 _reply(command, ok=False, error=f"unknown command {command.get('cmd')!r}")
                 continue
+            fields: dict[str, Any]
             try:
-                result = handler(leaf, command)
+                fields = {"ok": True, "result": handler(leaf, command)}
             except CommandError as exc:
-                _reply(command, ok=False, error=str(exc), duration_s=_since(started))
+                fields = {"ok": False, "error": str(exc)}
             except Exception as exc:  # noqa: BLE001 - the client raises bare Exception
-                _reply(
-                    command,
-                    ok=False,
-                    error=f"{exc}"[:2000],
-                    error_type=type(exc).__name__,
-                    duration_s=_since(started),
-                    stage=getattr(exc, "_bk_stage", None),
-                )
-            else:
-                _reply(command, ok=True, result=result, duration_s=_since(started))
-            if command.get("cmd") == "stop_leaf":
+                fields = {
+                    "ok": False,
+                    "error": f"{exc}"[:2000],
+                    "error_type": type(exc).__name__,
+                    "stage": getattr(exc, "_bk_stage", None),
+                }
+            fields["duration_s"] = _since(started)
+            # Retire before replying: the host may start the same key again at once.
+            done = command.get("cmd") == "stop_leaf" or (
+                command.get("cmd") == "start_leaf" and leaf.client is None
+            )
+            if done:
+                self._retire(leaf, "was stopped" if leaf.stopping else "could not be started")
+            _reply(command, **fields)
+            if done:
                 return
 
     # ------------------------------------------------------------------ commands
@@ -686,7 +707,9 @@ class Runner:
     def shutdown(self, command: dict[str, Any]) -> None:
         """Close every leaf (in parallel, bounded), reply, say ``bye``."""
         closers = []
-        for leaf in list(self.leaves.values()):
+        with self._leaves_lock:
+            current = list(self.leaves.values())
+        for leaf in current:
             if leaf.thread is not None and leaf.thread.is_alive():
                 leaf.commands.put({"cmd": "stop_leaf", "leaf": leaf.key, "id": None})
                 closers.append(leaf.thread)

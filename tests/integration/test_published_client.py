@@ -206,6 +206,10 @@ def test_3_0_1_plays_a_round_over_websocket(
         replies, models = _play_round(runner, branch, settings, tmp_path, weightings)
         _assert_aggregate(replies, weightings, models)
         _assert_observed(runner, replies, leaves=2)
+        # A stopped leaf can be started again in the same runner (a chaos restart).
+        stopped = runner.stop_leaf("L0")
+        assert stopped.ok and stopped.result == {"closed": True, "consumer_alive": False}
+        assert runner.start_leaf("L0", branch.leaves[0], settings).ok
 
 
 @pytest.fixture(params=["branchkey==2.9.0", "branchkey==3.0.1"])
@@ -263,6 +267,14 @@ def test_amqp_is_refused_on_3_x_naming_transport_and_release(
         assert not reply.ok
         assert reply.error is not None
         assert "'amqp'" in reply.error and "branchkey==3.0.1" in reply.error
+        # A leaf whose client could not be built can be started again (here: no platform).
+        retry = LeafSettings(
+            host="http://127.0.0.1:9", transport="websocket", retry={"max_retries": 0}
+        )
+        again = runner.start_leaf("L0", creds, retry)
+        assert not again.ok and again.error is not None
+        assert "Getting Run details failed" in again.error
+        assert "is not started" in (runner.status("L0").error or "")
 
 
 def test_a_lost_runner_is_an_error_not_a_hang(env_290: PublishedEnv, tmp_path: Path) -> None:
@@ -462,3 +474,12 @@ def test_2_9_0_amqp_consumer_stops_for_good_on_a_channel_error(
         status = runner.status("L0")
         assert status.ok and status.result is not None
         assert status.result["consumer_alive"] is False
+
+
+def test_a_hung_pip_times_out_and_leaves_nothing(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(PublishedClientError, match=r"did not finish within 0 s") as info:
+        prepare("branchkey==2.9.0", cache_dir=cache, timeout_s=0.01)
+    assert info.value.exit_code == 2
+    assert list_envs(cache) == []
+    assert not (cache / "branchkey_eq2.9.0").exists()
