@@ -180,13 +180,16 @@ class RunStatus(RunnerEvent):
 class ConsumerPhase(RunnerEvent):
     """A consumer log line classified: ``connected``, ``consuming``, ``connection_lost``,
     ``reconnecting``, ``reconnect_wait`` (with ``attempt``, ``delay_s``), ``reconnected``,
-    ``gave_up``, ``connect_error``, ``ticket``, ``message``, ``stopping``, ``error``."""
+    ``gave_up``, ``connect_error``, ``ticket``, ``message``, ``stopping``, ``error``.
+    ``inferred`` marks a ``connection_lost`` no line said: a consumer that was consuming
+    fetched a new ticket or failed to connect (a clean WebSocket close logs nothing)."""
 
     KIND: ClassVar[str] = "consumer"
     phase: str
     message: str
     attempt: int | None = None
     delay_s: float | None = None
+    inferred: bool = False  # no log line said so: deduced from the next phase
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,14 @@ UNOBSERVABLE: tuple[Unobservable, ...] = (
         ("websocket",),
     ),
     Unobservable(
+        "ws_clean_close",
+        "a clean WebSocket close (1000/1001) ends the package's receive loop without a log "
+        "line: the moment of the loss is not seen",
+        "a connection_lost marked inferred, emitted when the consumer next asks for a ticket "
+        "or fails to connect (right after the loss: the package retries at once)",
+        ("websocket",),
+    ),
+    Unobservable(
         "ws_frames",
         "WebSocket pings, pongs and close frames: websockets library internal",
         "the platform's WebSocket hub log",

@@ -142,6 +142,11 @@ _CONSUMER_PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+_DOWN_PHASES = frozenset(
+    {"connection_lost", "ticket", "connect_error", "reconnect_wait", "reconnecting", "gave_up"}
+)
+
+
 class _LogBridge(logging.Handler):
     """Turns log records into events: urllib3's per-attempt lines into ``http_attempt``,
     the package's consumer lines into ``consumer`` phases, the rest into ``log``."""
@@ -149,6 +154,7 @@ class _LogBridge(logging.Handler):
     def __init__(self, package_dir: str) -> None:
         super().__init__(level=logging.DEBUG)
         self._package_dir = package_dir
+        self._state: dict[str, str] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -184,8 +190,35 @@ class _LogBridge(logging.Handler):
                 fields: dict[str, Any] = {}
                 if phase == "reconnect_wait":
                     fields = {"attempt": int(match.group(1)), "delay_s": float(match.group(2))}
+                phase = self._track(leaf, phase, message)
                 _OUT.emit("consumer", leaf, phase=phase, message=message[:500], **fields)
                 break
+
+    def _track(self, leaf: str | None, phase: str, message: str) -> str:
+        """Follow each leaf's consumer up/down so one loss is one ``connection_lost``.
+
+        A second "lost" line for the same loss (the WebSocket consumer logs "Connection
+        closed" and then "Connection lost") becomes ``error``. A consumer that was
+        consuming and now fetches a ticket or fails to connect lost its connection with no
+        line at all (a clean WebSocket close ends the package's receive loop silently):
+        a ``connection_lost`` marked ``inferred`` is emitted first."""
+        key = leaf or ""
+        was = self._state.get(key)
+        if phase == "consuming":
+            self._state[key] = "up"
+        elif phase in _DOWN_PHASES:
+            self._state[key] = "down"
+            if phase == "connection_lost":
+                return "error" if was == "down" else phase
+            if was == "up":
+                _OUT.emit(
+                    "consumer",
+                    leaf,
+                    phase="connection_lost",
+                    message=f"inferred: '{message[:200]}' while consuming",
+                    inferred=True,
+                )
+        return phase
 
     def _urllib3(self, record: logging.LogRecord, leaf: str | None) -> bool:
         """True when the record was turned into an HTTP event."""

@@ -111,6 +111,7 @@ def as_client_event(
             attempt=event.attempt,
             delay_s=event.delay_s,
             error=event.message if event.phase != "consuming" else None,
+            inferred=True if event.inferred else None,
         )
     if isinstance(event, ConsumerStopped):
         return _drop_none(base, kind="consumer_stopped", transport=transport, error=event.reason)

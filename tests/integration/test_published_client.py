@@ -483,3 +483,49 @@ def test_a_hung_pip_times_out_and_leaves_nothing(tmp_path: Path) -> None:
     assert info.value.exit_code == 2
     assert list_envs(cache) == []
     assert not (cache / "branchkey_eq2.9.0").exists()
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["clean-close", "killed"])
+def test_websocket_reconnects_after_a_platform_restart_and_is_observed(
+    env_301: PublishedEnv, tmp_path: Path, kill: bool
+) -> None:
+    handle = start_platform(tmp_path / "platform", no_amqp=True)
+    try:
+        settings = LeafSettings(
+            host=handle.url, transport="websocket", reconnect_backoff_factor=1.0
+        )
+        with (
+            _branch(handle, 1) as branch,
+            PublishedLeafProcess(env_301, tmp_path / "runner") as runner,
+        ):
+            assert runner.start_leaf("L0", branch.leaves[0], settings).ok
+
+            def phases() -> list[ConsumerPhase]:
+                return [e for e in runner.events(ConsumerPhase) if isinstance(e, ConsumerPhase)]
+
+            runner.wait_for(lambda _e: any(p.phase == "consuming" for p in phases()), timeout_s=30)
+            handle.restart(kill=kill)
+            runner.wait_for(
+                lambda _e: sum(p.phase == "consuming" for p in phases()) >= 2, timeout_s=60
+            )
+            seen = [p.phase for p in phases()]
+            lost = seen.index("connection_lost")
+            assert "reconnect_wait" in seen[lost:] and "consuming" in seen[lost:], seen
+            # One loss, one connection_lost. A clean close (going away) ends the package's
+            # receive loop without a log line: the runner infers the loss from the next
+            # ticket request. A killed platform's reset is logged (twice: one is kept).
+            losses = [p.inferred for p in phases() if p.phase == "connection_lost"]
+            assert losses == [not kill], [(p.phase, p.message[:80]) for p in phases()]
+            waits = [p.delay_s for p in phases() if p.phase == "reconnect_wait"]
+            assert waits and all(w == 1.0 for w in waits)  # backoff_factor 1.0: 1 s each
+            down = next(p for p in phases() if p.phase == "connection_lost")
+            up = [p for p in phases() if p.phase == "consuming"][1]
+            how = "killed" if kill else "clean"
+            print(
+                f"\n3.0.1 WebSocket, {how} platform restart: consuming after {up.t - down.t:.2f} s"
+            )
+            path = save_weights(tmp_path / "w.npz", 1.0, _models(5, 1)[0])
+            reply = runner.play_round("L0", path, notification_timeout_s=30)
+            assert reply.ok, f"{reply.stage}: {reply.error}"
+    finally:
+        handle.stop()
