@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import io
@@ -342,6 +343,7 @@ class _Observation:
     def __init__(self, bk: Any, client_module: Any) -> None:
         self.observed: list[str] = []
         self.unobserved: list[dict[str, str]] = []
+        self.queue_patched = False
         package_dir = os.path.dirname(os.path.abspath(bk.__file__))
         self._install_thread_propagation()
         self._install_logging(package_dir)
@@ -424,15 +426,17 @@ class _Observation:
 
     def _install_queue(self, client_module: Any) -> None:
         base = getattr(client_module, "LifoQueue", None)
+        self.observed += ["notification", "notification_blocked", "notification_dropped"]
         if not isinstance(base, type):
+            self.queue_patched = False
             self._miss(
-                "notification",
-                "branchkey.client has no LifoQueue: queue wrapped after construction, so "
-                "notifications that arrive while the client is being built are unseen",
+                "notification_during_construction",
+                "branchkey.client has no LifoQueue: each client's queue is wrapped after "
+                "construction, so notifications that arrive while it is built are unseen",
             )
             return
         client_module.LifoQueue = _observed_queue_class(base)
-        self.observed += ["notification", "notification_blocked", "notification_dropped"]
+        self.queue_patched = True
 
     def _install_run_status(self, client_cls: Any) -> None:
         name = "_Client__update_run_status"
@@ -548,6 +552,8 @@ class Runner:
 
     def _new_leaf(self, key: str) -> _Leaf:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:80] or "leaf"
+        if safe != key:  # two keys must never share a folder ("a/b" and "a_b")
+            safe += "-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
         leaf = _Leaf(key=key, workdir=os.path.join(self.workdir, "leaves", safe))
         os.makedirs(leaf.workdir, exist_ok=True)
         thread = threading.Thread(target=self._leaf_loop, args=(leaf,), name=f"leaf-{safe}")
@@ -637,6 +643,9 @@ class Runner:
         credentials = bk.Credentials(**{k: str(creds[k]) for k in CREDENTIAL_FIELDS})
         started = time.monotonic()
         leaf.client = bk.Client(credentials, **kwargs)
+        held = getattr(leaf.client, "queue", None)
+        if not self.observation.queue_patched and isinstance(held, queue.Queue):
+            held.__class__ = _observed_queue_class(type(held))  # same layout: a subclass
         self._watch_consumer(leaf)
         return {
             "transport": transport,
