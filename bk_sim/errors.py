@@ -18,6 +18,7 @@
     ├── ScenarioError                a scenario file or override that is wrong
     ├── BrokerError                  no usable RabbitMQ where one was needed
     ├── ReportError                  a folder that is not a run folder (bk-sim report)
+    ├── PublishedClientError         a published branchkey client env or runner failed
     └── CheckFailed                  a validation check failed (exit code 1)
 
 Third-party exceptions (requests, pika, websockets, aiohttp) are translated at the edge
@@ -102,6 +103,11 @@ class BrokerError(BkSimError):
 
 class ReportError(BkSimError):
     """A report cannot be rendered: the folder is not a run folder, or its files are unreadable."""
+
+
+class PublishedClientError(BkSimError):
+    """A published ``branchkey`` requirement is malformed, not installable, or its leaf
+    runner failed; the message names the requirement and what went wrong."""
 
 
 class CheckFailed(BkSimError):
