@@ -9,13 +9,16 @@ process (what ``bk-sim platform serve`` does).
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._app import PlatformConfig, build_app
 from bk_sim.platform._handle import PlatformHandle, start_platform
+from bk_sim.platform._limits import Limits, limit_options
 from bk_sim.platform._serve import serve
 
 __all__ = [
     "AdminClient",
+    "Limits",
     "PlatformConfig",
     "PlatformHandle",
     "build_app",
+    "limit_options",
     "serve",
     "start_platform",
 ]

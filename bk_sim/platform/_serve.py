@@ -14,7 +14,8 @@ from aiohttp import web
 
 from bk_sim.errors import BkSimError, PlatformError
 from bk_sim.files import atomic_write
-from bk_sim.platform._app import ACCESS_LOGGER, PlatformConfig, build_app
+from bk_sim.platform._app import ACCESS_LOGGER, PLATFORM_KEY, PlatformConfig, build_app
+from bk_sim.platform._guard import GuardedSite
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,16 @@ async def _serve(
 ) -> None:
     app = build_app(config)
     runner = web.AppRunner(
-        app, access_log_class=ACCESS_LOGGER, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+        app,
+        access_log_class=ACCESS_LOGGER,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        keepalive_timeout=config.limits.keepalive_timeout_s,
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        guard = app[PLATFORM_KEY].guard  # header/body/keep-alive timeouts, connection cap
+        site = GuardedSite(runner, guard, host=host, port=port, reuse_address=True)
         await site.start()
         bound = runner.addresses[0]
         url = f"http://{host}:{bound[1]}"
