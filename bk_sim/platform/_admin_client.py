@@ -117,7 +117,7 @@ class AdminClient:
         out: list[dict[str, Any]] = []
         after: Any = 0
         while True:
-            page = self._call("GET", f"{path}?after={after}&limit=1000")
+            page = self._call("GET", f"{path}?after={after}")
             out.extend(page[key])
             after = page.get("next_after")
             if after is None:

@@ -204,6 +204,7 @@ class AmqpPublisher:
     def __init__(self, amqp_url: str) -> None:
         self._url = amqp_url
         self._workers: dict[str, _VhostWorker] = {}
+        self._deleted: set[str] = set()  # tree ids are never reused
         self._lock = threading.Lock()
         self.stopping = threading.Event()
 
@@ -252,6 +253,9 @@ class AmqpPublisher:
             if self.stopping.is_set():
                 fut.set_exception(PlatformError("the publisher is stopped"))
                 return fut
+            if vhost in self._deleted:
+                fut.set_exception(BrokerError(f"vhost {vhost} belongs to a deleted tree"))
+                return fut
             worker = self._workers.get(vhost)
             if worker is None:
                 worker = self._workers[vhost] = _VhostWorker(self, vhost)
@@ -262,6 +266,7 @@ class AmqpPublisher:
     def forget_vhost(self, vhost: str) -> None:
         """A tree is deleted: its queued and retrying publishes fail now, its thread ends."""
         with self._lock:
+            self._deleted.add(vhost)
             worker = self._workers.pop(vhost, None)
         if worker is not None:
             worker.cancel("the tree was deleted")

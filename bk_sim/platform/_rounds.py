@@ -395,6 +395,7 @@ class RoundManager:
                     raise
                 if branch_id in self._deleted:
                     target.unlink(missing_ok=True)
+                    log.info("branch %s deleted: round %d's aggregate discarded", branch_id, number)
                     return
                 self._store.add_file(aggregation_id, branch_id, "aggregate", size, None)
         except Exception as exc:  # any failure ends the round as "failed", never half-done
