@@ -141,7 +141,7 @@ def test_a_json_body_with_an_unknown_or_non_utf8_charset_is_415(
     platform: PlatformHandle, charset: str
 ) -> None:
     with make_branch(platform, 1) as b:
-        ctype = f"application/json; charset={charset}".encode("utf-8")
+        ctype = f"application/json; charset={charset}".encode()
         body = b'{"name": "x"}'
         for path, auth in (
             (b"/admin/v1/trees", f"Bearer {platform.admin_token}".encode()),
@@ -282,7 +282,7 @@ def _closed_within(sock: socket.socket, limit: float) -> float:
     try:
         while sock.recv(4096):
             pass
-    except (ConnectionResetError, TimeoutError, socket.timeout):
+    except (ConnectionResetError, TimeoutError):
         pass
     return time.monotonic() - start
 
