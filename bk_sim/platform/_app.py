@@ -665,9 +665,13 @@ class Platform:
         status = body.get("run_status")
         if status not in RUN_STATUSES:
             raise RequestRejected(400, f"run_status must be one of {', '.join(RUN_STATUSES)}")
+        previous = branch["run_status"]
         number = branch["run_number"] + (1 if status == "start" else 0)
         branch = self.store.update_branch(branch["id"], run_status=status, run_number=number)
-        if status == "start":
+        if status == "start" and previous == "stop":
+            # A stopped run's open round would wait for ever for uploads that are not
+            # coming (or arrive with another layout): a start after a stop abandons it.
+            # A start after a pause resumes the round.
             await self.rounds.run_started(branch["id"], number)
         await self.notify(branch, message("run_status", run_status=status))
         return _ok({"run_status": status, "run_number": number})
