@@ -32,7 +32,7 @@ from bk_sim.errors import BrokerError, PlatformError, WeightsFormatError
 from bk_sim.platform._aggregate import STRATEGIES
 from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault, is_finite
 from bk_sim.platform._guard import ConnectionGuard
-from bk_sim.platform._limits import BudgetExhausted, ByteBudget, Limits
+from bk_sim.platform._limits import UPLOAD_BUFFER_BYTES, BudgetExhausted, ByteBudget, Limits
 from bk_sim.platform._logsafe import install_log_filters
 from bk_sim.platform._notify import (
     WS_HEARTBEAT_S,
@@ -423,7 +423,9 @@ class Platform:
             status = branch["run_status"] if branch else "gone"
             raise RequestRejected(409, f"the run is not started (run_status is {status!r})")
         try:
-            held = await self.budget.acquire(request.content_length or limit + MULTIPART_SLACK)
+            held = await self.budget.acquire(
+                min(request.content_length or UPLOAD_BUFFER_BYTES, UPLOAD_BUFFER_BYTES)
+            )
         except BudgetExhausted as exc:
             raise busy(exc) from exc
         received: Received | None = None

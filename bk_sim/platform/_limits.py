@@ -36,9 +36,10 @@ class Limits:
     #: Open connections at most; at the cap a new one replaces the connection that has
     #: waited longest for its headers, or is closed when every connection is busy.
     max_connections: int = 4096
-    #: Request bodies in flight (declared sizes of uploads being received and JSON
-    #: bodies being read), across all connections.
-    max_inflight_bytes: int = 1024 * 2**20
+    #: Request-body bytes held in memory at once, across all connections: a JSON body
+    #: reserves its size (its declared size, else ``max_json_bytes``), an upload its
+    #: streaming buffer (``UPLOAD_BUFFER_BYTES``; the upload itself goes to disk).
+    max_inflight_bytes: int = 64 * 2**20
     #: How long a request waits for room under ``max_inflight_bytes`` before a 503.
     inflight_wait_s: float = 10.0
     #: Uploads validated at once (each streams with a bounded buffer).
@@ -112,7 +113,7 @@ _HELP = {
     "body_timeout_s": "Seconds a request body may stall before the connection is cut.",
     "keepalive_timeout_s": "Seconds an idle keep-alive connection stays open.",
     "max_connections": "Open connections at most (oldest header-pending one is evicted).",
-    "max_inflight_bytes": "Request-body bytes in flight across all connections (503 beyond).",
+    "max_inflight_bytes": "Request-body bytes held in memory across connections (503 beyond).",
     "inflight_wait_s": "Seconds a request waits for room under --max-inflight-bytes.",
     "validation_workers": "Uploads validated at once (each streams with a bounded buffer).",
     "max_metrics_per_leaf": "Metrics rows a leaf may store (429 beyond).",
@@ -121,6 +122,11 @@ _HELP = {
     "page_size": "Default page size of admin listings.",
     "max_page_size": "Largest page size of admin listings.",
 }
+
+
+#: What one upload streaming to disk holds in memory (read chunk, write block, aiohttp's
+#: buffer), and so reserves under ``max_inflight_bytes``.
+UPLOAD_BUFFER_BYTES = 1 * 2**20
 
 
 class ByteBudget:

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: How long a stop waits for requests in flight (an upload mid-body) before cutting them.
 SHUTDOWN_GRACE_S = 5.0
+#: Header lines a request may have (aiohttp's default is 128); bounds a connection's memory.
+MAX_HEADERS = 32
 
 
 def serve(
@@ -56,6 +58,7 @@ async def _serve(
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_GRACE_S,
         keepalive_timeout=config.limits.keepalive_timeout_s,
+        max_headers=MAX_HEADERS,  # with aiohttp's 8190-byte lines: <= 256 KiB per request head
     )
     await runner.setup()
     try:

@@ -27,7 +27,7 @@ from bk_sim.platform._rounds import RequestRejected
 MULTIPART_SLACK = 64 * 1024  # form field + multipart framing on top of the file
 MAX_FORM_FIELD = 32 * 1024
 READ_BYTES = 256 * 1024
-WRITE_BYTES = 1024 * 1024
+WRITE_BYTES = 512 * 1024
 
 Run = Callable[..., Awaitable[Any]]
 

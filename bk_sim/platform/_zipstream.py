@@ -35,7 +35,7 @@ CHUNK_BYTES = 4 * 2**20
 #: Compressed bytes read from disk at a time.
 READ_BYTES = 1 * 2**20
 #: More members than any model has layers; the central directory is parsed only below it.
-MAX_MEMBERS = 100_000
+MAX_MEMBERS = 10_000
 _MAX_NPY_HEADER = 65536
 _EOCD = b"PK\x05\x06"
 _LAYER_RE = re.compile(r"^layer_(0|[1-9][0-9]*)$")

@@ -1,0 +1,169 @@
+"""Measure the platform under the attacks of issue 16 (loopback only, bounded in time).
+
+    python benchmarks/platform_hardening.py bombs [--count 8] [--inflate 1900000000]
+    python benchmarks/platform_hardening.py slowloris [--connections 2000] [--seconds 60]
+
+``bombs``: a platform (no broker) with default limits; ``count`` leaves of a branch with
+``count + 1`` leaves (so the round stays open: this measures receiving and validating,
+not aggregating) upload at once a 1.8 MB archive that inflates to ``inflate`` bytes of
+valid zeros. The platform's RSS is sampled every 10 ms with psutil.
+
+``slowloris``: ``connections`` connections each send a request line and then one header
+line a second, never ending the headers, and reconnect when closed, for ``seconds``;
+meanwhile ``/healthz`` is fetched on a fresh connection every 250 ms. Reports each
+slowloris connection's lifetime (must not exceed the header timeout plus the watchdog's
+tick) and the health latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bk_sim.platform import Limits, start_platform  # noqa: E402
+from tests.integration._platform_attacks import RssSampler, address, bomb  # noqa: E402
+from tests.integration._platform_support import make_branch, post_upload  # noqa: E402
+
+MiB = 2**20
+
+
+def bombs(count: int, inflate: int) -> dict[str, object]:
+    data = bomb(inflate)
+    with tempfile.TemporaryDirectory() as tmp:
+        handle = start_platform(tmp, no_amqp=True)
+        try:
+            assert handle.pid is not None
+            with make_branch(handle, count + 1) as b:
+                with RssSampler(handle.pid, interval=0.01) as rss, ThreadPoolExecutor(count) as p:
+                    start = time.monotonic()
+                    codes = list(
+                        p.map(
+                            lambda i: post_upload(b.url, b.leaves[i], data, timeout=600),
+                            range(count),
+                        )
+                    )
+                    took = time.monotonic() - start
+        finally:
+            handle.stop()
+    return {
+        "bombs": count,
+        "archive_bytes": len(data),
+        "inflates_to_bytes": inflate,
+        "statuses": sorted({r.status_code for r in codes}),
+        "seconds": round(took, 1),
+        "rss_baseline_mib": round(rss.baseline / MiB, 1),
+        "rss_peak_mib": round(rss.peak / MiB, 1),
+        "rss_growth_mib": round((rss.peak - rss.baseline) / MiB, 1),
+    }
+
+
+async def _slowloris(host: str, port: int, until: float, lifetimes: list[float]) -> None:
+    while time.monotonic() < until:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        opened = time.monotonic()
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            await writer.drain()
+            while time.monotonic() < until:
+                try:
+                    if await asyncio.wait_for(reader.read(1024), 1.0) == b"":
+                        break  # closed by the server
+                except asyncio.TimeoutError:
+                    writer.write(b"X-Slow: 1\r\n")
+                    await writer.drain()
+            else:
+                return  # the run ended with this connection still open
+        except (ConnectionError, OSError):
+            pass
+        lifetimes.append(time.monotonic() - opened)
+        writer.close()
+
+
+async def _health(host: str, port: int, until: float, latencies: list[float]) -> None:
+    while time.monotonic() < until:
+        start = time.monotonic()
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            ok = answer.startswith(b"HTTP/1.1 200")
+        except (OSError, asyncio.TimeoutError):
+            ok = False
+        latencies.append(time.monotonic() - start if ok else float("inf"))
+        await asyncio.sleep(0.25)
+
+
+def slowloris(connections: int, seconds: float) -> dict[str, object]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, connections * 2 + 256)), hard))
+    limits = Limits()
+    with tempfile.TemporaryDirectory() as tmp:
+        handle = start_platform(tmp, no_amqp=True)
+        try:
+            assert handle.pid is not None
+            host, port = address(handle.url)
+            lifetimes: list[float] = []
+            latencies: list[float] = []
+
+            async def run() -> None:
+                until = time.monotonic() + seconds
+                await asyncio.gather(
+                    _health(host, port, until, latencies),
+                    *(_slowloris(host, port, until, lifetimes) for _ in range(connections)),
+                )
+
+            with RssSampler(handle.pid, interval=0.1) as rss:
+                asyncio.run(run())
+        finally:
+            handle.stop()
+    ok = [x for x in latencies if x != float("inf")]
+    return {
+        "connections": connections,
+        "seconds": seconds,
+        "header_timeout_s": limits.header_timeout_s,
+        "closed_by_server": len(lifetimes),
+        "lifetime_max_s": round(max(lifetimes), 2) if lifetimes else None,
+        "lifetime_median_s": round(statistics.median(lifetimes), 2) if lifetimes else None,
+        "health_requests": len(latencies),
+        "health_failed": len(latencies) - len(ok),
+        "health_p50_ms": round(statistics.median(ok) * 1000, 1) if ok else None,
+        "health_max_ms": round(max(ok) * 1000, 1) if ok else None,
+        "rss_peak_mib": round(rss.peak / MiB, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    b = sub.add_parser("bombs")
+    b.add_argument("--count", type=int, default=8)
+    b.add_argument("--inflate", type=int, default=1_900_000_000)
+    s = sub.add_parser("slowloris")
+    s.add_argument("--connections", type=int, default=2000)
+    s.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    if args.what == "bombs":
+        result = bombs(args.count, args.inflate)
+    else:
+        result = slowloris(args.connections, args.seconds)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
