@@ -164,6 +164,11 @@ class AdminClient:
     def stats(self) -> dict[str, dict[str, int]]:
         return dict(self._call("GET", "/admin/v1/stats")["requests"])
 
+    def limits_stats(self) -> dict[str, Any]:
+        """The connection guard's and the memory budget's counters."""
+        data = self._call("GET", "/admin/v1/stats")
+        return {"connections": data["connections"], "inflight_bytes": data["inflight_bytes"]}
+
     def reset_stats(self) -> None:
         self._call("DELETE", "/admin/v1/stats")
 

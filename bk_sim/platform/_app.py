@@ -726,7 +726,13 @@ class Platform:
         self._admin(request)
         if request.method == "DELETE":
             self.stats.clear()
-        return _ok({"requests": {k: dict(v) for k, v in self.stats.items()}})
+        return _ok(
+            {
+                "requests": {k: dict(v) for k, v in self.stats.items()},
+                "connections": self.guard.snapshot(),
+                "inflight_bytes": {"used": self.budget.used, "peak": self.budget.peak},
+            }
+        )
 
     async def admin_metrics(self, request: web.Request) -> web.Response:
         self._admin(request)

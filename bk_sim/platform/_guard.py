@@ -8,7 +8,9 @@ the guard when a request's headers are parsed and when it is answered. A watchdo
 closes:
 
 - a connection whose request headers are not complete ``header_timeout_s`` after its
-  first byte (or after it opened / its previous answer, when it sends nothing);
+  first byte (or after it opened / its previous answer, when it sends nothing); each
+  connection's deadline is drawn between 75 % and 100 % of it, so that slow connections
+  opened together are not all closed (and reopened) in the same instant;
 - a keep-alive connection idle for ``keepalive_timeout_s``;
 - a connection whose request body has not moved for ``body_timeout_s`` while the
   platform waits for it (not while the platform itself pauses reading).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +35,7 @@ from bk_sim.platform._limits import Limits
 
 log = logging.getLogger(__name__)
 
+_CLOSE_BATCH = 25
 _IDLE, _HEADERS, _BUSY = 0, 1, 2  # between requests (no byte yet) / reading headers / handling
 
 
@@ -47,6 +51,7 @@ class _Guarded(asyncio.Protocol):
         "last_data",
         "request",
         "fresh",
+        "spread",
     )
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
@@ -58,6 +63,9 @@ class _Guarded(asyncio.Protocol):
         self.last_data = self.since
         self.request: web.BaseRequest | None = None
         self.fresh = True  # no request yet on this connection
+        # Header deadlines fall between 75 % and 100 % of the timeout: thousands of slow
+        # connections opened together then do not all close (and reconnect) together.
+        self.spread = random.uniform(0.75, 1.0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -103,6 +111,7 @@ class ConnectionGuard:
         self.waiting: collections.OrderedDict[_Guarded, None] = collections.OrderedDict()
         self.by_transport: dict[Any, _Guarded] = {}
         self.counts: collections.Counter[str] = collections.Counter()
+        self.latest_close_s: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._task: asyncio.Task[None] | None = None
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
@@ -170,36 +179,55 @@ class ConnectionGuard:
 
     async def _watch(self) -> None:
         lim = self.limits
-        tick = max(0.05, min(1.0, lim.header_timeout_s / 4, lim.body_timeout_s / 4))
+        tick = max(0.05, min(0.25, lim.header_timeout_s / 4, lim.body_timeout_s / 4))
         while True:
             await asyncio.sleep(tick)
             try:
-                self.sweep(time.monotonic())
+                expired = self.sweep(time.monotonic())
+                # Close in batches, yielding in between: thousands of connections timing
+                # out together must not hold the loop (and /healthz) for long.
+                for start in range(0, len(expired), _CLOSE_BATCH):
+                    for conn, why in expired[start : start + _CLOSE_BATCH]:
+                        conn.close(why)
+                    await asyncio.sleep(0)
             except Exception:  # the watchdog must outlive any one bad connection
                 log.exception("connection watchdog sweep failed")
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float) -> list[tuple[_Guarded, str]]:
+        """The connections past a deadline (already forgotten), with the reason."""
         lim = self.limits
+        out: list[tuple[_Guarded, str]] = []
         for conn in list(self.waiting):
-            if conn.state == _HEADERS:
-                if now - conn.since > lim.header_timeout_s:
-                    self._forget(conn)
-                    conn.close("header_timeout")
-            elif conn.fresh:
-                if now - conn.since > lim.header_timeout_s:
-                    self._forget(conn)
-                    conn.close("header_timeout")
-            elif now - conn.since > lim.keepalive_timeout_s:
+            if conn.state == _HEADERS or conn.fresh:
+                limit, why = lim.header_timeout_s * conn.spread, "header_timeout"
+            else:
+                limit, why = lim.keepalive_timeout_s, "keepalive_timeout"
+            late = now - conn.since - limit
+            if late > 0:
+                self.latest_close_s[why] = max(self.latest_close_s[why], limit + late)
                 self._forget(conn)
-                conn.close("keepalive_timeout")
+                out.append((conn, why))
         for conn in list(self.conns):
             req = conn.request
             if conn.state != _BUSY or req is None or conn.transport is None:
                 continue
-            stalled = now - max(conn.last_data, conn.since) > lim.body_timeout_s
-            if stalled and not req.content.is_eof() and conn.transport.is_reading():
-                self._forget(conn)
-                conn.close("body_timeout")
+            idle = now - max(conn.last_data, conn.since)
+            if idle > lim.body_timeout_s and not req.content.is_eof():
+                if conn.transport.is_reading():
+                    why = "body_timeout"
+                    self.latest_close_s[why] = max(self.latest_close_s[why], idle)
+                    self._forget(conn)
+                    out.append((conn, why))
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Open connections, closes by reason, and the longest a closed one lived past its
+        last deadline's start (for ``GET /admin/v1/stats``)."""
+        return {
+            "open": len(self.conns),
+            "closed": dict(self.counts),
+            "longest_s": {k: round(v, 3) for k, v in self.latest_close_s.items()},
+        }
 
 
 class GuardedSite(web.TCPSite):

@@ -35,7 +35,7 @@ class Limits:
     keepalive_timeout_s: float = 15.0
     #: Open connections at most; at the cap a new one replaces the connection that has
     #: waited longest for its headers, or is closed when every connection is busy.
-    max_connections: int = 4096
+    max_connections: int = 2048
     #: Request-body bytes held in memory at once, across all connections: a JSON body
     #: reserves its size (its declared size, else ``max_json_bytes``), an upload its
     #: streaming buffer (``UPLOAD_BUFFER_BYTES``; the upload itself goes to disk).

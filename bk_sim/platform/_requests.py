@@ -50,19 +50,22 @@ def parse_json(text: str | bytes, what: str) -> Any:
 
 
 def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, without recursion."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    """Nesting depth of a parsed JSON value: iterative, memory proportional to the depth
+    (not to the number of values, which may be millions)."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    stack = [iter(value.values() if isinstance(value, dict) else value)]
+    deepest = 1
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        elif not isinstance(item, list):
-            continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_JSON_DEPTH:
-            return deepest
-        stack.extend((child, depth + 1) for child in item)
+        for child in stack[-1]:
+            if isinstance(child, (dict, list)):
+                stack.append(iter(child.values() if isinstance(child, dict) else child))
+                deepest = max(deepest, len(stack))
+                if deepest > MAX_JSON_DEPTH:
+                    return deepest
+                break
+        else:
+            stack.pop()
     return deepest
 
 

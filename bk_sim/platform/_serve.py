@@ -21,8 +21,11 @@ log = logging.getLogger(__name__)
 
 #: How long a stop waits for requests in flight (an upload mid-body) before cutting them.
 SHUTDOWN_GRACE_S = 5.0
-#: Header lines a request may have (aiohttp's default is 128); bounds a connection's memory.
+#: Header lines a request may have (aiohttp's default is 128) and the longest header name
+#: or value (aiohttp's: 8190): a request head holds at most 8 KiB (request line) + 32 x 2 x
+#: 4 KiB = 264 KiB, the bound docs/platform-hardening.md counts per connection.
 MAX_HEADERS = 32
+MAX_FIELD_SIZE = 4096
 
 
 def serve(
@@ -58,7 +61,8 @@ async def _serve(
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_GRACE_S,
         keepalive_timeout=config.limits.keepalive_timeout_s,
-        max_headers=MAX_HEADERS,  # with aiohttp's 8190-byte lines: <= 256 KiB per request head
+        max_headers=MAX_HEADERS,
+        max_field_size=MAX_FIELD_SIZE,
     )
     await runner.setup()
     try:
