@@ -248,10 +248,12 @@ class Platform:
         route = request.match_info.route
         name = getattr(route, "name", None)
         self.guard.request_started(request)
-        try:
-            return await self._answer(request, handler, name)
-        finally:
-            self.guard.request_finished(request)
+        task = asyncio.current_task()
+        if task is not None:
+            # aiohttp runs each request in its own task, which ends once the answer is
+            # written: only then is the connection idle (a long download is not).
+            task.add_done_callback(lambda _t: self.guard.request_finished(request))
+        return await self._answer(request, handler, name)
 
     async def _answer(
         self,

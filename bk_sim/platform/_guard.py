@@ -177,11 +177,15 @@ class ConnectionGuard:
             except asyncio.CancelledError:
                 pass
 
-    async def _watch(self) -> None:
+    @property
+    def tick(self) -> float:
+        """How often the watchdog looks."""
         lim = self.limits
-        tick = max(0.05, min(0.25, lim.header_timeout_s / 4, lim.body_timeout_s / 4))
+        return max(0.02, min(0.25, lim.header_timeout_s / 8, lim.body_timeout_s / 8))
+
+    async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(self.tick)
             try:
                 expired = self.sweep(time.monotonic())
                 # Close in batches, yielding in between: thousands of connections timing
@@ -199,7 +203,11 @@ class ConnectionGuard:
         out: list[tuple[_Guarded, str]] = []
         for conn in list(self.waiting):
             if conn.state == _HEADERS or conn.fresh:
-                limit, why = lim.header_timeout_s * conn.spread, "header_timeout"
+                # minus one tick: closed by the timeout, not up to a tick after it
+                limit = max(
+                    lim.header_timeout_s * conn.spread - self.tick, lim.header_timeout_s / 2
+                )
+                why = "header_timeout"
             else:
                 limit, why = lim.keepalive_timeout_s, "keepalive_timeout"
             late = now - conn.since - limit
