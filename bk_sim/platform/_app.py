@@ -153,6 +153,9 @@ class Platform:
         )
         self.leaves: dict[str, Leaf] = {leaf.id: leaf for leaf in self.store.leaves()}
         self.io_pool = ThreadPoolExecutor(4, thread_name_prefix="bk-sim-io")
+        # Upload bytes to disk on their own threads: a slow broker call (provisioning on
+        # io_pool) must not hold up every tenant's uploads.
+        self.disk_pool = ThreadPoolExecutor(4, thread_name_prefix="bk-sim-disk")
         self.validate_pool = ThreadPoolExecutor(
             config.limits.validation_workers, thread_name_prefix="bk-sim-validate"
         )
@@ -171,6 +174,9 @@ class Platform:
 
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    async def on_disk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.disk_pool, fn, *args)
 
     async def in_validator(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.validate_pool, fn, *args)
@@ -201,6 +207,7 @@ class Platform:
             self.provisioner.close()
         self.io_pool.shutdown(wait=True)
         self.validate_pool.shutdown(wait=True)
+        self.disk_pool.shutdown(wait=True)
         self.agg_pool.shutdown(wait=True)
         self.store.close()
 
@@ -433,7 +440,7 @@ class Platform:
         received: Received | None = None
         try:
             received = await receive_upload(
-                request, incoming=self.store.incoming_dir, limit=limit, run=self.in_thread
+                request, incoming=self.store.incoming_dir, limit=limit, run=self.on_disk
             )
             await self.budget.release(held)
             held = 0
