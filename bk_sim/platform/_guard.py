@@ -203,7 +203,7 @@ class ConnectionGuard:
         out: list[tuple[_Guarded, str]] = []
         for conn in list(self.waiting):
             if conn.state == _HEADERS or conn.fresh:
-                # minus one tick: closed by the timeout, not up to a tick after it
+                # minus two ticks: closed by the timeout even when a sweep runs late
                 limit = max(
                     lim.header_timeout_s * conn.spread - self.tick, lim.header_timeout_s / 2
                 )

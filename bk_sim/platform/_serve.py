@@ -68,7 +68,11 @@ async def _serve(
     await runner.setup()
     try:
         guard = app[PLATFORM_KEY].guard  # header/body/keep-alive timeouts, connection cap
-        site = GuardedSite(runner, guard, host=host, port=port, reuse_address=True)
+        # A deep accept queue: a burst of reconnects (thousands of slow connections closed
+        # by their timeout) must not overflow it, or a client's SYN is dropped and retried
+        # a second later.
+        backlog = min(4096, config.limits.max_connections)
+        site = GuardedSite(runner, guard, host=host, port=port, reuse_address=True, backlog=backlog)
         await site.start()
         # What startup created (modules, numpy, the app) lives for ever: out of the
         # collector's full passes, which otherwise stall the loop for tens of ms with
