@@ -205,7 +205,7 @@ class ConnectionGuard:
             if conn.state == _HEADERS or conn.fresh:
                 # minus two ticks: closed by the timeout even when a sweep runs late
                 limit = max(
-                    lim.header_timeout_s * conn.spread - self.tick, lim.header_timeout_s / 2
+                    lim.header_timeout_s * conn.spread - 2 * self.tick, lim.header_timeout_s / 2
                 )
                 why = "header_timeout"
             else:
