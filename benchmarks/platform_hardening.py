@@ -1,6 +1,7 @@
 """Measure the platform under the attacks of issue 16 (loopback only, bounded in time).
 
     python benchmarks/platform_hardening.py bombs [--count 8] [--inflate 1900000000]
+    python benchmarks/platform_hardening.py bombs --count 8 --stored-mib 64
     python benchmarks/platform_hardening.py slowloris [--connections 2000] [--seconds 60]
 
 ``bombs``: a platform (no broker) with default limits; ``count`` leaves of a branch with
@@ -33,15 +34,24 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+
 from bk_sim.platform import Limits, start_platform  # noqa: E402
+from bk_sim.weights import encode_weights  # noqa: E402
 from tests.integration._platform_attacks import RssSampler, address, bomb  # noqa: E402
 from tests.integration._platform_support import make_branch, post_upload  # noqa: E402
 
 MiB = 2**20
 
 
-def bombs(count: int, inflate: int) -> dict[str, object]:
-    data = bomb(inflate)
+def bombs(count: int, inflate: int, stored_mib: int = 0) -> dict[str, object]:
+    """``stored_mib``: upload that many MiB of random float32 (stored, incompressible)
+    instead of a bomb: request bodies that are large on the wire."""
+    if stored_mib:
+        values = np.random.default_rng(0).random(stored_mib * MiB // 4, dtype=np.float32)
+        data = encode_weights(1.0, [values], compression="stored")
+    else:
+        data = bomb(inflate)
     with tempfile.TemporaryDirectory() as tmp:
         handle = start_platform(tmp, no_amqp=True)
         try:
@@ -61,7 +71,7 @@ def bombs(count: int, inflate: int) -> dict[str, object]:
     return {
         "bombs": count,
         "archive_bytes": len(data),
-        "inflates_to_bytes": inflate,
+        "inflates_to_bytes": inflate if not stored_mib else len(data),
         "statuses": sorted({r.status_code for r in codes}),
         "seconds": round(took, 1),
         "rss_baseline_mib": round(rss.baseline / MiB, 1),
@@ -175,12 +185,13 @@ def main() -> None:
     b = sub.add_parser("bombs")
     b.add_argument("--count", type=int, default=8)
     b.add_argument("--inflate", type=int, default=1_900_000_000)
+    b.add_argument("--stored-mib", type=int, default=0, help="random float32 uploads instead")
     s = sub.add_parser("slowloris")
     s.add_argument("--connections", type=int, default=2000)
     s.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()
     if args.what == "bombs":
-        result = bombs(args.count, args.inflate)
+        result = bombs(args.count, args.inflate, args.stored_mib)
     else:
         result = slowloris(args.connections, args.seconds)
     print(json.dumps(result, indent=2))
