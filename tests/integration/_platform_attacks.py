@@ -60,7 +60,10 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
-def _member(name: str, chunks: list[bytes] | None, zero_bytes: int, tail: bytes) -> tuple:  # type: ignore[type-arg]
+_Member = tuple[bytes, bytes, int, int]  # name, deflated data, CRC-32, size
+
+
+def _member(name: str, chunks: list[bytes] | None, zero_bytes: int, tail: bytes) -> _Member:
     """A deflated member: ``chunks`` then ``zero_bytes`` zeros then ``tail``."""
     comp = zlib.compressobj(9, zlib.DEFLATED, -15)
     crc, size = 0, 0
@@ -99,7 +102,7 @@ def bomb(decompressed: int, *, dtype: str = "<f4", nan_at_end: bool = False) -> 
     return _zip(members)
 
 
-def _zip(members: list[tuple]) -> bytes:  # type: ignore[type-arg]
+def _zip(members: list[_Member]) -> bytes:
     out = io.BytesIO()
     central = []
     for name, data, crc, size in members:

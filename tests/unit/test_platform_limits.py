@@ -23,14 +23,14 @@ from bk_sim.platform._zipstream import validate_stored
 from bk_sim.weights import encode_weights, validate_weights
 from tests.integration._platform_attacks import bomb, set_flag, set_method
 
-BASE = {
+BASE: dict[str, Any] = {
     "strategy": "fedavg",
     "quorum": None,
     "round_timeout_s": None,
     "trim_fraction": 0.1,
     "model_config": {},
 }
-LAYERS = [
+LAYERS: list[np.ndarray] = [
     np.arange(12, dtype=np.float32).reshape(3, 4),
     np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
     np.array([True, False]),
@@ -167,7 +167,7 @@ def test_expired_tickets_are_pruned_as_new_ones_are_issued(
     from bk_sim.platform import _notify
 
     now = [1000.0]
-    monkeypatch.setattr(_notify.time, "time", lambda: now[0])
+    monkeypatch.setattr("bk_sim.platform._notify.time.time", lambda: now[0])
     hub = WsHub()
     for n in range(50):
         hub.issue_ticket("leaf", f"old{n}", "r")
