@@ -3,7 +3,9 @@
 ``start_platform(data_dir)`` runs it as a child process on a free port and returns a
 ``PlatformHandle`` (``url``, ``admin_token``, ``admin``, ``stop()``, ``restart()``);
 ``AdminClient`` talks to its admin API; ``PlatformConfig`` + ``serve`` run it in this
-process (what ``bk-sim platform serve`` does).
+process (what ``bk-sim platform serve`` does). ``Limits`` holds its time, connection,
+memory and quota bounds (``limit_options`` adds them to a click command as serve flags);
+docs/platform-hardening.md explains each.
 """
 
 from bk_sim.platform._admin_client import AdminClient

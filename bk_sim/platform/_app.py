@@ -104,6 +104,13 @@ def _error(status: int, text: str, headers: dict[str, str] | None = None) -> web
     return web.json_response({"error": text}, status=status, headers=headers)
 
 
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, read under the platform's memory budget (for handlers
+    that are not ``Platform`` methods; methods use ``self._json``)."""
+    platform = request.app[PLATFORM_KEY]
+    return await json_body(request, platform.budget, platform.config.limits.max_json_bytes)
+
+
 def _validate_and_keep(received: Received, target: Path, max_decompressed: int) -> WeightsInfo:
     """Runs in a validation thread: stream-validate the stored upload, then move it in."""
     try:
