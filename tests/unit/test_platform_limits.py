@@ -243,3 +243,14 @@ def test_a_failing_vhost_never_delays_another_and_deleting_it_ends_its_retries()
 
 def _vhost_of(publisher: AmqpPublisher) -> str:
     return next(v for v in publisher._workers if v.startswith("no-such-vhost-"))
+
+
+def test_a_store_from_before_closed_by_gains_the_column(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store._db.execute("ALTER TABLE rounds DROP COLUMN closed_by")
+    store.close()
+    store = Store(tmp_path)
+    branch = store.create_branch(store.create_tree("t")["id"], "b", dict(BASE))
+    row = store.open_round(branch, [[[2]], ["<f8"]])
+    assert row["closed_by"] is None
+    store.close()
