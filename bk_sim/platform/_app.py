@@ -292,7 +292,8 @@ class Platform:
         except Exception as exc:
             if _client_gone(request, exc):
                 log.info("client hung up during %s %s: %r", request.method, request.path, exc)
-                self.stats[name or "?"]["disconnected"] += 1
+                if name in LEAF_ENDPOINTS:
+                    self.stats[name]["disconnected"] += 1
                 return _error(499, "client closed the connection")
             log.exception("unexpected error in %s %s", request.method, request.path)
             response = _error(500, "internal platform error (see the platform log)")
