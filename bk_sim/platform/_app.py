@@ -266,8 +266,20 @@ class Platform:
         if task is not None:
             # aiohttp runs each request in its own task, which ends once the answer is
             # written: only then is the connection idle (a long download is not).
-            task.add_done_callback(lambda _t: self.guard.request_finished(request))
+            task.add_done_callback(lambda _t: self._request_done(request))
         return await self._answer(request, handler, name)
+
+    def _request_done(self, request: web.Request) -> None:
+        """After the answer was written (or not): the connection is idle, and a counted
+        upload whose 201 reached the socket is acknowledged."""
+        self.guard.request_finished(request)
+        file_id = request.get("counted_upload")
+        transport = request.transport
+        if file_id is not None and transport is not None and not transport.is_closing():
+            try:
+                self.store.mark_acked(file_id)
+            except Exception:  # the store is closing (shutdown): the retry rule copes
+                log.debug("could not mark upload %s acknowledged", file_id, exc_info=True)
 
     async def _answer(
         self,
@@ -484,6 +496,8 @@ class Platform:
             raise
         if not is_new:
             target.unlink(missing_ok=True)
+        else:
+            request["counted_upload"] = kept_id
         return _ok({"file_id": kept_id}, status=201)
 
     async def download(self, request: web.Request) -> web.Response:

@@ -15,8 +15,11 @@ A round never stalls: a leaf may replace its own upload while the round is open 
 one that fixed the round's layout, as long as no other leaf's upload holds it), and a
 ``start`` of a new run abandons the previous run's open round with its reason recorded.
 Retries (PROTOCOL.md section 7): an upload whose digest equals the leaf's stored upload in
-the same round is that upload; across rounds, only a repeat of the upload that completed
-the previous round (whose answer may have been lost) is.
+the same round is that upload. Across a round boundary a resend is a retry only when it
+repeats the upload that completed the previous round, or an upload whose answer never
+reached the leaf (the platform records when a 201 was written; one dropped by a fault or
+a hang-up was not): an upload the leaf was told about and sends again after the round
+closed is its upload for the next round.
 """
 
 from __future__ import annotations
@@ -265,9 +268,9 @@ class RoundManager:
         """The stored upload this one repeats, if PROTOCOL.md section 7 makes it a retry.
 
         In the open round: the leaf's own upload with the same digest. Across a round
-        boundary only the upload that completed the round (closed at most
-        ``RETRY_WINDOW_S`` ago), whose answer was lost, so that its resend does not open
-        the next round; and only while the leaf has not uploaded to the next round.
+        boundary (closed at most ``RETRY_WINDOW_S`` ago, and only while the leaf has not
+        uploaded to the next round): the upload that completed the round, or the leaf's
+        upload whose answer was never written to it.
         """
         if latest is None:
             return None
@@ -284,12 +287,12 @@ class RoundManager:
             return None
         if not _within_retry_window(previous):
             return None
-        completing = self._store.upload_row(previous["closed_by"])
-        if completing is None or completing["leaf_id"] != leaf_id:
+        hit = self._store.find_upload(branch_id, previous["round"], leaf_id, digest)
+        if hit is None:
             return None
-        if completing["digest"] != digest or not completing["active"]:
-            return None
-        return completing
+        if hit["file_id"] == previous["closed_by"] or not hit["acked"]:
+            return hit
+        return None
 
     # -- closing
     def _quorum(self, branch: dict[str, Any], leaves: int) -> int:

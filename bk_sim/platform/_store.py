@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     file_id TEXT PRIMARY KEY REFERENCES files(id), branch_id TEXT NOT NULL,
     round INTEGER NOT NULL, leaf_id TEXT NOT NULL, digest TEXT NOT NULL,
     weighting REAL NOT NULL, received_at TEXT NOT NULL, size INTEGER NOT NULL,
-    active INTEGER NOT NULL DEFAULT 1, seq INTEGER NOT NULL
+    active INTEGER NOT NULL DEFAULT 1, seq INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS uploads_round ON uploads (branch_id, round, active);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -124,6 +125,9 @@ class Store:
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)")}
             if "closed_by" not in columns:  # a store written before the column existed
                 self._db.execute("ALTER TABLE rounds ADD COLUMN closed_by TEXT")
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(uploads)")}
+            if "acked" not in columns:
+                self._db.execute("ALTER TABLE uploads ADD COLUMN acked INTEGER NOT NULL DEFAULT 1")
         except (OSError, sqlite3.Error) as exc:
             raise PlatformError(
                 f"cannot open the platform store in {self.data_dir}: {exc}"
@@ -498,7 +502,7 @@ class Store:
             )
             self._db.execute(
                 "INSERT INTO uploads (file_id, branch_id, round, leaf_id, digest, weighting, "
-                "received_at, size, active, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                "received_at, size, active, seq, acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, 0)",
                 (
                     file_id,
                     branch_id,
@@ -523,6 +527,11 @@ class Store:
             leaf_id,
         )
         return row is None
+
+    def mark_acked(self, file_id: str) -> None:
+        """The upload's 201 was written to the leaf: a resend of it is no longer a retry
+        once its round has closed (unless it completed the round)."""
+        self._db.execute("UPDATE uploads SET acked = 1 WHERE file_id = ?", (file_id,))
 
     def upload_row(self, file_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM uploads WHERE file_id = ?", file_id)

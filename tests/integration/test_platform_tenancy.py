@@ -120,6 +120,34 @@ def test_only_a_repeat_of_the_completing_upload_is_a_retry_across_rounds(
         assert rec2_closing == resent.json()["data"]["file_id"]
 
 
+@pytest.mark.parametrize("next_round_open", [False, True])
+def test_a_resend_whose_answer_was_lost_stays_a_retry_after_the_round_closed(
+    platform: PlatformHandle, next_round_open: bool
+) -> None:
+    """The other side of the rule: leaf 0's answer was dropped (the platform knows it
+    never wrote it), the round closed meanwhile; leaf 0's retry is that upload, not its
+    upload for the next round (which would close that round with stale weights)."""
+    rng = np.random.default_rng(6)
+    with make_branch(platform, 2) as b:
+        b.admin.set_faults(
+            b.branch_id, {"http": [{"endpoint": "upload", "drop_response": True, "count": 1}]}
+        )
+        u0 = encode_weights(1.0, [rng.random(4)])
+        with pytest.raises(requests.ConnectionError):
+            post_upload(b.url, b.leaves[0], u0)
+        b.upload_ok(1, 1.0, [rng.random(4)])
+        first = b.wait(1)
+        counted = next(u for u in first["uploads"] if u["leaf_id"] == b.leaves[0]["id"])
+        if next_round_open:
+            b.upload_ok(1, 1.0, [rng.random(4)])
+        retry = post_upload(b.url, b.leaves[0], u0)
+        assert retry.status_code == 201 and retry.json()["data"]["file_id"] == counted["file_id"]
+        rounds = b.admin.rounds(b.branch_id)
+        assert len(rounds) == (2 if next_round_open else 1)
+        if next_round_open:
+            assert [u["leaf_id"] for u in rounds[1]["uploads"]] == [b.leaves[1]["id"]]
+
+
 def test_deleting_a_tree_never_delays_another_trees_notifications(
     platform: PlatformHandle,
 ) -> None:
