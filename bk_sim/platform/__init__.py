@@ -3,19 +3,24 @@
 ``start_platform(data_dir)`` runs it as a child process on a free port and returns a
 ``PlatformHandle`` (``url``, ``admin_token``, ``admin``, ``stop()``, ``restart()``);
 ``AdminClient`` talks to its admin API; ``PlatformConfig`` + ``serve`` run it in this
-process (what ``bk-sim platform serve`` does).
+process (what ``bk-sim platform serve`` does). ``Limits`` holds its time, connection,
+memory and quota bounds (``limit_options`` adds them to a click command as serve flags);
+docs/platform-hardening.md explains each.
 """
 
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._app import PlatformConfig, build_app
 from bk_sim.platform._handle import PlatformHandle, start_platform
+from bk_sim.platform._limits import Limits, limit_options
 from bk_sim.platform._serve import serve
 
 __all__ = [
     "AdminClient",
+    "Limits",
     "PlatformConfig",
     "PlatformHandle",
     "build_app",
+    "limit_options",
     "serve",
     "start_platform",
 ]

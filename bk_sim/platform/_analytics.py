@@ -130,10 +130,10 @@ def metadata_kind(form: Any) -> str | None:
     return str(kind)
 
 
-def _archive_kind(data: bytes) -> str:
+def _archive_kind(data: bytes | Path) -> str:
     """The kind an archive declares under ``__bk_payload_kind__`` (none: FL)."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as zf:
             try:
                 info = zf.getinfo(_KIND_MEMBER)
             except KeyError:
@@ -144,6 +144,8 @@ def _archive_kind(data: bytes) -> str:
                 arr = np.lib.format.read_array(member, allow_pickle=False)
     except AnalyticsRefusal:
         raise
+    except (RuntimeError, NotImplementedError) as exc:  # encrypted or unknown compression
+        raise AnalyticsRefusal("invalid_archive", f"{PAYLOAD_KIND_KEY}: {exc}") from exc
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         # Not our problem to word: the regular validation says what is wrong with it.
         if isinstance(exc, zipfile.BadZipFile):
@@ -161,7 +163,7 @@ def _archive_kind(data: bytes) -> str:
     return kind
 
 
-def upload_kind(data: bytes, declared: str | None) -> str:
+def upload_kind(data: bytes | Path, declared: str | None) -> str:
     """The upload's kind; archive and metadata disagreeing is ``kind_mismatch``."""
     kind = _archive_kind(data)
     if declared is not None and declared != kind:
@@ -206,13 +208,15 @@ def read_fields(source: bytes | Path, max_decompressed_bytes: int | None) -> dic
         raise AnalyticsRefusal("invalid_archive", f"cannot load without pickle: {exc}") from exc
     except (OSError, EOFError, MemoryError) as exc:
         raise AnalyticsRefusal("invalid_archive", f"truncated or corrupt archive: {exc}") from exc
+    except (RuntimeError, NotImplementedError) as exc:  # encrypted or unknown compression
+        raise AnalyticsRefusal("invalid_archive", f"unreadable member: {exc}") from exc
 
 
 def _native(dtype: np.dtype[Any]) -> str:
     return dtype.newbyteorder("=").str
 
 
-def validate_fields(data: bytes, max_decompressed_bytes: int | None) -> FieldsInfo:
+def validate_fields(data: bytes | Path, max_decompressed_bytes: int | None) -> FieldsInfo:
     """Check an FA archive on its own (the archive checks of the contract)."""
     arrays = read_fields(data, max_decompressed_bytes)
     w = arrays.get(WEIGHTING_KEY)

@@ -23,6 +23,7 @@ from bk_sim.platform._app import (
     DEFAULT_MAX_UPLOAD_BYTES,
     PlatformConfig,
 )
+from bk_sim.platform._limits import Limits, limit_options
 
 _ADMIN_TOKEN = click.option(
     "--admin-token",
@@ -122,6 +123,7 @@ def platform() -> None:
     show_envvar=True,
     help="Largest decompressed size of an upload (zip-bomb guard).",
 )
+@limit_options
 @click.option(
     "--ready-file",
     envvar="BK_SIM_READY_FILE",
@@ -149,6 +151,7 @@ def serve_cmd(
     max_decompressed_bytes: int,
     ready_file: Path | None,
     exit_on_stdin_eof: bool,
+    limits: Limits,
 ) -> None:
     """Serve the leaf API, the admin API and the WebSocket endpoint until Ctrl-C."""
     from bk_sim.platform._serve import serve
@@ -163,6 +166,7 @@ def serve_cmd(
         public_url=public_url,
         max_upload_bytes=max_upload_bytes,
         max_decompressed_bytes=max_decompressed_bytes,
+        limits=limits,
     )
     serve(config, host=host, port=port, ready_file=ready_file, exit_on_stdin_eof=exit_on_stdin_eof)
 

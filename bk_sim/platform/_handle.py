@@ -22,6 +22,7 @@ from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import PlatformError
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._app import DEFAULT_AMQP_URL
+from bk_sim.platform._limits import Limits
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -167,10 +168,12 @@ def start_platform(
     public_url: str | None = None,
     max_upload_bytes: int | None = None,
     max_decompressed_bytes: int | None = None,
+    limits: Limits | None = None,
     startup_timeout: float = STARTUP_TIMEOUT_S,
 ) -> PlatformHandle:
     """Start ``bk-sim platform serve`` in a child process; returns once it serves.
 
+    ``limits``: timeouts, connection cap, bytes in flight, quotas (``Limits``).
     ``port=0`` picks a free port (see ``handle.url``); the log is
     ``<data_dir>/platform.log``. Raises ``PlatformError`` with the log's tail if it fails.
     """
@@ -190,4 +193,6 @@ def start_platform(
         args += ["--max-upload-bytes", str(max_upload_bytes)]
     if max_decompressed_bytes is not None:
         args += ["--max-decompressed-bytes", str(max_decompressed_bytes)]
+    if limits is not None:
+        args += limits.as_args()
     return PlatformHandle(path, args, env, token, host, port, startup_timeout)

@@ -189,9 +189,11 @@ def test_public_surface_is_pinned() -> None:
 
     assert bk_sim.platform.__all__ == [
         "AdminClient",
+        "Limits",
         "PlatformConfig",
         "PlatformHandle",
         "build_app",
+        "limit_options",
         "serve",
         "start_platform",
     ]
