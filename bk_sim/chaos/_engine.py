@@ -22,10 +22,9 @@ from bk_sim.chaos._injectors import BrokerInjector, CommandRunner, HttpInjector,
 from bk_sim.chaos._judge import judge_chaos
 from bk_sim.chaos._proxy import ToxicProxy
 from bk_sim.chaos._triggers import PhaseTracker
+from bk_sim.engine import harness_event
 from bk_sim.errors import BkSimError, ScenarioError
-from bk_sim.scenario import Scenario
-from bk_sim.scenario._spec import PROXY_CHAOS, ChaosFaultSpec
-from bk_sim.sim._eventlog import harness_event
+from bk_sim.scenario import PROXY_CHAOS, ChaosFaultSpec, Scenario
 
 _log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from bk_sim.client._backoff import reconnect_delay
+from bk_sim.client import reconnect_delay
+from bk_sim.engine import Check, as_time, records_from_events
 from bk_sim.scenario import Scenario
-from bk_sim.sim._checks import Check, as_time, records_from_events
 
 Event = Mapping[str, Any]
 #: A notification this much later than its round's close (plus any platform notification

@@ -5,6 +5,7 @@
 does is reported to an optional ``Observer`` as ``ClientEvent`` objects.
 """
 
+from bk_sim.client._backoff import attempts_left, reconnect_delay
 from bk_sim.client._client import Client
 from bk_sim.client._config import (
     APIConfig,
@@ -14,16 +15,19 @@ from bk_sim.client._config import (
     RunConfig,
     WebSocketConfig,
 )
-from bk_sim.client._events import ClientEvent, Observer
+from bk_sim.client._events import ClientEvent, EventSink, Observer
 
 __all__ = [
     "APIConfig",
     "Client",
     "ClientEvent",
     "Credentials",
+    "EventSink",
     "Observer",
     "RabbitMQConfig",
     "RetryConfig",
     "RunConfig",
     "WebSocketConfig",
+    "attempts_left",
+    "reconnect_delay",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from locust import LoadTestShape
 
-from bk_sim.scenario._spec import LoadSpec
+from bk_sim.scenario import LoadSpec
 
 
 def stages_shape(spec: LoadSpec) -> LoadTestShape:

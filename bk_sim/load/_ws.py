@@ -25,9 +25,7 @@ from urllib.parse import quote
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from bk_sim.client import WebSocketConfig
-from bk_sim.client._backoff import attempts_left, reconnect_delay
-from bk_sim.client._events import EventSink
+from bk_sim.client import EventSink, WebSocketConfig, attempts_left, reconnect_delay
 
 _log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +21,14 @@ import numpy as np
 
 from bk_sim import weights
 from bk_sim.client import Client
+from bk_sim.engine import LeafPlan, harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import ModelSpec
-from bk_sim.sim._eventlog import harness_event
-from bk_sim.sim._synth import leaf_update
+from bk_sim.synth import leaf_update
 
 _log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class LeafPlan:
-    """What one leaf will do in the run; derived from the scenario and its seed."""
-
-    index: int
-    credentials: dict[str, str] = field(repr=False)
-    weighting: float
-    start_delay_s: float = 0.0
-    straggle_s: float = 0.0  # extra wait before every upload
-    skip_rounds: frozenset[int] = frozenset()  # rounds the leaf does not upload in
-    die_round: int | None = None  # the round in which the leaf dies mid-upload
-    first_round: int = 1  # > 1: a leaf started again (chaos) joins from this round
-    known_aggregates: frozenset[str] = frozenset()  # ids not to take as this run's next
-
-    @property
-    def leaf_id(self) -> str:
-        return self.credentials["id"]
 
 
 class AggregateCache:

@@ -3,7 +3,7 @@
 A FedAvg or mean aggregate is a linear combination of the round's uploads, sum(a_i x_i),
 with a_i the leaf's normalized weight. Given the uploads and the aggregate, least squares
 over a random sample of coordinates recovers every a_i (the synthetic updates are linearly
-independent by construction, see ``bk_sim.sim._synth``). Comparing a_i with the weights the
+independent by construction, see ``bk_sim.synth``). Comparing a_i with the weights the
 strategy expects names the fault:
 
 - stale: the aggregate equals a previous aggregation's (checked first, exactly);

@@ -16,10 +16,10 @@ from bk_sim.chaos import (
     fault_targets,
     judge_chaos,
 )
+from bk_sim.engine import LeafPlan
 from bk_sim.errors import BrokerError, ScenarioError
 from bk_sim.scenario import load_scenario, scenario_from_dict
 from bk_sim.scenario._spec import ChaosFaultSpec
-from bk_sim.sim._agent import LeafPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -603,19 +603,19 @@ def _die_holding(lock: Any) -> None:
 
 
 def test_a_writer_killed_holding_the_event_queue_lock_does_not_hang_the_others() -> None:
-    import multiprocess as mp
 
-    from bk_sim.sim._orchestrator import WorkerControl
+    from bk_sim.sim import LocalProcessHost
 
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
+    host = LocalProcessHost([])
+    ctx = host.ctx
+    events = host.events
     # A process that dies holding the queue's shared write lock, as a SIGKILLed worker
     # whose feeder thread was writing an event would.
     proc = ctx.Process(target=_die_holding, args=(events._wlock,))
     proc.start()
     proc.join(30)
     assert not events._wlock.acquire(timeout=0.2), "the lock should be left held"
-    WorkerControl(ctx, [], events, None)._unstick_events()
+    host._unstick_events()
     events.put("after the kill")
     assert events.get(timeout=5) == "after the kill"
     events.close()

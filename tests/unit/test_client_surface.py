@@ -45,11 +45,14 @@ def test_all_is_pinned_and_sorted() -> None:
         "Client",
         "ClientEvent",
         "Credentials",
+        "EventSink",
         "Observer",
         "RabbitMQConfig",
         "RetryConfig",
         "RunConfig",
         "WebSocketConfig",
+        "attempts_left",
+        "reconnect_delay",
     ]
     for name in bk_sim.client.__all__:
         assert getattr(bk_sim.client, name) is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bk_sim.sim._eventlog import REDACTED, EventLog, read_events
+from bk_sim.engine import REDACTED, EventLog, read_events
 
 
 def test_known_secrets_are_scrubbed_literally_once_added(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from bk_sim import weights
+from bk_sim.engine import Judgement, judge
 from bk_sim.scenario import scenario_from_dict
-from bk_sim.sim._checks import Judgement, judge
-from bk_sim.sim._synth import leaf_update, leaf_weightings
+from bk_sim.synth import leaf_update, leaf_weightings
 from bk_sim.validate import reference_aggregate
 
 N = 3

@@ -42,9 +42,9 @@ import click
 import numpy as np
 import psutil
 
+from bk_sim import platform as _aggregate  # its READ_THREADS: what the platform uses
 from bk_sim.errors import PlatformError
-from bk_sim.platform import _aggregate
-from bk_sim.platform._aggregate import Upload, aggregate, streaming_average
+from bk_sim.platform import Upload, aggregate, streaming_average
 from bk_sim.weights import (
     COMPRESSIONS,
     Compression,

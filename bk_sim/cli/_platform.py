@@ -12,14 +12,14 @@ from pathlib import Path
 
 import click
 
-from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
+from bk_sim.broker import DEFAULT_MANAGEMENT_URL
 from bk_sim.files import SECRET_MODE, atomic_write
-from bk_sim.platform._admin_client import AdminClient
-from bk_sim.platform._aggregate import STRATEGIES
-from bk_sim.platform._app import (
+from bk_sim.platform import AGGREGATION_STRATEGIES as STRATEGIES
+from bk_sim.platform import (
     DEFAULT_AMQP_URL,
     DEFAULT_MAX_DECOMPRESSED_BYTES,
     DEFAULT_MAX_UPLOAD_BYTES,
+    AdminClient,
     PlatformConfig,
 )
 

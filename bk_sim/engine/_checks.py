@@ -22,13 +22,13 @@ import numpy as np
 from bk_sim import weights
 from bk_sim.errors import AggregationError, WeightsFormatError
 from bk_sim.scenario import Scenario
-from bk_sim.sim._synth import leaf_update
+from bk_sim.synth import leaf_update
 from bk_sim.validate import compare, forensics, reference_aggregate
 
 FetchAggregate = Callable[[str], Path | None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Check:
     """One named check: a junit test case and a line of the verdict."""
 
