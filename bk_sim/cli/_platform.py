@@ -150,7 +150,7 @@ def serve_cmd(
     exit_on_stdin_eof: bool,
 ) -> None:
     """Serve the leaf API, the admin API and the WebSocket endpoint until Ctrl-C."""
-    from bk_sim.platform._serve import serve
+    from bk_sim.platform import serve
 
     data_dir.mkdir(parents=True, exist_ok=True)
     config = PlatformConfig(
