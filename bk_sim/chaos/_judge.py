@@ -10,6 +10,7 @@ record counts twice. ``judge_chaos`` is pure: it can be re-run on a finished run
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,14 @@ DISCONNECTING = (
 
 #: Fault kinds that must show up as a disconnect of the leaves they hit.
 _DISCONNECTING_KINDS = ("kill_connections", "close_channel", "restart_broker", "reset_peer")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wait:
+    """A leaf's wait before a reconnect attempt, as its event logged it."""
+
+    attempt: int  # 1-based: what reconnect_delay takes
+    delay_s: float
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
@@ -221,7 +230,7 @@ def _per_fault(
         t_conn = float(conn["t"]) if conn is not None else None
         upto = t_conn if t_conn is not None else float("inf")
         waits = [
-            {"attempt": int(e.get("attempt", 0)), "delay_s": float(e.get("delay_s", 0.0))}
+            _Wait(int(e.get("attempt", 0)), float(e.get("delay_s", 0.0)))
             for e in evs
             if e.get("kind") == "reconnect_wait" and t_disc <= float(e["t"]) <= upto
         ]
@@ -230,15 +239,15 @@ def _per_fault(
         )
         ok = True
         for w in waits:
-            want = reconnect_delay(w["attempt"], rc.backoff_factor, rc.max_delay)
-            if abs(w["delay_s"] - want) > 1e-6:
+            want = reconnect_delay(w.attempt, rc.backoff_factor, rc.max_delay)
+            if abs(w.delay_s - want) > 1e-6:
                 ok = False
                 violations.append(
                     {
                         "fault": f["name"],
                         "leaf": leaf,
-                        "attempt": w["attempt"],
-                        "delay_s": w["delay_s"],
+                        "attempt": w.attempt,
+                        "delay_s": w.delay_s,
                         "expected_s": want,
                     }
                 )
@@ -249,7 +258,7 @@ def _per_fault(
             reconnect_s=None if t_conn is None else t_conn - t_disc,
             attempts=int(conn.get("attempt", 0)) if conn is not None else len(waits),
             failed_attempts=failed,
-            waits=waits,
+            waits=[dataclasses.asdict(w) for w in waits],
             backoff_ok=ok,
         )
         label = f"leaf {leaf} ({names.get(int(leaf))}) after {f['name']}"

@@ -10,7 +10,12 @@ on import, so its names here are imported on first use, by a process that patche
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the type checker only: importing them at run time imports Locust
+    from bk_sim.load._payloads import build_payloads
+    from bk_sim.load._run import LoadOptions, LoadRun
+    from bk_sim.load._user import LoadContext, user_class
 
 __all__ = ["LoadContext", "LoadOptions", "LoadRun", "build_payloads", "user_class"]
 

@@ -199,7 +199,7 @@ class LeafAgent:
                 aggregation_id=aggregation_id,
                 latency_s=latency,
             )
-            return aggregation_id
+            return str(aggregation_id)
         self._event("leaf_stopped", round=round_index, reason="run stopped")
         return None
 

@@ -25,10 +25,10 @@ from bk_sim.client import (
     RetryConfig,
     WebSocketConfig,
 )
-from bk_sim.engine import client_event, harness_event
+from bk_sim.engine import LeafPlan, client_event, harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import Scenario
-from bk_sim.sim._agent import AggregateCache, LeafAgent, LeafPlan
+from bk_sim.sim._agent import AggregateCache, LeafAgent
 
 _log = logging.getLogger(__name__)
 

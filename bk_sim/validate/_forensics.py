@@ -134,7 +134,7 @@ def forensics(
     effective = {leaf: float(a) for leaf, a in zip(ids, alpha, strict=True)}
     std_errors = {leaf: float(s) for leaf, s in zip(ids, se, strict=True)}
     linear_strategy = _effective_strategy(strategy, n, trim_fraction)
-    base = dict(
+    base: dict[str, Any] = dict(
         effective_weights=effective, residual=residual, coordinates=len(y), std_errors=std_errors
     )
     if linear_strategy is None:
