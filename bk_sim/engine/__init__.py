@@ -24,7 +24,7 @@ from bk_sim.engine._eventlog import (
 )
 from bk_sim.engine._host import Event, HookContext, LeafHost, RunHooks
 from bk_sim.engine._plan import LeafPlan, plan_leaves
-from bk_sim.engine._progress import RunCounters, Say
+from bk_sim.engine._progress import RunCounters, Say, StatusBoard
 from bk_sim.engine._results import RunResult, RunTimes, iso, verdict, write_json
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "RunResult",
     "RunTimes",
     "Say",
+    "StatusBoard",
     "as_time",
     "client_event",
     "harness_event",

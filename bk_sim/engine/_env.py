@@ -25,7 +25,7 @@ from bk_sim.client import Client, Credentials, RetryConfig
 from bk_sim.engine._checks import Check
 from bk_sim.engine._eventlog import EventLog, harness_event
 from bk_sim.engine._host import LeafHost, RunHooks
-from bk_sim.engine._progress import RunCounters, Say
+from bk_sim.engine._progress import RunCounters, Say, StatusBoard
 from bk_sim.engine._results import RunResult, RunTimes, results_document, write_json
 from bk_sim.errors import BkSimError, ClientError, PlatformError, ScenarioError
 from bk_sim.files import SECRET_MODE, atomic_write
@@ -90,8 +90,11 @@ class RunEnvironment:
         run_dir: Path | None = None,
         progress: Say | None = None,
         may_enable_plugin: bool = False,
+        live: bool | None = None,
     ) -> None:
         self.scenario = scenario
+        #: a live status table (rich); None: when stderr is a terminal
+        self.live = live
         self.say: Say = progress or (lambda line: _log.info("%s", line))
         self._may_enable_plugin = may_enable_plugin
         self._run_dir_given = run_dir is not None
@@ -289,10 +292,33 @@ class RunEnvironment:
         """Start ``host``'s leaves and log their events until they are done, the run's
         deadline passes or Ctrl-C; then stop them. True when interrupted."""
         sc = self.scenario
+        outer_say = self.say
+        with StatusBoard(outer_say, f"bk-sim {sc.name}", live=self.live) as board:
+            self.say = board.say  # while live, status lines print above the table
+            try:
+                return self._play(host, log, counters, board, hooks, on_started)
+            finally:
+                self.say = outer_say
+
+    def _play(
+        self,
+        host: LeafHost,
+        log: EventLog,
+        counters: RunCounters,
+        board: StatusBoard,
+        hooks: RunHooks | None,
+        on_started: Callable[[], None] | None,
+    ) -> bool:
+        sc = self.scenario
         t0 = time.time()
         deadline = time.monotonic() + sc.timeouts.run_s
-        last_progress = 0.0
+        last_flush = 0.0
         interrupted = False
+
+        def show(force: bool = False) -> None:
+            n, rounds = sc.leaves.count, sc.rounds
+            line = counters.line(n, rounds, time.time() - t0)
+            board.show(line, counters.fields(n, rounds), force=force)
 
         def take(e: dict[str, Any]) -> None:
             log.write(e)
@@ -315,10 +341,10 @@ class RunEnvironment:
                     e = host.next_event(0.0)
                 if e is not None:
                     take(e)
+                show()
                 now = time.monotonic()
-                if now - last_progress >= _PROGRESS_EVERY_S:
-                    self.say(counters.line(sc.leaves.count, sc.rounds, time.time() - t0))
-                    last_progress = now
+                if now - last_flush >= _PROGRESS_EVERY_S:
+                    last_flush = now
                     log.flush()
                 if not host.running():
                     break
@@ -338,7 +364,7 @@ class RunEnvironment:
                     hooks.end()  # faults undone, and their last events drained below
             finally:
                 host.stop(lambda ev: _log_and_count(log, counters, ev))
-        self.say(counters.line(sc.leaves.count, sc.rounds, time.time() - t0))
+        show(force=True)
         return interrupted
 
     # ------------------------------------------------------------------ results

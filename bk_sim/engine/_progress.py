@@ -6,6 +6,10 @@ on a terminal, plain status lines otherwise (CI, pipes), as every run printed be
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,3 +65,86 @@ class RunCounters:
             self.done += 1
         elif kind == "fault_start":
             self.faults += 1
+
+    def fields(self, total: int, rounds: int) -> dict[str, str]:
+        """The counts as the live display shows them."""
+        return {
+            "round": f"{self.round}/{rounds}",
+            "leaves": f"{self.started}/{total}",
+            "connected": str(self.connected),
+            "uploads": str(self.uploads),
+            "notifications": str(self.notified),
+            "downloads": str(self.downloads),
+            "retries": str(self.retries),
+            "reconnects": str(self.reconnects),
+            "faults": str(self.faults),
+            "errors": str(self.errors),
+            "done": str(self.done),
+        }
+
+
+class StatusBoard:
+    """Shows a run's status while it plays: one rich live table on a terminal, else a
+    plain line every ``every_s`` seconds (what CI logs and pipes get, as before).
+
+    While live, ``say`` prints above the table, so status lines are never torn.
+    """
+
+    def __init__(
+        self,
+        say: Say,
+        title: str,
+        *,
+        live: bool | None = None,
+        every_s: float = 2.0,
+        console: Any = None,
+    ) -> None:
+        self._say = say
+        self._title = title
+        self._every_s = every_s
+        self._last = -math.inf
+        self._console = console
+        if live is None:
+            live = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        self.live = live
+        self._live: Any = None
+
+    def __enter__(self) -> StatusBoard:
+        if self.live:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = self._console or Console(stderr=True)
+            self._live = Live(console=console, refresh_per_second=4, transient=False)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def say(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(line, markup=False, highlight=False)
+        else:
+            self._say(line)
+
+    def show(self, line: str, fields: Mapping[str, str], *, force: bool = False) -> None:
+        """The current status: the table when live, else ``line`` when it is time."""
+        now = time.monotonic()
+        if self._live is not None:
+            self._live.update(self._table(fields))
+            return
+        if force or now - self._last >= self._every_s:
+            self._last = now
+            self._say(line)
+
+    def _table(self, fields: Mapping[str, str]) -> Any:
+        from rich.table import Table
+
+        table = Table(title=self._title, title_justify="left", show_header=True)
+        for name in fields:
+            table.add_column(name, justify="right")
+        table.add_row(*fields.values())
+        return table

@@ -45,7 +45,7 @@ from locust.stats import (
 )
 
 from bk_sim.broker import BrokerEndpoints, check_socket_capacity
-from bk_sim.engine import Check, PlatformNeeds, RunEnvironment
+from bk_sim.engine import Check, PlatformNeeds, RunEnvironment, StatusBoard
 from bk_sim.errors import BkSimError, ScenarioError
 from bk_sim.files import atomic_write
 from bk_sim.load._observer import HTTP_TYPES, NOTIFY
@@ -65,7 +65,6 @@ DEFAULT_ROUND_TIMEOUT_S = 5.0
 #: How long a stopping user may finish its current task before it is killed.
 STOP_GRACE_S = 5.0
 WORKERS_TIMEOUT_S = 60.0
-_PROGRESS_EVERY_S = 2.0
 _SOCKET_MARGIN = 50
 _SETUP = "bk_sim_setup"
 _HELLO = "bk_sim_hello"
@@ -354,21 +353,19 @@ class LoadRun:
             runner.start(spec.users, spawn_rate=spec.spawn_rate)
             self._say(f"load: {spec.users} users at {spec.spawn_rate:g}/s for {seconds:g} s")
         t0 = time.monotonic()
-        last = 0.0
-        while True:
-            elapsed = time.monotonic() - t0
-            if elapsed >= seconds:
-                break
-            if self._ended.is_set():
-                self._say("terminated: stopping users and writing what was measured")
-                return True
-            if spec.stages and elapsed > 1.0 and runner.state == "stopped":
-                break
-            if elapsed - last >= _PROGRESS_EVERY_S:
-                self._say(_progress_line(env, elapsed))
-                last = elapsed
-            gevent.sleep(0.2)
-        self._say(_progress_line(env, time.monotonic() - t0))
+        with StatusBoard(self._say, f"bk-sim load {sc.name}", live=self.env.live) as board:
+            while True:
+                elapsed = time.monotonic() - t0
+                if elapsed >= seconds:
+                    break
+                if self._ended.is_set():
+                    board.say("terminated: stopping users and writing what was measured")
+                    return True
+                if spec.stages and elapsed > 1.0 and runner.state == "stopped":
+                    break
+                board.show(*_progress(env, elapsed))
+                gevent.sleep(0.2)
+            board.show(*_progress(env, time.monotonic() - t0), force=True)
         return False
 
     def _web(self, env: Environment) -> None:
@@ -591,15 +588,26 @@ def _fmt(value: float | None, *, pct: bool = False) -> str:
     return f"{value:.2%}" if pct else f"{value:,.0f}"
 
 
-def _progress_line(env: Environment, elapsed: float) -> str:
+def _progress(env: Environment, elapsed: float) -> tuple[str, dict[str, str]]:
+    """The load's status: a plain line, and the live display's fields."""
     total = _http_total(env)
     runner = env.runner
     users = runner.user_count if runner is not None else 0
     p95 = total.get_response_time_percentile(0.95) if total.num_requests else None
     stats = runner.stats if runner is not None else env.stats
     notes = sum(e.num_requests for e in stats.entries.values() if e.method == NOTIFY)
-    return (
+    line = (
         f"[{elapsed:6.1f}s] users {users}  HTTP {total.num_requests} "
         f"({total.current_rps:.0f}/s)  failed {total.num_failures}  p95 {_fmt(p95)} ms  "
         f"notifications {notes}"
     )
+    fields = {
+        "elapsed s": f"{elapsed:.1f}",
+        "users": str(users),
+        "HTTP": str(total.num_requests),
+        "per s": f"{total.current_rps:.0f}",
+        "failed": str(total.num_failures),
+        "p95 ms": _fmt(p95),
+        "notifications": str(notes),
+    }
+    return line, fields
