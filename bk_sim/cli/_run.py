@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,16 +80,12 @@ def load_for_run(
         broker = "external"
     if broker is not None:
         overrides = (*overrides, f"broker.provider={broker}")
-    scenario = load_scenario(scenario_file, overrides)
-    if amqp_url is None and management_url is None:
-        return scenario
-    # Not through --set: a URL is not YAML, and its password must not be parsed as one.
-    b = dataclasses.replace(
-        scenario.broker,
-        amqp_url=amqp_url or scenario.broker.amqp_url,
-        management_url=management_url or scenario.broker.management_url,
-    )
-    return dataclasses.replace(scenario, broker=b)
+    # JSON-quoted: a URL is a YAML string then, whatever its password holds.
+    if amqp_url is not None:
+        overrides = (*overrides, f"broker.amqp_url={json.dumps(amqp_url)}")
+    if management_url is not None:
+        overrides = (*overrides, f"broker.management_url={json.dumps(management_url)}")
+    return load_scenario(scenario_file, overrides)
 
 
 @click.command("run")

@@ -99,6 +99,8 @@ class LeafAgent:
         self._base_id: str | None = None
         self._base: Sequence[np.ndarray] | None = None
         self._seen: set[str] = set(plan.known_aggregates)
+        #: the leaf reached its ``die_round``: its host kills its process
+        self.died = False
 
     def _event(self, kind: str, **fields: Any) -> None:
         self._emit(harness_event(kind, leaf=self.plan.index, leaf_id=self.plan.leaf_id, **fields))
@@ -122,8 +124,11 @@ class LeafAgent:
         """One round; False when the leaf is gone (died, timed out, stopped)."""
         plan = self.plan
         if plan.die_round == round_index:
-            self._event("leaf_died", round=round_index, reason="dropout: dies mid-upload")
-            self.client.close()
+            # No goodbye: the client is not closed here. Its process is killed (SIGKILL)
+            # once every leaf it hosts has died, so the platform and the broker see what
+            # a crashed leaf looks like: connections that just drop.
+            self._event("leaf_died", round=round_index, reason="dropout: its process dies")
+            self.died = True
             return False
         uploaded_at: float | None = None
         if round_index in plan.skip_rounds:

@@ -184,8 +184,18 @@ class SimulationRun:
         amqp_host: str | None,
         amqp_port: int | None,
     ) -> list[WorkerSpec]:
+        """Leaves spread over the worker processes; leaves that die (die_fraction) get
+        one process per round they die in, which is killed when they do."""
         sc = self.scenario
+        living = [p for p in plans if p.die_round is None]
+        dying: dict[int, list[LeafPlan]] = {}
+        for p in plans:
+            if p.die_round is not None:
+                dying.setdefault(p.die_round, []).append(p)
         nproc = sc.leaves.processes or min(sc.leaves.count, (os.cpu_count() or 1) * 2)
+        nproc = min(nproc, len(living))
+        groups = [(tuple(living[w::nproc]), False) for w in range(nproc)]
+        groups += [(tuple(dying[r]), True) for r in sorted(dying)]
         return [
             WorkerSpec(
                 worker=w,
@@ -195,9 +205,10 @@ class SimulationRun:
                 amqp_host=amqp_host,
                 amqp_port=amqp_port,
                 aggregates_dir=self.run_dir / "aggregates",
-                plans=tuple(plans[w::nproc]),
+                plans=group,
+                dies=dies,
             )
-            for w in range(nproc)
+            for w, (group, dies) in enumerate(groups)
         ]
 
 

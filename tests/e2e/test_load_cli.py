@@ -184,7 +184,7 @@ def test_an_existing_run_dir_is_refused_in_one_line(tmp_path: Path) -> None:
     taken.mkdir()
     proc = _load([str(SMOKE), "--run-dir", str(taken)], tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr  # was 1 (= a check failed)
-    assert f"cannot create the run folder {taken}: File exists" in proc.stderr
+    assert f"bk-sim: {taken}: the run folder already exists\n" == proc.stderr
     assert "Traceback" not in proc.stderr
 
 
