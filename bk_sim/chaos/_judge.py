@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bk_sim.client import reconnect_delay
-from bk_sim.engine import Check, as_time, records_from_events
+from bk_sim.engine import Check, Judgement, RoundRecord, as_time, records_from_events
 from bk_sim.scenario import Scenario
 
 Event = Mapping[str, Any]
@@ -62,8 +62,8 @@ def detection_window_s(scenario: Scenario) -> float:
 def judge_chaos(
     scenario: Scenario,
     events: Sequence[Event],
-    records: Sequence[Mapping[str, Any]] | None,
-    judgement: Any = None,
+    records: Sequence[RoundRecord] | None,
+    judgement: Judgement | None = None,
 ) -> tuple[list[Check], dict[str, Any]]:
     """The chaos checks (from ``chaos.expect``) and the results.json ``chaos`` section."""
     names = {int(e["leaf"]): str(e["leaf_id"]) for e in events if "leaf" in e and "leaf_id" in e}
@@ -198,7 +198,7 @@ def _per_fault(
     rc: Any,
     window: float,
     events: Sequence[Event],
-    records: Sequence[Mapping[str, Any]] | None,
+    records: Sequence[RoundRecord] | None,
     violations: list[dict[str, Any]],
     slow: list[tuple[float, str]],
     never: list[str],
@@ -298,13 +298,13 @@ def _per_fault(
     closed = [
         t
         for r in records or []
-        if (t := as_time(r.get("closed_at"))) is not None and start <= t <= end + window
+        if (t := as_time(r.closed_at)) is not None and start <= t <= end + window
     ]
     f["rounds_closed_during"] = len(closed)
 
 
 def _notifications(
-    scenario: Scenario, events: Sequence[Event], records: Sequence[Mapping[str, Any]]
+    scenario: Scenario, events: Sequence[Event], records: Sequence[RoundRecord]
 ) -> dict[str, Any]:
     spans: dict[str, list[list[float]]] = defaultdict(list)
     got: Counter[tuple[str, int, str]] = Counter()
@@ -325,9 +325,7 @@ def _notifications(
             got[(leaf, len(spans[leaf]), agg)] += 1
             first.setdefault((leaf, agg), float(e["t"]))
     closed = {
-        str(r["aggregation_id"]): as_time(r.get("closed_at"))
-        for r in records
-        if r.get("status") == "aggregated" and r.get("aggregation_id")
+        r.aggregation_id: as_time(r.closed_at) for r in records if r.aggregated and r.aggregation_id
     }
     expected = {
         (leaf, agg)
@@ -399,7 +397,7 @@ def _fault_notifications(
 def _retried_uploads(
     f: Mapping[str, Any],
     by_leaf: Mapping[int, Sequence[Event]],
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[RoundRecord],
     confirmed: set[str],
 ) -> list[dict[str, Any]]:
     """Each upload an HTTP fault made a leaf retry: the round it landed in and how many
@@ -425,23 +423,19 @@ def _retried_uploads(
             continue
         leaf_id = str(up["leaf_id"])
         landed = next(
-            (
-                r
-                for r in records
-                if any(u.get("file_id") == up["file_id"] for u in r.get("uploads", []))
-            ),
+            (r for r in records if any(u.file_id == up["file_id"] for u in r.uploads)),
             None,
         )
         counted = 0
         if landed is not None:
-            number = int(landed.get("round") or 0)
+            number = landed.round
             for r in records:
                 same = r is landed
-                for u in r.get("uploads", []):
-                    if str(u.get("leaf_id")) != leaf_id:
+                for u in r.uploads:
+                    if u.leaf_id != leaf_id:
                         continue
-                    unconfirmed = str(u.get("file_id")) not in confirmed
-                    if same or (unconfirmed and r.get("round") in (number - 1, number + 1)):
+                    unconfirmed = u.file_id not in confirmed
+                    if same or (unconfirmed and r.round in (number - 1, number + 1)):
                         counted += 1
         out.append(
             {"leaf": leaf, "round": up.get("round"), "file_id": up["file_id"], "counted": counted}
@@ -450,7 +444,7 @@ def _retried_uploads(
 
 
 def _double_counted(
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[RoundRecord],
     names: Mapping[int, str],
     confirmed: set[str] | None = None,
 ) -> list[dict[str, Any]]:
@@ -461,13 +455,13 @@ def _double_counted(
     out: list[dict[str, Any]] = []
     seen: set[tuple[Any, str]] = set()
     for rec in records:
-        counts = Counter(str(u.get("leaf_id")) for u in rec.get("uploads", []))
+        counts = Counter(u.leaf_id for u in rec.uploads)
         for leaf_id, n in sorted(counts.items()):
             if n > 1:
-                seen.add((rec.get("round"), leaf_id))
+                seen.add((rec.round, leaf_id))
                 out.append(
                     {
-                        "round": rec.get("round"),
+                        "round": rec.round,
                         "leaf": index.get(leaf_id),
                         "leaf_id": leaf_id,
                         "count": n,
@@ -475,20 +469,18 @@ def _double_counted(
                 )
     if confirmed is None:
         return out
-    per_leaf: Counter[str] = Counter(
-        str(u.get("leaf_id")) for rec in records for u in rec.get("uploads", [])
-    )
+    per_leaf: Counter[str] = Counter(u.leaf_id for rec in records for u in rec.uploads)
     for rec in records:
-        for u in rec.get("uploads", []):
-            leaf_id, file_id = str(u.get("leaf_id")), str(u.get("file_id"))
-            if file_id in confirmed or (rec.get("round"), leaf_id) in seen:
+        for u in rec.uploads:
+            leaf_id, file_id = u.leaf_id, u.file_id
+            if file_id in confirmed or (rec.round, leaf_id) in seen:
                 continue
             if leaf_id not in index:
                 continue  # not one of this run's leaves: the round check reports it
-            seen.add((rec.get("round"), leaf_id))
+            seen.add((rec.round, leaf_id))
             out.append(
                 {
-                    "round": rec.get("round"),
+                    "round": rec.round,
                     "leaf": index.get(leaf_id),
                     "leaf_id": leaf_id,
                     "count": 2,
@@ -508,8 +500,8 @@ def _checks(
     slow: Sequence[tuple[float, str]],
     never: Sequence[str],
     detects: Sequence[float],
-    judgement: Any,
-    records: Sequence[Mapping[str, Any]] | None,
+    judgement: Judgement | None,
+    records: Sequence[RoundRecord] | None,
 ) -> list[Check]:
     x = scenario.chaos.expect
     checks: list[Check] = []
@@ -598,13 +590,13 @@ def _checks(
             )
         )
     if x.aggregates == "correct":
-        rows = list(getattr(judgement, "rounds", []) or [])
-        failing = [r for r in rows if not r.get("passed")]
+        rows = list(judgement.rounds) if judgement is not None else []
+        failing = [r for r in rows if not r.passed]
         checks.append(
             Check(
                 "chaos: every aggregate correct despite the faults",
                 bool(rows) and not failing,
-                "; ".join(f"round {r.get('round')}: {r.get('reason')}" for r in failing[:3])
+                "; ".join(f"round {r.round}: {r.reason}" for r in failing[:3])
                 or ("no round closed" if not rows else f"{len(rows)} rounds validated"),
             )
         )

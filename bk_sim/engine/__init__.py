@@ -25,6 +25,7 @@ from bk_sim.engine._eventlog import (
 from bk_sim.engine._host import Event, HookContext, LeafHost, RunHooks
 from bk_sim.engine._plan import LeafPlan, plan_leaves
 from bk_sim.engine._progress import RunCounters, Say, StatusBoard
+from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
 from bk_sim.engine._results import RunResult, RunTimes, iso, verdict, write_json
 
 __all__ = [
@@ -39,6 +40,9 @@ __all__ = [
     "LeafPlan",
     "PlatformAccess",
     "PlatformNeeds",
+    "RecordedUpload",
+    "RoundRecord",
+    "RoundVerdict",
     "RunCounters",
     "RunEnvironment",
     "RunHooks",

@@ -26,6 +26,7 @@ from bk_sim.engine._checks import Check
 from bk_sim.engine._eventlog import EventLog, harness_event
 from bk_sim.engine._host import LeafHost, RunHooks
 from bk_sim.engine._progress import RunCounters, Say, StatusBoard
+from bk_sim.engine._records import RoundRecord
 from bk_sim.engine._results import RunResult, RunTimes, results_document, write_json
 from bk_sim.errors import BkSimError, ClientError, PlatformError, ScenarioError
 from bk_sim.files import SECRET_MODE, atomic_write
@@ -39,8 +40,6 @@ _log = logging.getLogger(__name__)
 _PROGRESS_EVERY_S = 2.0
 _DRAIN_BATCH = 2000
 _PROBE_TIMEOUT_S = 15.0
-
-RoundRecords = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -72,11 +71,11 @@ class PlatformAccess:
     branch_id: str | None = None
     base_faults: dict[str, Any] = field(default_factory=dict)
 
-    def rounds(self) -> RoundRecords | None:
+    def rounds(self) -> list[RoundRecord] | None:
         """The platform's round records, or None when it has no admin API for us."""
         if self.admin is None or self.branch_id is None:
             return None
-        return self.admin.rounds(self.branch_id)
+        return [RoundRecord.from_dict(r) for r in self.admin.rounds(self.branch_id)]
 
 
 class RunEnvironment:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bk_sim.broker import BrokerEndpoints
 from bk_sim.engine._checks import Check, Judgement
 from bk_sim.engine._plan import LeafPlan
+from bk_sim.engine._records import RoundRecord
 from bk_sim.scenario import Scenario
 
 if TYPE_CHECKING:  # leaf processes import the engine: they need no platform (aiohttp)
@@ -117,7 +118,7 @@ class RunHooks(Protocol):
     def judge(
         self,
         events: list[Event],
-        records: list[dict[str, Any]] | None,
+        records: list[RoundRecord] | None,
         judgement: Judgement,
     ) -> tuple[list[Check], dict[str, Any]]:
         """Extra checks and a results.json section of their own."""

@@ -241,7 +241,7 @@ class LoadRun:
             platform_stats = admin.stats() if admin is not None else None
             records = access.rounds()
             aggregated = (
-                sum(r["status"] == "aggregated" for r in records) if records is not None else None
+                sum(r.status == "aggregated" for r in records) if records is not None else None
             )
             if runner is not None:
                 runner.quit()

@@ -23,6 +23,7 @@ from bk_sim.engine import (
     LeafPlan,
     PlatformAccess,
     PlatformNeeds,
+    RoundRecord,
     RunCounters,
     RunEnvironment,
     RunHooks,
@@ -81,7 +82,7 @@ class SimulationRun:
         aggregates = self.run_dir / "aggregates"
         log = EventLog(self.run_dir / "events.jsonl")
         interrupted = False
-        records: list[dict[str, Any]] | None = None
+        records: list[RoundRecord] | None = None
         access: PlatformAccess | None = None
         try:
             with contextlib.ExitStack() as stack:
@@ -164,7 +165,7 @@ class SimulationRun:
         judgement = judge(sc, events, records, aggregates, fetch=fetch, run_started=env.started)
         checks: list[Check] = list(judgement.checks)
         sections: dict[str, Any] = {
-            "rounds": judgement.rounds,
+            "rounds": [r.to_dict() for r in judgement.rounds],
             "notifications": judgement.notifications,
             "downloads": judgement.downloads,
             "leaves": judgement.leaves,
@@ -232,10 +233,9 @@ def _fetcher(
     return fetch
 
 
-def _fetch_missing(records: list[dict[str, Any]], fetch: Callable[[str], Path | None]) -> None:
+def _fetch_missing(records: list[RoundRecord], fetch: Callable[[str], Path | None]) -> None:
     """Download the aggregates no leaf downloaded while the platform still runs, so that
     validation (after a local platform is stopped) can judge those rounds too."""
     for rec in records:
-        agg = rec.get("aggregation_id")
-        if rec.get("status") == "aggregated" and agg:
-            fetch(str(agg))
+        if rec.aggregated and rec.aggregation_id:
+            fetch(rec.aggregation_id)
