@@ -210,7 +210,7 @@ class LeafAgent:
 
     def _download(self, round_index: int, aggregation_id: str) -> None:
         t0 = time.perf_counter()
-        path = self.client.file_download(aggregation_id)
+        path = Path(self.client.file_download(aggregation_id))
         data = path.read_bytes()
         duration = time.perf_counter() - t0
         self._event(

@@ -225,7 +225,7 @@ def _fetcher(
             with Client(
                 credentials[0], host=api_url, ssl=False, notifications=False, output_dir=into
             ) as client:
-                return client.file_download(aggregation_id)
+                return Path(client.file_download(aggregation_id))
         except BkSimError as exc:
             _log.warning("could not fetch aggregate %s: %s", aggregation_id, exc)
             return None
