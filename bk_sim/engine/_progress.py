@@ -141,10 +141,10 @@ class StatusBoard:
             self._say(line)
 
     def _table(self, fields: Mapping[str, str]) -> Any:
-        from rich.table import Table
+        """Name/value pairs that wrap to the terminal's width (never truncated)."""
+        from rich.columns import Columns
+        from rich.panel import Panel
+        from rich.text import Text
 
-        table = Table(title=self._title, title_justify="left", show_header=True)
-        for name in fields:
-            table.add_column(name, justify="right")
-        table.add_row(*fields.values())
-        return table
+        cells = [Text.assemble((f"{name} ", "bold"), value) for name, value in fields.items()]
+        return Panel(Columns(cells, padding=(0, 3)), title=self._title, title_align="left")
