@@ -213,7 +213,7 @@ def test_a_taken_web_or_master_port_is_a_one_line_error_not_a_hang(
 def test_a_worker_without_a_master_gives_up_in_one_line(tmp_path: Path) -> None:
     """Locust raises ConnectionError after its retries (5 minutes; cut short here)."""
     script = (
-        "import locust, sys\n"  # gevent patches first, as python -m bk_sim.load does
+        "import locust, sys\n"  # gevent patches first, as bk-sim load's re-exec does
         "import locust.runners as lr\n"
         "lr.CONNECT_RETRY_COUNT, lr.CONNECT_TIMEOUT = 1, 0.2\n"
         "from bk_sim.cli import main\n"
