@@ -74,7 +74,8 @@ def results_document(
     run: Mapping[str, Any],
     sections: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The results.json document: the verdict first, then the workload's sections."""
+    """The results.json document: the verdict first, then the workload's sections; what
+    is written is what the workload gets back (redacted, infinities as null)."""
     doc = {
         "passed": result.passed,
         "exit_code": result.exit_code,
@@ -84,8 +85,8 @@ def results_document(
         "checks": [c.to_dict() for c in result.checks],
         **sections,
     }
-    redacted: dict[str, Any] = redact(doc)
-    return redacted
+    clean: dict[str, Any] = _finite(redact(doc))
+    return clean
 
 
 def write_json(path: Path, data: Any) -> None:
