@@ -46,7 +46,7 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-from bk_sim.bench import bench  # noqa: E402
+from bk_sim.cli._bench import bench  # noqa: E402
 from bk_sim.cli._broker import broker  # noqa: E402
 from bk_sim.cli._chaos import chaos  # noqa: E402
 from bk_sim.cli._load import load  # noqa: E402
