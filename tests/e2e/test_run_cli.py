@@ -89,6 +89,7 @@ def test_dying_leaves_lose_their_process_and_amqp_url_picks_the_broker(
     for o in (
         f"report.dir={reports}",
         "leaves.dropouts.die_fraction=0.25",
+        "rounds=1",  # both die in round 1: one process to kill, and a short run
         "platform.quorum=6",
         "platform.round_timeout_s=3",
     ):
