@@ -19,3 +19,17 @@ def test_under_ci_a_missing_service_fails_the_test(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true and chromium is not installed"):
         unavailable("chromium is not installed")
+
+
+def test_the_recorder_wakes_a_waiter_on_the_event_and_names_what_it_missed() -> None:
+    import threading
+
+    from bk_sim.client import ClientEvent
+    from tests.support import Recorder
+
+    rec = Recorder()
+    threading.Timer(0.05, rec.on_event, (ClientEvent(kind="connect", leaf_id="leaf-1"),)).start()
+    rec.wait_count("connect", 1, timeout=10)  # returns on the event, not after 10 s
+    assert [e.kind for e in rec.of("connect")] == ["connect"]
+    with pytest.raises(AssertionError, match="1 disconnect event"):
+        rec.wait_count("disconnect", 1, timeout=0.01)
