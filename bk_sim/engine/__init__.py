@@ -17,8 +17,10 @@ from bk_sim.engine._env import PlatformAccess, PlatformNeeds, RunEnvironment
 from bk_sim.engine._eventlog import (
     REDACTED,
     EventLog,
+    HarnessEvent,
     client_event,
     harness_event,
+    make_harness_event,
     read_events,
     redact,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "Event",
     "EventLog",
     "FetchAggregate",
+    "HarnessEvent",
     "HookContext",
     "Judgement",
     "LeafHost",
@@ -55,6 +58,7 @@ __all__ = [
     "harness_event",
     "iso",
     "judge",
+    "make_harness_event",
     "plan_leaves",
     "read_events",
     "records_from_events",

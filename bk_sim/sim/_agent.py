@@ -21,14 +21,15 @@ import numpy as np
 
 from bk_sim import weights
 from bk_sim.client import Client
-from bk_sim.engine import LeafPlan, harness_event
+from bk_sim.engine import HarnessEvent, LeafPlan, make_harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import ModelSpec
 from bk_sim.synth import leaf_update
 
 _log = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], None]
+#: Where a leaf's events go (its worker turns them into the stream's dicts).
+Emit = Callable[[HarnessEvent], None]
 
 
 class AggregateCache:
@@ -103,7 +104,8 @@ class LeafAgent:
         self.died = False
 
     def _event(self, kind: str, **fields: Any) -> None:
-        self._emit(harness_event(kind, leaf=self.plan.index, leaf_id=self.plan.leaf_id, **fields))
+        plan = self.plan
+        self._emit(make_harness_event(kind, leaf=plan.index, leaf_id=plan.leaf_id, **fields))
 
     def run(self) -> bool:
         """Play every round; False when the leaf stopped early (error, death or stop)."""

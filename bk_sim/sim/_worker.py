@@ -139,7 +139,7 @@ def _leaf_thread(
         client=client,
         work_dir=leaf_dir,
         cache=cache,
-        emit=put,
+        emit=lambda ev: put(ev.to_dict()),
         stop=stop,
     )
     try:
