@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,10 +22,9 @@ from bk_sim.chaos._injectors import BrokerInjector, CommandRunner, HttpInjector,
 from bk_sim.chaos._judge import judge_chaos
 from bk_sim.chaos._proxy import ToxicProxy
 from bk_sim.chaos._triggers import PhaseTracker
+from bk_sim.engine import Check, HookContext, Judgement, RoundRecord, harness_event
 from bk_sim.errors import BkSimError, ScenarioError
-from bk_sim.scenario import Scenario
-from bk_sim.scenario._spec import PROXY_CHAOS, ChaosFaultSpec
-from bk_sim.sim._eventlog import harness_event
+from bk_sim.scenario import PROXY_CHAOS, ChaosFaultSpec, Scenario
 
 _log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class ChaosRun:
         self.proxy: ToxicProxy | None = None
         self._broker: BrokerInjector | None = None
         self._http: HttpInjector | None = None
-        self._ctx: Any = None
+        self._ctx: HookContext | None = None
         self.tracker: PhaseTracker | None = None
         self._emit: Callable[[dict[str, Any]], None] = lambda e: None
         self._killed: dict[int, tuple[int, int]] = {}  # leaf -> (round, worker)
@@ -113,7 +112,7 @@ class ChaosRun:
             return phost, pport
         return host, port
 
-    def begin(self, ctx: Any) -> None:
+    def begin(self, ctx: HookContext) -> None:
         self._ctx = ctx
         self._emit = ctx.emit
         sc = self.scenario
@@ -159,9 +158,9 @@ class ChaosRun:
     def judge(
         self,
         events: list[dict[str, Any]],
-        records: list[dict[str, Any]] | None,
-        judgement: Any,
-    ) -> tuple[list[Any], dict[str, Any]]:
+        records: list[RoundRecord] | None,
+        judgement: Judgement,
+    ) -> tuple[list[Check], dict[str, Any]]:
         checks, section = judge_chaos(self.scenario, events, records, judgement)
         if self.proxy is not None:
             section["proxy"] = {
@@ -212,6 +211,7 @@ class ChaosRun:
             )
             return
         targets = fault_targets(self.scenario.seed, index, fault, self.scenario.leaves.count)
+        assert self._ctx is not None  # faults fire only after begin()
         leaf_ids = [self._ctx.plans[i].leaf_id for i in targets]
         target = self._describe_target(fault, targets)
         round_now = fault.round or self.tracker.current_round
@@ -323,8 +323,8 @@ class ChaosRun:
     # ------------------------------------------------------------------ leaves
 
     def _kill(self, targets: Sequence[int], round_now: int) -> None:
+        assert self._ctx is not None and self.tracker is not None
         workers = self._ctx.workers
-        assert self.tracker is not None
         for w in sorted({workers.worker_of(i) for i in targets}):
             pid = workers.kill(w)
             if pid is None:
@@ -350,6 +350,7 @@ class ChaosRun:
             return
         if self.tracker.wait(round_now, "round_closed", self._stop) is None:
             return
+        assert self._ctx is not None
         workers = self._ctx.workers
         for w in sorted({workers.worker_of(i) for i in targets}):
             known = frozenset(self.tracker.aggregates)
@@ -373,7 +374,7 @@ class ChaosRun:
         if not self._killed or ctx is None or ctx.admin is None or ctx.branch_id is None:
             return
         try:
-            records: Sequence[Mapping[str, Any]] = ctx.admin.rounds(ctx.branch_id)
+            records = [RoundRecord.from_dict(r) for r in ctx.admin.rounds(ctx.branch_id)]
         except BkSimError as exc:
             _log.warning("chaos: could not read round records: %s", exc)
             return
@@ -382,11 +383,11 @@ class ChaosRun:
         by_id = {p.leaf_id: p for p in ctx.plans}
         killed_round = {ctx.plans[i].leaf_id: r for i, (r, _) in self._killed.items()}
         for rec in records:
-            for u in rec.get("uploads", []):
-                leaf, file_id = u.get("leaf_id"), u.get("file_id")
+            for u in rec.uploads:
+                leaf, file_id = u.leaf_id, u.file_id
                 if leaf not in killed_round or file_id in tracker.upload_ids:
                     continue
-                if int(rec.get("round", 0)) != killed_round[leaf]:
+                if rec.round != killed_round[leaf]:
                     continue
                 plan = by_id[leaf]
                 self._emit(
@@ -396,7 +397,7 @@ class ChaosRun:
                         leaf_id=leaf,
                         round=killed_round[leaf],
                         file_id=file_id,
-                        weighting=float(u.get("weighting", plan.weighting)),
+                        weighting=plan.weighting if u.weighting is None else u.weighting,
                         base_aggregation_id=tracker.last_download.get(plan.index),
                         inferred="the leaf was killed before it saw the answer; "
                         "the platform kept the upload",

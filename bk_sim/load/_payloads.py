@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bk_sim import weights
 from bk_sim.scenario import Scenario
-from bk_sim.sim._synth import leaf_update, leaf_weightings
+from bk_sim.synth import leaf_update, leaf_weightings
 
 _log = logging.getLogger(__name__)
 

@@ -9,18 +9,36 @@ docs/platform-hardening.md explains each.
 """
 
 from bk_sim.platform._admin_client import AdminClient
-from bk_sim.platform._app import PlatformConfig, build_app
+from bk_sim.platform._aggregate import READ_THREADS, Upload, aggregate, streaming_average
+from bk_sim.platform._aggregate import STRATEGIES as AGGREGATION_STRATEGIES
+from bk_sim.platform._analytics_cli import parse_field_ops
+from bk_sim.platform._app import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_MAX_DECOMPRESSED_BYTES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    PlatformConfig,
+    build_app,
+)
 from bk_sim.platform._handle import PlatformHandle, start_platform
 from bk_sim.platform._limits import Limits, limit_options
 from bk_sim.platform._serve import serve
 
 __all__ = [
+    "AGGREGATION_STRATEGIES",
+    "DEFAULT_AMQP_URL",
+    "DEFAULT_MAX_DECOMPRESSED_BYTES",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "READ_THREADS",
+    "Upload",
+    "aggregate",
+    "streaming_average",
     "AdminClient",
     "Limits",
     "PlatformConfig",
     "PlatformHandle",
     "build_app",
     "limit_options",
+    "parse_field_ops",
     "serve",
     "start_platform",
 ]

@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from bk_sim import __version__
-from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
+from bk_sim.broker import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import BrokerError, PlatformError, WeightsFormatError
 from bk_sim.platform._aggregate import STRATEGIES
 from bk_sim.platform._analytics import (

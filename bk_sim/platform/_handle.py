@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
+from bk_sim.broker import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import PlatformError
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._app import DEFAULT_AMQP_URL

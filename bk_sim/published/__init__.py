@@ -1,8 +1,8 @@
 """The published ``branchkey`` client as a leaf under test, side by side with ours.
 
 - ``prepare(requirement)`` builds (or reuses) an isolated, cached venv holding one
-  published release; ``list_envs()`` shows the cache; ``clients`` is the click group for
-  ``bk-sim clients prepare|list``.
+  published release; ``list_envs()`` shows the cache.
+  ``bk-sim clients prepare|list`` (bk_sim.cli) calls them.
 - ``PublishedLeafProcess`` runs the leaf runner inside such an env and speaks its JSON
   lines protocol; ``LeafSettings`` says how each client is built; events come back as
   frozen dataclasses (``Reply``, ``HttpAttempt``, ``Notification``...).
@@ -15,7 +15,6 @@ bk_sim never imports ``branchkey``: it runs only inside those envs, and the harn
 writes and reads every weights file with its own numpy.
 """
 
-from bk_sim.published._commands import clients
 from bk_sim.published._envs import (
     CACHE_ENV_VAR,
     PublishedEnv,
@@ -80,7 +79,6 @@ __all__ = [
     "Unknown",
     "Unobservable",
     "as_client_event",
-    "clients",
     "default_cache_dir",
     "endpoint_of",
     "list_envs",

@@ -24,7 +24,7 @@ from bk_sim.report._metrics import FaultSpan, Mark, Span
 
 _P = ParamSpec("_P")
 
-_RC: dict[str, Any] = {
+_RC: dict[Any, Any] = {  # matplotlib types its keys as one Literal of every rc name
     "svg.fonttype": "none",
     "svg.hashsalt": "bk-sim-report",
     "font.family": "sans-serif",

@@ -11,6 +11,7 @@ from bk_sim.scenario._loader import load_scenario, parse_override, scenario_from
 from bk_sim.scenario._presets import PRESETS
 from bk_sim.scenario._spec import (
     DTYPES,
+    PROXY_CHAOS,
     STRATEGIES,
     BrokerSpec,
     ChaosExpectSpec,
@@ -22,6 +23,7 @@ from bk_sim.scenario._spec import (
     HttpFaultSpec,
     LayerSpec,
     LeavesSpec,
+    LoadSpec,
     ModelSpec,
     NotificationFaultSpec,
     PayloadSpec,
@@ -38,6 +40,7 @@ from bk_sim.scenario._spec import (
 
 __all__ = [
     "DTYPES",
+    "PROXY_CHAOS",
     "PRESETS",
     "STRATEGIES",
     "BrokerSpec",
@@ -50,6 +53,7 @@ __all__ = [
     "HttpFaultSpec",
     "LayerSpec",
     "LeavesSpec",
+    "LoadSpec",
     "ModelSpec",
     "NotificationFaultSpec",
     "PayloadSpec",

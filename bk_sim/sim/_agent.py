@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +21,15 @@ import numpy as np
 
 from bk_sim import weights
 from bk_sim.client import Client
+from bk_sim.engine import HarnessEvent, LeafPlan, make_harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import ModelSpec
-from bk_sim.sim._eventlog import harness_event
-from bk_sim.sim._synth import leaf_update
+from bk_sim.synth import leaf_update
 
 _log = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class LeafPlan:
-    """What one leaf will do in the run; derived from the scenario and its seed."""
-
-    index: int
-    credentials: dict[str, str] = field(repr=False)
-    weighting: float
-    start_delay_s: float = 0.0
-    straggle_s: float = 0.0  # extra wait before every upload
-    skip_rounds: frozenset[int] = frozenset()  # rounds the leaf does not upload in
-    die_round: int | None = None  # the round in which the leaf dies mid-upload
-    first_round: int = 1  # > 1: a leaf started again (chaos) joins from this round
-    known_aggregates: frozenset[str] = frozenset()  # ids not to take as this run's next
-
-    @property
-    def leaf_id(self) -> str:
-        return self.credentials["id"]
+#: Where a leaf's events go (its worker turns them into the stream's dicts).
+Emit = Callable[[HarnessEvent], None]
 
 
 class AggregateCache:
@@ -119,9 +100,12 @@ class LeafAgent:
         self._base_id: str | None = None
         self._base: Sequence[np.ndarray] | None = None
         self._seen: set[str] = set(plan.known_aggregates)
+        #: the leaf reached its ``die_round``: its host kills its process
+        self.died = False
 
     def _event(self, kind: str, **fields: Any) -> None:
-        self._emit(harness_event(kind, leaf=self.plan.index, leaf_id=self.plan.leaf_id, **fields))
+        plan = self.plan
+        self._emit(make_harness_event(kind, leaf=plan.index, leaf_id=plan.leaf_id, **fields))
 
     def run(self) -> bool:
         """Play every round; False when the leaf stopped early (error, death or stop)."""
@@ -142,8 +126,11 @@ class LeafAgent:
         """One round; False when the leaf is gone (died, timed out, stopped)."""
         plan = self.plan
         if plan.die_round == round_index:
-            self._event("leaf_died", round=round_index, reason="dropout: dies mid-upload")
-            self.client.close()
+            # No goodbye: the client is not closed here. Its process is killed (SIGKILL)
+            # once every leaf it hosts has died, so the platform and the broker see what
+            # a crashed leaf looks like: connections that just drop.
+            self._event("leaf_died", round=round_index, reason="dropout: its process dies")
+            self.died = True
             return False
         uploaded_at: float | None = None
         if round_index in plan.skip_rounds:
@@ -219,7 +206,7 @@ class LeafAgent:
                 aggregation_id=aggregation_id,
                 latency_s=latency,
             )
-            return aggregation_id
+            return str(aggregation_id)
         self._event("leaf_stopped", round=round_index, reason="run stopped")
         return None
 

@@ -8,6 +8,7 @@ orchestrator as an event dict over ``events``; the process never writes the log 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -25,10 +26,10 @@ from bk_sim.client import (
     RetryConfig,
     WebSocketConfig,
 )
+from bk_sim.engine import LeafPlan, client_event, harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import Scenario
-from bk_sim.sim._agent import AggregateCache, LeafAgent, LeafPlan
-from bk_sim.sim._eventlog import client_event, harness_event
+from bk_sim.sim._agent import AggregateCache, LeafAgent
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class WorkerSpec:
     aggregates_dir: Path
     plans: tuple[LeafPlan, ...] = field(repr=False)
     incarnation: int = 0  # > 0: started again after being killed (chaos)
+    #: every leaf here dies in one round (leaves.dropouts.die_fraction): once they all
+    #: have, the process kills itself with SIGKILL, mid-run, as a crashed leaf would
+    dies: bool = False
 
 
 class _QueueObserver:
@@ -99,6 +103,7 @@ def _leaf_thread(
     cache: AggregateCache,
     work_dir: Path,
     stop: threading.Event,
+    died: Callable[[int], None] | None = None,
 ) -> None:
     def event(kind: str, **fields: Any) -> None:
         put(harness_event(kind, leaf=plan.index, leaf_id=plan.leaf_id, **fields))
@@ -134,17 +139,26 @@ def _leaf_thread(
         client=client,
         work_dir=leaf_dir,
         cache=cache,
-        emit=put,
+        emit=lambda ev: put(ev.to_dict()),
         stop=stop,
     )
     try:
         agent.run()
+        if agent.died and died is not None:
+            died(plan.index)  # returns only when the run stops before the process is killed
     except Exception as exc:  # noqa: BLE001 - report, never hang the run
         _log.exception("leaf %d: unexpected error", plan.index)
         event("leaf_error", round=-1, error=f"unexpected: {type(exc).__name__}: {exc}")
     finally:
         client.close()
         event("leaf_closed")
+
+
+def _die(events: Any) -> None:
+    """SIGKILL this process, after its events (the leaves' ``leaf_died``) are sent."""
+    events.close()
+    events.join_thread()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
@@ -157,6 +171,14 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
     put: Callable[[dict[str, Any]], None] = events.put
     local_stop = threading.Event()
     cache = AggregateCache(spec.aggregates_dir)
+    dead: set[str] = set()
+    dead_lock = threading.Lock()
+
+    def died(index: int) -> None:
+        with dead_lock:
+            dead.add(f"leaf-{index}")
+        local_stop.wait()
+
     # A leaf thread still closing after the stop may write into it while it is removed.
     with tempfile.TemporaryDirectory(
         prefix=f"bk-sim-w{spec.worker}-", ignore_cleanup_errors=True
@@ -164,7 +186,7 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
         threads = [
             threading.Thread(
                 target=_leaf_thread,
-                args=(spec, plan, put, cache, Path(tmp), local_stop),
+                args=(spec, plan, put, cache, Path(tmp), local_stop, died if spec.dies else None),
                 name=f"leaf-{plan.index}",
                 daemon=True,
             )
@@ -175,6 +197,10 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
         while any(t.is_alive() for t in threads):
             if stop.is_set():
                 local_stop.set()
+            with dead_lock:
+                gone = bool(dead) and all(t.name in dead for t in threads if t.is_alive())
+            if gone and not local_stop.is_set():
+                _die(events)
             time.sleep(_STOP_POLL_S)
             if local_stop.is_set():
                 for t in threads:

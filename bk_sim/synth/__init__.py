@@ -1,10 +1,13 @@
-"""Deterministic synthetic data for runs.
+"""Deterministic synthetic data, regenerated from a few integers.
 
-Tabular columns for federated analytics (``TabularSpec`` and the ``site_*`` functions):
-every site's raw columns and custom fields are a pure function of the spec and the site
-index, so leaves generate them and the judge regenerates them.
+Leaf weights (``leaf_update`` and friends) and tabular columns for federated analytics
+(``TabularSpec`` and the ``site_*`` functions) are pure functions of the scenario's seed
+and a leaf's index, so leaves generate them and the judge regenerates them. Used by the
+simulation's leaves, the load payloads, the validator's benchmark and the judge, so it
+sits below all of them.
 """
 
+from bk_sim.synth._model import initial_model, leaf_update, leaf_weightings
 from bk_sim.synth._tabular import (
     COLUMN_KINDS,
     TabularSpec,
@@ -22,6 +25,9 @@ __all__ = [
     "TabularSpec",
     "column_names",
     "field_ops",
+    "initial_model",
+    "leaf_update",
+    "leaf_weightings",
     "site_bundle",
     "site_columns",
     "site_fields",

@@ -18,6 +18,7 @@ import requests
 
 from bk_sim.platform import Limits, PlatformHandle, start_platform
 from bk_sim.weights import digest_header, encode_weights
+from tests.integration._fa_support import fa_archive
 from tests.integration._platform_attacks import (
     RssSampler,
     address,
@@ -28,7 +29,6 @@ from tests.integration._platform_attacks import (
     status_of,
     wait_for_log,
 )
-from tests.integration._fa_support import fa_archive
 from tests.integration._platform_support import leaf_headers, make_branch, post_upload
 
 HEADER_TIMEOUT = 1.0

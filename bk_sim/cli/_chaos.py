@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
+from bk_sim.cli._run import load_for_run, simulation_options
+from bk_sim.cli._run import progress as _progress
 from bk_sim.report import summary_lines
-from bk_sim.sim._cli import load_for_run, simulation_options
-from bk_sim.sim._cli import progress as _progress
 
 
 def _fmt(value: Any) -> str:
@@ -53,17 +53,22 @@ def chaos_lines(results: Mapping[str, Any]) -> list[str]:
 @click.command("chaos")
 @simulation_options
 def chaos(
-    scenario_file: Path, overrides: tuple[str, ...], broker: str | None, enable_plugin: bool
+    scenario_file: Path,
+    overrides: tuple[str, ...],
+    broker: str | None,
+    amqp_url: str | None,
+    management_url: str | None,
+    enable_plugin: bool,
 ) -> None:
     """Run SCENARIO_FILE with its `chaos` fault schedule; judge recovery and correctness.
 
     Exit code 0 when every check passed (the chaos expectations included), 1 when a check
     failed, 2 when the run could not be made.
     """
-    from bk_sim.chaos._engine import ChaosRun
-    from bk_sim.sim._orchestrator import SimulationRun
+    from bk_sim.chaos import ChaosRun
+    from bk_sim.sim import SimulationRun
 
-    scenario = load_for_run(scenario_file, overrides, broker)
+    scenario = load_for_run(scenario_file, overrides, broker, amqp_url, management_url)
     if not scenario.chaos.faults:
         _progress("chaos: the scenario schedules no faults (a baseline run)")
     hooks = ChaosRun(scenario, say=_progress)

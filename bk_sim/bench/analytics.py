@@ -1,4 +1,4 @@
-"""How long the FA judge takes for one analytics round: ``python -m bk_sim.validate._fa_bench
+"""How long the FA judge takes for one analytics round: ``python -m bk_sim.bench.analytics
 [SITES] [COLUMNS]`` (default 100 x 20, median of 5 runs).
 
 Timed: regenerating every site's raw columns and custom fields from the seed, pooling
@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from bk_sim.analytics import ANALYTICS_BUNDLE_SUFFIXES as SUFFIXES
+from bk_sim.analytics import PAYLOAD_KIND_KEY as KIND_KEY
 from bk_sim.synth import TabularSpec, field_ops, site_columns, site_fields, site_payload
-from bk_sim.validate._analytics import KIND_KEY, SUFFIXES, judge_analytics
+from bk_sim.validate import judge_analytics
 
 
 def _aggregate(

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from bk_sim.report._render import render_run
-from bk_sim.report._summary import summary_lines
+from bk_sim.report import render_run, summary_lines
 
 
 @click.command("report")

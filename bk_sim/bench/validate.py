@@ -1,4 +1,4 @@
-"""Validator throughput, in MB/s of upload data: ``python -m bk_sim.validate._bench [PRESET] [N]``.
+"""Validator throughput, in MB/s of upload data: ``python -m bk_sim.bench.validate [PRESET] [N]``.
 
 Times, for one round of N leaves: regenerating every upload (``leaf_update``), the float64
 reference alone, and the whole check as the harness runs it (regenerate one upload at a
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from bk_sim.scenario import scenario_from_dict
-from bk_sim.sim._synth import initial_model, leaf_update, leaf_weightings
+from bk_sim.synth import initial_model, leaf_update, leaf_weightings
 from bk_sim.validate import compare, reference_aggregate
 
 

@@ -198,7 +198,8 @@ def _float_update(
     out += u
     np.multiply(base.reshape(-1), ct.type(1 - LR), out=u, dtype=ct, casting="unsafe")
     out += u
-    return out.astype(layer.dtype, copy=False).reshape(layer.shape)
+    result: np.ndarray = out.astype(layer.dtype, copy=False).reshape(layer.shape)
+    return result
 
 
 _local = threading.local()

@@ -38,15 +38,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import psutil
 
+from bk_sim import platform as _aggregate  # its READ_THREADS: what the platform uses
 from bk_sim.errors import PlatformError
-from bk_sim.platform import _aggregate
-from bk_sim.platform._aggregate import Upload, aggregate, streaming_average
+from bk_sim.platform import Upload, aggregate, streaming_average
 from bk_sim.weights import (
-    COMPRESSIONS,
     Compression,
     encode_weights,
     read_weights,
@@ -425,80 +423,10 @@ def render_end_to_end(results: Sequence[EndToEndResult]) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- report
 
 
-def _parse_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-    try:
-        counts = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise click.BadParameter(f"expected positive integers separated by commas, got {value!r}")
-    return sorted(set(counts))
-
-
-@click.group("bench")
-def bench() -> None:
-    """Benchmarks of the reference platform."""
-
-
-@bench.command("aggregate")
-@click.option(
-    "--params",
-    type=click.IntRange(min=1),
-    default=1_000_000,
-    show_default=True,
-    help="Parameters per model (float32).",
-)
-@click.option(
-    "--uploads",
-    "counts",
-    default="10,100,1000",
-    show_default=True,
-    callback=_parse_counts,
-    help="Upload counts N to measure, comma-separated.",
-)
-@click.option(
-    "--layers",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Layers the parameters are split into.",
-)
-@click.option(
-    "--compression",
-    type=click.Choice(COMPRESSIONS),
-    default="fast",
-    show_default=True,
-    help="How the uploads (and the aggregate) are stored.",
-)
-@click.option(
-    "--data",
-    type=click.Choice(["random", "rounded"]),
-    default="random",
-    show_default=True,
-    help="random float32, or rounded (trained-like, compresses ~2x).",
-)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where the upload files go (a temporary folder inside, removed after).",
-)
-@click.option(
-    "--repeat",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Best of this many runs for every time.",
-)
-@click.option(
-    "--force-naive",
-    is_flag=True,
-    help="Run the naive form even when it would not fit in available memory.",
-)
-def bench_aggregate(
+def aggregate_report(
     params: int,
     counts: list[int],
     layers: int,
@@ -507,24 +435,21 @@ def bench_aggregate(
     workdir: Path | None,
     repeat: int,
     force_naive: bool,
-) -> None:
-    """Aggregation step and end to end FedAvg, against the naive form and the decode floor."""
-    if layers > params:
-        raise click.BadParameter(
-            f"{layers} layers need at least as many params", param_hint="--layers"
-        )
-    click.echo(
+) -> Iterator[str]:
+    """``bk-sim bench aggregate``'s report, line by line: the aggregation step and end to
+    end FedAvg, against the naive form and the decode floor."""
+    yield (
         f"bk-sim bench aggregate: {params:,} float32 params in {layers} layers, "
         f"uploads {','.join(map(str, counts))}, compression {compression}, data {data}, "
         f"best of {repeat}"
     )
-    click.echo(_machine())
+    yield (_machine())
     pool = _pool(params, layers, data, min(_POOL, max(counts)))
     step = []
     for n in counts:
         step.append(measure_step(pool, n, repeat=repeat, force_naive=force_naive))
-    click.echo("")
-    click.echo(
+    yield ("")
+    yield (
         "1. Aggregation step on decoded arrays, FedAvg. cold: freed memory handed back to "
         "the OS before each run (fresh pages, like a first round); warm: the allocator reuses "
         "the last run's memory. GB/s: warm. Peak: tracemalloc of what the step allocates; "
@@ -532,7 +457,7 @@ def bench_aggregate(
         "max|diff|: ours vs naive (naive sums in float32)."
     )
     for line in render_step(step):
-        click.echo(line)
+        yield (line)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="bk-bench-aggregate-", dir=workdir))
@@ -549,8 +474,8 @@ def bench_aggregate(
         e2e = [measure_end_to_end(uploads[:n], out, compression, repeat=repeat) for n in counts]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    click.echo("")
-    click.echo(
+    yield ("")
+    yield (
         "2. End to end, stored uploads -> stored aggregate (aggregate + save_layers, FedAvg; "
         f"aggregate decodes on {_aggregate.READ_THREADS + 1} threads), files in the page "
         "cache. decode: only read the same files, read_weights_fast on 1 thread and on as "
@@ -558,4 +483,4 @@ def bench_aggregate(
         "read_weights (zlib) once; MB/s of upload files; peak: tracemalloc of the e2e call."
     )
     for line in render_end_to_end(e2e):
-        click.echo(line)
+        yield (line)

@@ -11,6 +11,7 @@ import json
 import re
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,9 +36,39 @@ def redact(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class HarnessEvent:
+    """An event of the harness itself (a leaf's behaviour, the engine, chaos): typed while
+    it moves inside a process; ``to_dict`` is its form in the event stream and the log."""
+
+    kind: str
+    t: float = field(default_factory=time.time)
+    leaf: int | None = None
+    leaf_id: str | None = None
+    round: int | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "t": self.t}
+        for key, value in (("leaf", self.leaf), ("leaf_id", self.leaf_id), ("round", self.round)):
+            if value is not None:
+                d[key] = value
+        d.update((k, v) for k, v in self.fields.items() if v is not None)
+        return d
+
+
+def make_harness_event(kind: str, **fields: Any) -> HarnessEvent:
+    """A ``HarnessEvent``; ``leaf``, ``leaf_id`` and ``round`` become its typed fields."""
+    leaf, leaf_id, rnd = fields.pop("leaf", None), fields.pop("leaf_id", None), None
+    if isinstance(fields.get("round"), int):
+        rnd = fields.pop("round")
+    return HarnessEvent(kind, leaf=leaf, leaf_id=leaf_id, round=rnd, fields=fields)
+
+
 def harness_event(kind: str, **fields: Any) -> dict[str, Any]:
-    """An event of the harness itself (leaf behaviour, orchestrator), as a plain dict."""
-    return {"kind": kind, "t": time.time(), **{k: v for k, v in fields.items() if v is not None}}
+    """An event of the harness itself, in its stream form (a plain dict); None fields are
+    left out."""
+    return make_harness_event(kind, **fields).to_dict()
 
 
 def client_event(event: ClientEvent, **extra: Any) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 gevent must monkey-patch before anything else is imported, and ``bk-sim`` has already
 imported requests, ssl and threading by the time a subcommand runs. So when this command
-finds the process unpatched it re-executes itself as ``python -m bk_sim.load <same
-arguments>``, whose first import is Locust (which patches); the command then runs there.
+finds the process unpatched it re-executes itself as a Python whose first import is
+Locust (which patches), running this same CLI with the same arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from pathlib import Path
 
 import click
 
-from bk_sim.scenario import load_scenario
+from bk_sim.cli._run import broker_options, load_for_run
+
+#: The re-executed process: Locust (gevent) patches first, then the CLI runs as usual.
+_PATCHED_MAIN = "import locust; from bk_sim.cli import main; main(prog_name='bk-sim')"
 
 
 def _progress(line: str) -> None:
@@ -36,6 +39,7 @@ def _patched() -> bool:
     metavar="KEY.PATH=VALUE",
     help="Override a scenario key, e.g. --set load.users=50 (repeatable).",
 )
+@broker_options
 @click.option("--web", is_flag=True, help="Open Locust's web UI (on --web-host) instead.")
 @click.option("--web-host", default="127.0.0.1", show_default=True)
 @click.option("--web-port", default=8089, show_default=True, type=int)
@@ -66,6 +70,9 @@ def _patched() -> bool:
 def load(
     scenario_file: Path,
     overrides: tuple[str, ...],
+    broker: str | None,
+    amqp_url: str | None,
+    management_url: str | None,
     web: bool,
     web_host: str,
     web_port: int,
@@ -83,16 +90,16 @@ def load(
     0 when the thresholds were met, 1 when one was not, 2 when the load could not run.
     """
     if not _patched():
-        argv = [sys.executable, "-m", "bk_sim.load", *sys.argv[1:]]
+        argv = [sys.executable, "-c", _PATCHED_MAIN, *sys.argv[1:]]
         if "load" not in sys.argv[1:]:
             raise click.UsageError("run as: bk-sim [-v] load SCENARIO [options]")
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, argv)
-    from bk_sim.load._run import LoadOptions, LoadRun
+    from bk_sim.load import LoadOptions, LoadRun
 
     logging.getLogger("locust").setLevel(max(logging.getLogger().level, logging.WARNING))
-    scenario = load_scenario(scenario_file, overrides)
+    scenario = load_for_run(scenario_file, overrides, broker, amqp_url, management_url)
     options = LoadOptions(
         role=role or "local",  # type: ignore[arg-type]
         web=web,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bk_sim.broker._provider import (
+from bk_sim.broker import (
     ENV_AMQP_URL,
     ENV_MANAGEMENT_URL,
     PROVIDERS,

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import click
 
-from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
+from bk_sim.broker import DEFAULT_MANAGEMENT_URL
 from bk_sim.files import SECRET_MODE, atomic_write
-from bk_sim.platform._admin_client import AdminClient
-from bk_sim.platform._aggregate import STRATEGIES
-from bk_sim.platform._analytics_cli import parse_field_ops
-from bk_sim.platform._app import (
+from bk_sim.platform import AGGREGATION_STRATEGIES as STRATEGIES
+from bk_sim.platform import (
     DEFAULT_AMQP_URL,
     DEFAULT_MAX_DECOMPRESSED_BYTES,
     DEFAULT_MAX_UPLOAD_BYTES,
+    AdminClient,
+    Limits,
     PlatformConfig,
+    limit_options,
+    parse_field_ops,
 )
-from bk_sim.platform._limits import Limits, limit_options
 
 _ADMIN_TOKEN = click.option(
     "--admin-token",
@@ -154,7 +155,7 @@ def serve_cmd(
     limits: Limits,
 ) -> None:
     """Serve the leaf API, the admin API and the WebSocket endpoint until Ctrl-C."""
-    from bk_sim.platform._serve import serve
+    from bk_sim.platform import serve
 
     data_dir.mkdir(parents=True, exist_ok=True)
     config = PlatformConfig(

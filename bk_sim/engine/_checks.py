@@ -12,7 +12,7 @@ import resource
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,16 @@ from typing import Any
 import numpy as np
 
 from bk_sim import weights
+from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
 from bk_sim.errors import AggregationError, WeightsFormatError
 from bk_sim.scenario import Scenario
-from bk_sim.sim._synth import leaf_update
+from bk_sim.synth import leaf_update
 from bk_sim.validate import compare, forensics, reference_aggregate
 
 FetchAggregate = Callable[[str], Path | None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Check:
     """One named check: a junit test case and a line of the verdict."""
 
@@ -56,7 +57,7 @@ class _Upload:
 @dataclass
 class Judgement:
     checks: list[Check] = field(default_factory=list)
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[RoundVerdict] = field(default_factory=list)
     notifications: dict[str, Any] = field(default_factory=dict)
     downloads: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
@@ -94,7 +95,7 @@ def _uploads(events: Sequence[Mapping[str, Any]]) -> dict[str, _Upload]:
     return found
 
 
-def records_from_events(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def records_from_events(events: Sequence[Mapping[str, Any]]) -> list[RoundRecord]:
     """Round records built from this run's own events, for a platform that has none.
 
     Each upload belongs to the aggregate its leaf was notified of next (remote mode).
@@ -113,15 +114,12 @@ def records_from_events(events: Sequence[Mapping[str, Any]]) -> list[dict[str, A
         if up is not None:
             groups[agg].append(up)
     return [
-        {
-            "round": i + 1,
-            "status": "aggregated",
-            "aggregation_id": agg,
-            "uploads": [
-                {"leaf_id": u.leaf_id, "file_id": u.file_id, "weighting": u.weighting}
-                for u in groups[agg]
-            ],
-        }
+        RoundRecord(
+            round=i + 1,
+            status="aggregated",
+            aggregation_id=agg,
+            uploads=tuple(RecordedUpload(u.leaf_id, u.file_id, u.weighting) for u in groups[agg]),
+        )
         for i, agg in enumerate(order)
     ]
 
@@ -178,7 +176,7 @@ class _Regenerated(Mapping[str, tuple[float, list[np.ndarray]]]):
 def judge(
     scenario: Scenario,
     events: Sequence[Mapping[str, Any]],
-    records: Sequence[Mapping[str, Any]] | None,
+    records: Sequence[RoundRecord] | None,
     aggregates_dir: Path,
     *,
     fetch: FetchAggregate | None = None,
@@ -208,26 +206,28 @@ def judge(
         row = _judge_round(scenario, rec, uploads, aggregates, earlier, leaf_names)
         spent = time.perf_counter() - t0
         validation_s += spent
-        row["validation_s"] = spent
-        agg_id = rec.get("aggregation_id")
-        ups = [uploads[u["file_id"]] for u in rec.get("uploads", []) if u["file_id"] in uploads]
+        row = replace(row, validation_s=spent)
+        agg_id = rec.aggregation_id
+        ups = [uploads[u.file_id] for u in rec.uploads if u.file_id in uploads]
         if ups and agg_id and downloads_by_agg.get(agg_id):
             wall = max(downloads_by_agg[agg_id]) - min(u.t_start for u in ups)
-            row["wall_time_s"] = wall
-            harness = sum(u.harness_cpu_s for u in ups)
+            share: float | None = None
             if wall > 0:
+                harness = sum(u.harness_cpu_s for u in ups)
                 share = (harness + spent) / (wall * (os.cpu_count() or 1))
-                row["harness_share"] = share
                 harness_shares.append(share)
             mb = sum(u.bytes for u in ups) / 1e6
-            row["validator_mb_s"] = (mb / spent) if spent > 0 else None
+            row = replace(
+                row,
+                wall_time_s=wall,
+                harness_share=share,
+                validator_mb_s=(mb / spent) if spent > 0 else None,
+            )
         if agg_id and agg_id not in earlier:
-            earlier[agg_id] = int(rec.get("round", 0))
+            earlier[agg_id] = rec.round
         j.rounds.append(row)
         j.checks.append(
-            Check(
-                f"round {row['round']}: aggregate correct", row["passed"], row.get("reason") or ""
-            )
+            Check(f"round {row.round}: aggregate correct", row.passed, row.reason or "")
         )
 
     if not records:
@@ -242,47 +242,41 @@ def judge(
 
 def _judge_round(
     scenario: Scenario,
-    rec: Mapping[str, Any],
+    rec: RoundRecord,
     uploads: Mapping[str, _Upload],
     aggregates: _Aggregates,
     earlier: Mapping[str, int],
     names: Mapping[str, str],
-) -> dict[str, Any]:
+) -> RoundVerdict:
     strategy = scenario.validation.strategy or scenario.platform.strategy
-    row: dict[str, Any] = {
-        "round": rec.get("round"),
-        "aggregation_id": rec.get("aggregation_id"),
-        "strategy": strategy,
-        "close_reason": rec.get("close_reason"),
-        "uploads": len(rec.get("uploads", [])),
-        "max_abs_error": None,
-        "max_rel_error": None,
-        "forensics": None,
-        "passed": False,
-    }
-    if rec.get("status") != "aggregated" or not rec.get("aggregation_id"):
-        row["reason"] = f"round did not aggregate (status {rec.get('status')}: {rec.get('error')})"
-        return row
-    agg_id = str(rec["aggregation_id"])
+    row = RoundVerdict(
+        round=rec.round,
+        aggregation_id=rec.aggregation_id,
+        strategy=strategy,
+        close_reason=rec.close_reason,
+        uploads=len(rec.uploads),
+    )
+    if not rec.aggregated or rec.aggregation_id is None:
+        return replace(row, reason=f"round did not aggregate (status {rec.status}: {rec.error})")
+    agg_id = rec.aggregation_id
     mine = []
-    for u in rec.get("uploads", []):
-        up = uploads.get(u["file_id"])
+    for u in rec.uploads:
+        up = uploads.get(u.file_id)
         if up is None:
-            row["reason"] = (
-                f"upload {u['file_id']} in the platform's record was not made by this run"
+            return replace(
+                row, reason=f"upload {u.file_id} in the platform's record was not made by this run"
             )
-            return row
-        if abs(up.weighting - float(u.get("weighting", up.weighting))) > 1e-9 * up.weighting:
-            row["reason"] = (
-                f"{names.get(up.leaf_id, up.leaf_id)} uploaded weighting {up.weighting} but the "
-                f"platform recorded {u['weighting']}"
+        recorded = up.weighting if u.weighting is None else u.weighting
+        if abs(up.weighting - recorded) > 1e-9 * up.weighting:
+            return replace(
+                row,
+                reason=f"{names.get(up.leaf_id, up.leaf_id)} uploaded weighting {up.weighting} "
+                f"but the platform recorded {u.weighting}",
             )
-            return row
         mine.append(up)
     actual = aggregates.get(agg_id)
     if actual is None:
-        row["reason"] = f"aggregate {agg_id} could not be downloaded"
-        return row
+        return replace(row, reason=f"aggregate {agg_id} could not be downloaded")
 
     contributions = _Regenerated(scenario, mine, aggregates)
     try:  # a platform bug (no uploads, a base of the wrong shape) fails the round, not the run
@@ -290,12 +284,9 @@ def _judge_round(
             contributions.values(), strategy, trim_fraction=scenario.platform.trim_fraction
         )
     except (AggregationError, ValueError) as exc:
-        row["reason"] = f"no reference for the uploads the platform recorded: {exc}"
-        return row
+        return replace(row, reason=f"no reference for the uploads the platform recorded: {exc}")
     cmp = compare(reference, actual, rtol=scenario.validation.rtol, atol=scenario.validation.atol)
-    row["max_abs_error"] = cmp.max_abs_error
-    row["max_rel_error"] = cmp.max_rel_error
-    row["layers"] = [
+    layers: tuple[dict[str, Any], ...] = tuple(
         {
             "index": lc.index,
             "shape": list(lc.shape),
@@ -305,21 +296,23 @@ def _judge_round(
             "passed": lc.passed,
         }
         for lc in cmp.layers
-    ]
+    )
+    row = replace(
+        row, max_abs_error=cmp.max_abs_error, max_rel_error=cmp.max_rel_error, layers=layers
+    )
     if cmp.passed:
-        row["passed"] = True
-        return row
-    row["reason"] = cmp.reason or "aggregate differs from the reference"
+        return replace(row, passed=True)
+    reason = cmp.reason or "aggregate differs from the reference"
     if agg_id in earlier:
-        row["forensics"] = {
-            "summary": f"the aggregate is round {earlier[agg_id]}'s aggregate ({agg_id}), "
-            "served again: stale",
-            "stale_of": agg_id,
-            "stale_round": earlier[agg_id],
-        }
-        row["reason"] = row["forensics"]["summary"]
-        return row
-    previous = {a: layers for a in earlier if (layers := aggregates.get(a)) is not None}
+        stale = (
+            f"the aggregate is round {earlier[agg_id]}'s aggregate ({agg_id}), served again: stale"
+        )
+        return replace(
+            row,
+            reason=stale,
+            forensics={"summary": stale, "stale_of": agg_id, "stale_round": earlier[agg_id]},
+        )
+    previous = {a: agg for a in earlier if (agg := aggregates.get(a)) is not None}
     found = forensics(
         actual,
         contributions,
@@ -336,14 +329,16 @@ def _judge_round(
     if found.stale_of is not None and found.stale_of in earlier:
         summary += f" (round {earlier[found.stale_of]})"
     details["summary"] = summary
-    row["forensics"] = details
     # Forensics that blame no leaf ("all leaves got their weight") must not hide what failed.
-    row["reason"] = summary if found.found_fault else f"{row['reason']}. {summary}"
-    return row
+    return replace(
+        row,
+        forensics=details,
+        reason=summary if found.found_fault else f"{reason}. {summary}",
+    )
 
 
 def _judge_notifications(
-    j: Judgement, events: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]
+    j: Judgement, events: Sequence[Mapping[str, Any]], records: Sequence[RoundRecord]
 ) -> None:
     open_span: dict[str, list[float]] = {}
     received: Counter[tuple[str, str]] = Counter()
@@ -362,11 +357,10 @@ def _judge_notifications(
             received[(leaf, str(e.get("value")))] += 1
     expected: set[tuple[str, str]] = set()
     for rec in records:
-        agg = rec.get("aggregation_id")
-        closed = rec.get("closed_at")
-        if rec.get("status") != "aggregated" or not agg:
+        agg = rec.aggregation_id
+        if not rec.aggregated or not agg:
             continue
-        closed_t = as_time(closed)
+        closed_t = as_time(rec.closed_at)
         for leaf, (start, end) in open_span.items():
             if closed_t is None or start <= closed_t <= end:
                 expected.add((leaf, str(agg)))
@@ -455,7 +449,7 @@ def _timings(
     j: Judgement,
     events: Sequence[Mapping[str, Any]],
     uploads: Mapping[str, _Upload],
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[RoundRecord],
     run_started: float | None,
     validation_s: float,
     harness_shares: Sequence[float],
@@ -468,9 +462,9 @@ def _timings(
         if e.get("kind") == "connect" and e.get("leaf_id") not in connects:
             connects[str(e["leaf_id"])] = float(e["t"])
     closed_at = {
-        str(r["aggregation_id"]): t
+        r.aggregation_id: t
         for r in records
-        if r.get("aggregation_id") and (t := as_time(r.get("closed_at"))) is not None
+        if r.aggregation_id and (t := as_time(r.closed_at)) is not None
     }
     notify_latency = [
         float(e["t"]) - closed_at[str(e.get("value"))]
@@ -482,9 +476,9 @@ def _timings(
         for e in events
         if e.get("kind") == "http_request" and e.get("endpoint") == "upload" and "duration_s" in e
     ]
-    walls = [r["wall_time_s"] for r in j.rounds if r.get("wall_time_s") is not None]
+    walls = [r.wall_time_s for r in j.rounds if r.wall_time_s is not None]
     started = [float(e["t"]) for e in events if e.get("kind") == "leaf_started"]
-    speeds = [r["validator_mb_s"] for r in j.rounds if r.get("validator_mb_s")]
+    speeds = [r.validator_mb_s for r in j.rounds if r.validator_mb_s]
     j.timings = {
         "leaves_started_s": (max(started) - run_started) if started and run_started else None,
         "leaves_connected_s": (max(connects.values()) - run_started)

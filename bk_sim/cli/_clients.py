@@ -10,7 +10,7 @@ import json
 
 import click
 
-from bk_sim.published._envs import default_cache_dir, list_envs, prepare
+from bk_sim.published import default_cache_dir, list_envs, prepare
 
 
 @click.group("clients")

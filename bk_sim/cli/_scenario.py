@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from bk_sim.scenario._doc import scenario_schema_doc
-from bk_sim.scenario._loader import load_scenario
+from bk_sim.scenario import load_scenario, scenario_schema_doc
 
 
 @click.group("scenario")

@@ -1,7 +1,7 @@
 """Env build and round times of a published client through the runner, on loopback.
 
-    python benchmarks/published_client.py branchkey==2.9.0 amqp 2
-    python benchmarks/published_client.py branchkey==3.0.1 websocket 20
+    python -m bk_sim.bench.published branchkey==2.9.0 amqp 2
+    python -m bk_sim.bench.published branchkey==3.0.1 websocket 20
 
 Starts the reference platform (AMQP on 127.0.0.1:5672 unless the transport is
 websocket), one runner hosting N leaves, and plays 3 rounds of one 256x256 float32

@@ -1,4 +1,4 @@
-"""The ``bk-sim`` command line: parse, call one function, map errors to exit codes.
+"""The ``bk-sim`` command line, all of it: parse, call one function, map errors to exit codes.
 
 Exit codes: 0 every check passed, 1 a check failed, 2 the run could not be made.
 """
@@ -46,36 +46,20 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-from bk_sim.platform._bench import bench  # noqa: E402
+from bk_sim.cli._bench import bench  # noqa: E402
+from bk_sim.cli._broker import broker  # noqa: E402
+from bk_sim.cli._chaos import chaos  # noqa: E402
+from bk_sim.cli._clients import clients  # noqa: E402
+from bk_sim.cli._load import load  # noqa: E402
+from bk_sim.cli._platform import platform  # noqa: E402
+from bk_sim.cli._report import report  # noqa: E402
+from bk_sim.cli._run import run  # noqa: E402
+from bk_sim.cli._scenario import scenario  # noqa: E402
 
-main.add_command(bench)
-from bk_sim.broker._cli import broker  # noqa: E402
+for _command in (bench, broker, run, platform, scenario, report, load, chaos, clients):
+    main.add_command(_command)
 
-main.add_command(broker)
-
-from bk_sim.sim._cli import run  # noqa: E402
-
-main.add_command(run)
-
-from bk_sim.platform._cli import platform  # noqa: E402
-
-main.add_command(platform)
-
-from bk_sim.scenario._cli import scenario  # noqa: E402
-
-main.add_command(scenario)
-
-from bk_sim.report._cli import report  # noqa: E402
-
-main.add_command(report)
-
-from bk_sim.load._cli import load  # noqa: E402
-
-main.add_command(load)
-
-from bk_sim.chaos._cli import chaos  # noqa: E402
-
-main.add_command(chaos)
+__all__ = ["main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

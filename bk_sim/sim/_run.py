@@ -1,0 +1,241 @@
+"""``SimulationRun``: ``bk-sim run`` (and, with chaos hooks, ``bk-sim chaos``) on the engine.
+
+The workload part only: plan the leaves, host them as local processes, fetch what the
+platform aggregated, and judge the aggregates against the reference. The broker, the
+platform, the event log, the verdict and results.json are the engine's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bk_sim.broker import check_socket_capacity
+from bk_sim.client import Client
+from bk_sim.engine import (
+    Check,
+    EventLog,
+    HookContext,
+    LeafPlan,
+    PlatformAccess,
+    PlatformNeeds,
+    RoundRecord,
+    RunCounters,
+    RunEnvironment,
+    RunHooks,
+    RunResult,
+    Say,
+    harness_event,
+    judge,
+    plan_leaves,
+    read_events,
+)
+from bk_sim.errors import BkSimError
+from bk_sim.scenario import Scenario
+from bk_sim.sim._host import LocalProcessHost
+from bk_sim.sim._worker import WorkerSpec
+from bk_sim.synth import leaf_weightings
+
+_log = logging.getLogger(__name__)
+
+_SOCKET_MARGIN = 50
+
+
+class SimulationRun:
+    """One run of a scenario; build it, call ``execute()``."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        progress: Say | None = None,
+        run_dir: Path | None = None,
+        may_enable_plugin: bool = False,
+        hooks: RunHooks | None = None,
+    ) -> None:
+        # Weightings that overflow are a ScenarioError: raise it before a platform, a broker
+        # or a chaos proxy is started, not halfway through the run.
+        leaf_weightings(scenario.seed, scenario.leaves.weighting, scenario.leaves.count)
+        self.scenario = scenario
+        self._hooks = hooks
+        self.env = RunEnvironment(
+            scenario, run_dir=run_dir, progress=progress, may_enable_plugin=may_enable_plugin
+        )
+        self._say = self.env.say
+        if hooks is None and scenario.chaos.faults:
+            self._say(
+                f"the scenario schedules {len(scenario.chaos.faults)} chaos faults; "
+                "bk-sim run ignores them (bk-sim chaos plays them)"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return self.env.run_dir
+
+    def execute(self) -> RunResult:
+        sc, env, hooks = self.scenario, self.env, self._hooks
+        env.make_run_dir("aggregates")
+        aggregates = self.run_dir / "aggregates"
+        log = EventLog(self.run_dir / "events.jsonl")
+        interrupted = False
+        records: list[RoundRecord] | None = None
+        access: PlatformAccess | None = None
+        try:
+            with contextlib.ExitStack() as stack:
+                endpoints = env.broker(stack)
+                transport = env.transport(endpoints)
+                log.write(
+                    harness_event(
+                        "run_started",
+                        scenario=sc.name,
+                        broker=endpoints.provider,
+                        broker_reason=endpoints.reason,
+                        transport=transport,
+                    )
+                )
+                needs = PlatformNeeds(
+                    leaves=sc.leaves.count,
+                    tree_name=f"bk-sim-{sc.name}",
+                    quorum=sc.platform.quorum,
+                    round_timeout_s=sc.platform.round_timeout_s,
+                    purpose=f"the scenario needs leaves.count = {sc.leaves.count}",
+                )
+                access = stack.enter_context(env.platform_for(endpoints, needs, log))
+                if transport == "amqp":
+                    check_socket_capacity(endpoints, sc.leaves.count + _SOCKET_MARGIN)
+                amqp_host, amqp_port = (
+                    endpoints.amqp_host_port() if endpoints.amqp_url else (None, None)
+                )
+                if hooks is not None:
+                    amqp_host, amqp_port = hooks.prepare(endpoints, amqp_host, amqp_port)
+                plans = plan_leaves(sc, access.credentials)
+                host = LocalProcessHost(
+                    self._specs(plans, access.api_url, transport, amqp_host, amqp_port)
+                )
+                log.write(
+                    harness_event("leaves_spawning", processes=len(host.specs), leaves=len(plans))
+                )
+
+                def begin() -> None:
+                    if hooks is not None:
+                        hooks.begin(
+                            HookContext(
+                                scenario=sc,
+                                run_dir=self.run_dir,
+                                endpoints=endpoints,
+                                admin=access.admin if sc.platform.mode == "local" else None,
+                                branch_id=access.branch_id if sc.platform.mode == "local" else None,
+                                base_faults=access.base_faults,
+                                credentials=access.credentials,
+                                plans=plans,
+                                emit=host.emit,
+                                workers=host,
+                            )
+                        )
+
+                try:
+                    interrupted = env.play(host, log, RunCounters(), hooks=hooks, on_started=begin)
+                finally:
+                    if hooks is not None:
+                        hooks.end()
+                try:
+                    records = access.rounds()
+                except BkSimError as exc:
+                    self._say(f"could not read the platform's round records: {exc}")
+                    log.write(harness_event("records_unavailable", error=str(exc)))
+                if records:
+                    _fetch_missing(
+                        records, _fetcher(access.api_url, access.credentials, aggregates)
+                    )
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            log.close()
+        log_path = self.run_dir / "events.jsonl"
+        events = list(read_events(log_path)) if log_path.exists() else []
+        self._say("validating aggregates against the reference")
+        # A local platform is stopped by now: only a remote one can still be asked.
+        fetch = None
+        if access is not None and access.credentials and sc.platform.mode == "remote":
+            fetch = _fetcher(access.api_url, access.credentials, aggregates)
+        judgement = judge(sc, events, records, aggregates, fetch=fetch, run_started=env.started)
+        checks: list[Check] = list(judgement.checks)
+        sections: dict[str, Any] = {
+            "rounds": [r.to_dict() for r in judgement.rounds],
+            "notifications": judgement.notifications,
+            "downloads": judgement.downloads,
+            "leaves": judgement.leaves,
+            "timings": judgement.timings,
+        }
+        if hooks is not None:
+            hook_checks, hook_section = hooks.judge(events, records, judgement)
+            checks.extend(hook_checks)
+            sections[hooks.section] = hook_section
+        return env.finish(checks, sections, interrupted=interrupted)
+
+    def _specs(
+        self,
+        plans: list[LeafPlan],
+        api_url: str,
+        transport: str,
+        amqp_host: str | None,
+        amqp_port: int | None,
+    ) -> list[WorkerSpec]:
+        """Leaves spread over the worker processes; leaves that die (die_fraction) get
+        one process per round they die in, which is killed when they do."""
+        sc = self.scenario
+        living = [p for p in plans if p.die_round is None]
+        dying: dict[int, list[LeafPlan]] = {}
+        for p in plans:
+            if p.die_round is not None:
+                dying.setdefault(p.die_round, []).append(p)
+        nproc = sc.leaves.processes or min(sc.leaves.count, (os.cpu_count() or 1) * 2)
+        nproc = min(nproc, len(living))
+        groups = [(tuple(living[w::nproc]), False) for w in range(nproc)]
+        groups += [(tuple(dying[r]), True) for r in sorted(dying)]
+        return [
+            WorkerSpec(
+                worker=w,
+                scenario=sc,
+                api_url=api_url,
+                transport=transport,
+                amqp_host=amqp_host,
+                amqp_port=amqp_port,
+                aggregates_dir=self.run_dir / "aggregates",
+                plans=group,
+                dies=dies,
+            )
+            for w, (group, dies) in enumerate(groups)
+        ]
+
+
+def _fetcher(
+    api_url: str, credentials: list[dict[str, str]], into: Path
+) -> Callable[[str], Path | None]:
+    """Downloads an aggregate no leaf downloaded, as the first leaf (no notifications)."""
+
+    def fetch(aggregation_id: str) -> Path | None:
+        if (into / f"{aggregation_id}.npz").exists():  # a leaf downloaded it already
+            return into / f"{aggregation_id}.npz"
+        try:
+            with Client(
+                credentials[0], host=api_url, ssl=False, notifications=False, output_dir=into
+            ) as client:
+                return Path(client.file_download(aggregation_id))
+        except BkSimError as exc:
+            _log.warning("could not fetch aggregate %s: %s", aggregation_id, exc)
+            return None
+
+    return fetch
+
+
+def _fetch_missing(records: list[RoundRecord], fetch: Callable[[str], Path | None]) -> None:
+    """Download the aggregates no leaf downloaded while the platform still runs, so that
+    validation (after a local platform is stopped) can judge those rounds too."""
+    for rec in records:
+        if rec.aggregated and rec.aggregation_id:
+            fetch(rec.aggregation_id)
