@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bk_sim.errors import BkSimError, PlatformError
-from bk_sim.platform._aggregate import Upload, aggregate, apply_bug
+from bk_sim.platform._aggregate import Upload, apply_bug
 from bk_sim.platform._analytics import AnalyticsRefusal, FieldsInfo
 from bk_sim.platform._analytics_rounds import (
     admit_analytics,
@@ -44,10 +44,11 @@ from bk_sim.platform._analytics_rounds import (
     is_analytics_round,
     round_signature,
 )
+from bk_sim.platform._chunked import aggregate_to_file as aggregate_chunked
 from bk_sim.platform._faults import BranchFaults
 from bk_sim.platform._notify import Notifier, message
 from bk_sim.platform._store import Leaf, Store, new_id, now_iso, parse_iso
-from bk_sim.weights import WeightsInfo, save_layers
+from bk_sim.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,17 @@ def _aggregate_to_file(
     max_decompressed_bytes: int | None,
     target: Path,
 ) -> int:
-    """Runs in the aggregation executor: aggregate, write the archive, return its size."""
-    layers = aggregate(
+    """Runs in the aggregation executor: aggregate into the archive, return its size.
+
+    Streams (``_chunked``): memory is one model's float64 sums, not N decoded uploads.
+    """
+    return aggregate_chunked(
         uploads,
         strategy,
+        target,
         trim_fraction=trim_fraction,
         max_decompressed_bytes=max_decompressed_bytes,
     )
-    save_layers(target, layers, compression="fast")
-    return target.stat().st_size
 
 
 class RoundManager:

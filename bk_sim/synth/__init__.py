@@ -7,7 +7,7 @@ simulation's leaves, the load payloads, the validator's benchmark and the judge,
 sits below all of them.
 """
 
-from bk_sim.synth._model import initial_model, leaf_update, leaf_weightings
+from bk_sim.synth._model import initial_model, leaf_update, leaf_update_chunks, leaf_weightings
 from bk_sim.synth._tabular import (
     COLUMN_KINDS,
     TabularSpec,
@@ -27,6 +27,7 @@ __all__ = [
     "field_ops",
     "initial_model",
     "leaf_update",
+    "leaf_update_chunks",
     "leaf_weightings",
     "site_bundle",
     "site_columns",
