@@ -35,6 +35,7 @@ __all__ = [
     "NpzWriter",
     "file_digest",
     "iter_member_chunks",
+    "load_layers",
     "read_members",
 ]
 
@@ -312,3 +313,27 @@ def iter_member_chunks(f: BinaryIO, member: NpzMember, where: str) -> Iterator[n
         if usable:
             yield np.frombuffer(data, dtype=member.dtype, count=usable // item)
         carry = data[usable:]
+
+
+def load_layers(path: Path) -> list[np.ndarray]:
+    """The ``layer_*`` arrays of an archive, decoded chunk by chunk into their final arrays.
+
+    Costs the arrays themselves plus a chunk, where reading the file whole first costs
+    the compressed bytes too.
+    """
+    where = str(path)
+    with open(path, "rb") as f:
+        members = read_members(f, where)
+        keys = sorted((k for k in members if k.startswith("layer_")), key=lambda k: int(k[6:]))
+        if not keys:
+            raise WeightsFormatError(f"{where}: archive holds no layer_* arrays")
+        out = []
+        for key in keys:
+            m = members[key]
+            flat = np.empty(int(np.prod(m.shape)), dtype=m.dtype)
+            lo = 0
+            for chunk in iter_member_chunks(f, m, where):
+                flat[lo : lo + chunk.size] = chunk
+                lo += chunk.size
+            out.append(flat.reshape(m.shape, order="F") if m.fortran else flat.reshape(m.shape))
+    return out

@@ -17,6 +17,7 @@ import os
 import queue as _queue
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,12 @@ from bk_sim.client._events import EventSink, Observer
 from bk_sim.client._http import ANY_ACCEPT, HttpResult, HttpTransport
 from bk_sim.client._latest import LatestQueue
 from bk_sim.client._metadata import metadata_dict
+from bk_sim.client._stream import (
+    STREAM_THRESHOLD,
+    MultipartFileBody,
+    check_weights_file,
+    multipart_file_body,
+)
 from bk_sim.errors import (
     ApiError,
     BkSimError,
@@ -57,7 +64,7 @@ from bk_sim.errors import (
     UnsafeFileIdError,
     WeightsFormatError,
 )
-from bk_sim.files import atomic_write
+from bk_sim.npzstream import file_digest
 from bk_sim.redact import redact_url
 
 _log = logging.getLogger("bk_sim.client")
@@ -713,14 +720,25 @@ class Client:
             self._wait_for_run()  # refuses at once when the run is blocked
         path = Path(file_path)
         try:
-            data = path.read_bytes()
+            size = path.stat().st_size
+            if size > STREAM_THRESHOLD:
+                # Large: hashed, checked and sent from disk (issue 17), never held whole.
+                digest, size = file_digest(path)
+                body_source: bytes | Path = path
+            else:
+                data = path.read_bytes()
+                size = len(data)
+                digest = _weights.digest_header(data)
+                body_source = data
         except OSError as exc:
             raise WeightsFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        digest = _weights.digest_header(data)
-        kind = self._check_upload(data, digest)
+        if isinstance(body_source, Path):
+            kind = self._check_upload_file(path, digest, size)
+        else:
+            kind = self._check_upload(body_source, digest)
         self._wait_for_run()  # after the checks: never wait long for a file that is bad
         meta = metadata_dict(
-            file_size=len(data),
+            file_size=size,
             file_digest=digest,
             kind=kind,
             device_info=device_info,
@@ -729,21 +747,29 @@ class Client:
             extra=metadata,
         )
         form = json.dumps({"leaf_name": self.leaf_name, "metadata": json.dumps(meta)})
-        body, content_type = urllib3.encode_multipart_formdata(
-            [("data", form), ("file", (path.name, data, "application/octet-stream"))]
-        )
-        result = self._http.request(
-            "POST",
-            self._http.url("/api/v1/file/upload"),
-            endpoint="upload",
-            expect=(201,),
-            data=body,
-            headers={
-                "Content-Type": content_type,
-                "x-bk-file-size": str(len(data)),
-                "x-bk-file-digest": digest,
-            },
-        )
+        body: bytes | MultipartFileBody
+        if isinstance(body_source, Path):
+            body, content_type = multipart_file_body(form, path)
+        else:
+            body, content_type = urllib3.encode_multipart_formdata(
+                [("data", form), ("file", (path.name, body_source, "application/octet-stream"))]
+            )
+        try:
+            result = self._http.request(
+                "POST",
+                self._http.url("/api/v1/file/upload"),
+                endpoint="upload",
+                expect=(201,),
+                data=body,
+                headers={
+                    "Content-Type": content_type,
+                    "x-bk-file-size": str(size),
+                    "x-bk-file-digest": digest,
+                },
+            )
+        finally:
+            if isinstance(body, MultipartFileBody):
+                body.close()
         file_id = self._data(result, "POST", "upload").get("file_id")
         if not isinstance(file_id, str) or not file_id:
             raise ApiError("POST", "upload", result.status, f"answer holds no file_id: {file_id!r}")
@@ -763,6 +789,20 @@ class Client:
         if kind is not None:
             return kind
         kind = _analytics.validate_payload(_weights.load_arrays(data))
+        if len(self._validated) >= _VALIDATED_MEMORY:
+            self._validated.clear()
+        self._validated[key] = kind
+        return kind
+
+    def _check_upload_file(self, path: Path, digest: str, size: int) -> str:
+        """``_check_upload`` for a large file: member by member, remembered by digest."""
+        key = (digest, size)
+        kind = self._validated.get(key)
+        if kind is not None:
+            return kind
+        kind = check_weights_file(path)
+        if kind is None:  # not a weights archive: the whole-archive check decides
+            kind = _analytics.validate_payload(_weights.load_arrays(path.read_bytes()))
         if len(self._validated) >= _VALIDATED_MEMORY:
             self._validated.clear()
         self._validated[key] = kind
@@ -795,21 +835,27 @@ class Client:
             raise ApiError(
                 "GET", "download_url", result.status, "download_url is not a valid URL"
             ) from None
-        blob = self._http.request(
-            "GET",
-            absolute,
-            endpoint="download",
-            expect=(200,),
-            accept=ANY_ACCEPT,
-            authenticated=False,
-            parse_json=False,
-        )
-        if not blob.content:
-            raise ApiError("GET", "download", blob.status, f"empty body for file {file_id}")
+        # Streamed to a temporary file beside the target, then renamed (issue 17: a
+        # 1 GB aggregate never sits in memory).
+        part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
-            atomic_write(target, blob.content)
+            blob = self._http.request(
+                "GET",
+                absolute,
+                endpoint="download",
+                expect=(200,),
+                accept=ANY_ACCEPT,
+                authenticated=False,
+                parse_json=False,
+                stream_to=part,
+            )
+            if not part.exists() or part.stat().st_size == 0:
+                raise ApiError("GET", "download", blob.status, f"empty body for file {file_id}")
+            os.replace(part, target)
         except OSError as exc:
             raise ClientError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        finally:
+            part.unlink(missing_ok=True)
         return str(target)
 
     def send_performance_metrics(self, aggregation_id: str, data: Any, mode: str = "test") -> bool:

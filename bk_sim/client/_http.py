@@ -10,6 +10,7 @@ on 429/503, reports every attempt as an event, and translates every ``requests``
 from __future__ import annotations
 
 import email.utils
+import io
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import requests
 import requests.utils
@@ -45,6 +47,8 @@ _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OS
 JSON_ERRORS = (ValueError, RecursionError)
 # Distinct (scheme, host, verify, proxies) settings remembered per environment snapshot.
 _SETTINGS_CACHE_SIZE = 32
+#: Bytes written at a time when an answer is streamed to a file (downloads).
+_STREAM_BLOCK = 2**20
 
 
 def _environment_snapshot() -> Mapping[Any, Any] | None:
@@ -205,23 +209,27 @@ class HttpTransport:
         endpoint: str,
         expect: Iterable[int] = (200,),
         json_body: Any = None,
-        data: bytes | None = None,
+        data: bytes | IO[bytes] | io.RawIOBase | None = None,
         headers: Mapping[str, str] | None = None,
         accept: str = JSON_ACCEPT,
         authenticated: bool = True,
         parse_json: bool = True,
+        stream_to: Path | None = None,
     ) -> HttpResult:
         """Send one logical request, retrying per ``RetryConfig``; return the answer.
 
         ``expect`` lists the statuses that mean success. Any other final status raises
         ``ApiError`` (``AuthError`` for 401/403, ``NotFoundError`` for 404) carrying the
-        body's ``error`` text; no answer at all raises ``TransportError``.
+        body's ``error`` text; no answer at all raises ``TransportError``. ``data`` may be
+        a rewindable file object (rewound before each attempt); with ``stream_to`` an
+        expected answer's body is written to that file in 1 MiB blocks, not kept.
         """
         if self._closed.is_set():
             raise ClientError(f"{method} {endpoint}: the client is closed")
         expected = frozenset(expect)
         prepared = self._prepare(method, url, json_body, data, headers, accept, authenticated)
-        sent = len(prepared.body or b"") if prepared.body is not None else 0
+        body = prepared.body
+        sent = len(body or b"") if body is not None else 0
         send_kwargs = self._send_settings(prepared.url or url)
         retryable_method = method.upper() in self.retry.allowed_methods
         attempts = 1 + self.retry.max_retries
@@ -231,7 +239,9 @@ class HttpTransport:
             response: requests.Response | None = None
             failure: BaseException | None = None
             try:
-                response, content = self._send(prepared, send_kwargs)
+                if hasattr(body, "seek"):
+                    body.seek(0)  # type: ignore[union-attr]
+                response, content = self._send(prepared, send_kwargs, expected, stream_to)
             except _TRANSPORT_ERRORS as exc:
                 failure = exc
                 content = b""
@@ -315,8 +325,29 @@ class HttpTransport:
         return {**cached, "proxies": dict(cached["proxies"])}
 
     def _send(
-        self, prepared: requests.PreparedRequest, send_kwargs: dict[str, Any]
+        self,
+        prepared: requests.PreparedRequest,
+        send_kwargs: dict[str, Any],
+        expected: frozenset[int] = frozenset(),
+        stream_to: Path | None = None,
     ) -> tuple[requests.Response, bytes]:
+        if stream_to is not None:
+            response = self._session.send(
+                prepared,
+                timeout=self.retry.total_timeout,
+                allow_redirects=True,
+                stream=True,
+                **send_kwargs,
+            )
+            with response:
+                if response.status_code not in expected:
+                    return response, response.content
+                received = 0
+                with open(stream_to, "wb") as f:
+                    for block in response.iter_content(_STREAM_BLOCK):
+                        f.write(block)
+                        received += len(block)
+            return response, b""
         if send_kwargs.get("verify") is False:
             # The user chose not to verify (ssl=False): urllib3 would warn on every request.
             # catch_warnings is process-global; only unverified clients pay for it.
@@ -339,7 +370,7 @@ class HttpTransport:
         method: str,
         url: str,
         json_body: Any,
-        data: bytes | None,
+        data: bytes | IO[bytes] | io.RawIOBase | None,
         headers: Mapping[str, str] | None,
         accept: str,
         authenticated: bool,

@@ -13,18 +13,18 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bk_sim import weights
+from bk_sim import npzstream, weights
 from bk_sim.client import Client
 from bk_sim.engine import HarnessEvent, LeafPlan, make_harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import ModelSpec
-from bk_sim.synth import leaf_update
+from bk_sim.synth import leaf_update, leaf_update_chunks
 
 _log = logging.getLogger(__name__)
 
@@ -58,12 +58,13 @@ class AggregateCache:
                 part = kept.with_name(f".{kept.name}.{os.getpid()}.part")
                 shutil.move(str(downloaded), part)
                 os.replace(part, kept)
-            layers = weights.read_layers(kept)
+            layers = npzstream.load_layers(kept)
             for arr in layers:
                 arr.flags.writeable = False
             self._layers[aggregation_id] = layers
-            # Only the newest few are needed as bases; drop older ones to bound memory.
-            while len(self._layers) > 3:
+            # Only the newest is needed as a base (a straggler keeps its own reference to
+            # an older one): one decoded model per process, not three (issue 17).
+            while len(self._layers) > 1:
                 self._layers.pop(next(iter(self._layers)))
             return layers
 
@@ -149,14 +150,20 @@ class LeafAgent:
         # CPU time of this thread: with many leaves per process, wall time would count
         # the other leaves' work too.
         begun = time.time()
-        t0 = time.thread_time()
-        layers = leaf_update(self._seed, self.plan.index, round_index, self._base, self._model)
-        t1 = time.thread_time()
-        data = weights.encode_weights(self.plan.weighting, layers, compression=self._compression)
-        t2 = time.thread_time()
-        w2 = time.perf_counter()
         path = self._dir / f"leaf{self.plan.index}-r{round_index}.npz"
-        path.write_bytes(data)
+        t0 = time.thread_time()
+        if self._compression == "faithful":  # byte for byte the published client's format
+            layers = leaf_update(self._seed, self.plan.index, round_index, self._base, self._model)
+            t1 = time.thread_time()
+            data = weights.encode_weights(self.plan.weighting, layers, compression="faithful")
+            del layers
+            path.write_bytes(data)
+            digest, size = weights.digest_header(data), len(data)
+            del data
+            t2 = time.thread_time()
+        else:  # generated, encoded and hashed a chunk at a time (issue 17)
+            t1, t2, digest, size = self._write_streaming(round_index, path, t0)
+        w2 = time.perf_counter()
         # Whatever arrived before this upload cannot be this upload's aggregate.
         latest = self.client.get_latest_aggregation_id()
         if latest is not None:
@@ -170,16 +177,46 @@ class LeafAgent:
             "upload",
             round=round_index,
             file_id=file_id,
-            digest=weights.digest_header(data),
+            digest=digest,
             weighting=self.plan.weighting,
             base_aggregation_id=self._base_id,
-            bytes=len(data),
+            bytes=size,
             begun=begun,
             generate_cpu_s=t1 - t0,
             encode_cpu_s=t2 - t1,
             duration_s=t3 - w2,
         )
         return time.time()
+
+    def _write_streaming(
+        self, round_index: int, path: Path, t0: float
+    ) -> tuple[float, float, str, int]:
+        """Write this round's upload from generated chunks; (t1, t2, digest, size).
+
+        Generating and encoding interleave here, so the split of their CPU time is
+        measured per chunk (t1 - t0: generating, t2 - t1: encoding and writing).
+        """
+        chunks = leaf_update_chunks(
+            self._seed, self.plan.index, round_index, self._base, self._model
+        )
+        generate = 0.0
+
+        def timed(it: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+            nonlocal generate
+            while True:
+                c0 = time.thread_time()
+                chunk = next(it, None)
+                generate += time.thread_time() - c0
+                if chunk is None:
+                    return
+                yield chunk
+
+        with npzstream.NpzWriter(path, self._compression) as w:
+            w.add_array(weights.WEIGHTING_KEY, np.array([self.plan.weighting], np.float64))
+            for i, (layer, it) in enumerate(zip(self._model.layers, chunks, strict=True)):
+                w.add(weights.layer_key(i), np.dtype(layer.dtype), tuple(layer.shape), timed(it))
+        t2 = time.thread_time()
+        return t0 + generate, t2, w.digest, w.size
 
     def _await_aggregate(self, round_index: int, uploaded_at: float | None) -> str | None:
         deadline = time.monotonic() + self._timeout
@@ -213,14 +250,14 @@ class LeafAgent:
     def _download(self, round_index: int, aggregation_id: str) -> None:
         t0 = time.perf_counter()
         path = Path(self.client.file_download(aggregation_id))
-        data = path.read_bytes()
         duration = time.perf_counter() - t0
+        digest, size = npzstream.file_digest(path)  # streaming: never the whole file
         self._event(
             "download",
             round=round_index,
             aggregation_id=aggregation_id,
-            digest=weights.digest_header(data),
-            bytes=len(data),
+            digest=digest,
+            bytes=size,
             duration_s=duration,
         )
         self._base = self._cache.add(aggregation_id, path)

@@ -1,0 +1,138 @@
+"""Large uploads from disk without holding them in memory (issue 17).
+
+A 400 MB upload used to cost the client three copies (the file read, the decoded check,
+the multipart body). Above ``STREAM_THRESHOLD`` the client instead hashes the file in a
+streaming pass, checks it member by member (``bk_sim.npzstream``), and sends a multipart
+body that reads the file as requests asks for it (``MultipartFileBody``: a rewindable
+file-like object with a length, so requests sends a ``Content-Length`` and a retry sends
+it again from the start).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from bk_sim.errors import WeightsFormatError
+from bk_sim.npzstream import iter_member_chunks, read_members
+
+#: Files above this size are checked and sent streaming; smaller ones as before.
+STREAM_THRESHOLD = 64 * 2**20
+_LAYER_RE = re.compile(r"^layer_(0|[1-9][0-9]*)$")
+
+
+class MultipartFileBody(io.RawIOBase):
+    """``prefix + <file> + suffix`` as one readable, rewindable stream with a length."""
+
+    def __init__(self, prefix: bytes, path: Path, suffix: bytes) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._suffix = suffix
+        self._path = path
+        self._file_size = path.stat().st_size
+        self._f: BinaryIO | None = None
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._prefix) + self._file_size + len(self._suffix)
+
+    @property
+    def len(self) -> int:  # what requests' super_len looks for first
+        return len(self)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if offset != 0 or whence not in (io.SEEK_SET, io.SEEK_END):
+            raise io.UnsupportedOperation("only rewinding (or seeking to the end) is supported")
+        self._pos = 0 if whence == io.SEEK_SET else len(self)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        total = len(self)
+        if size is None or size < 0:
+            size = total - self._pos
+        out = bytearray()
+        while size > 0 and self._pos < total:
+            pos = self._pos
+            if pos < len(self._prefix):
+                piece = self._prefix[pos : pos + size]
+            elif pos < len(self._prefix) + self._file_size:
+                if self._f is None:
+                    self._f = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+                self._f.seek(pos - len(self._prefix))
+                piece = self._f.read(min(size, len(self._prefix) + self._file_size - pos))
+                if not piece:
+                    raise OSError(f"{self._path} shrank while it was being sent")
+            else:
+                at = pos - len(self._prefix) - self._file_size
+                piece = self._suffix[at : at + size]
+            out += piece
+            self._pos += len(piece)
+            size -= len(piece)
+        return bytes(out)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        super().close()
+
+
+def multipart_file_body(form: str, path: Path) -> tuple[MultipartFileBody, str]:
+    """The upload's ``data`` + ``file`` multipart body, streaming, and its content type."""
+    boundary = uuid.uuid4().hex
+    prefix = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="data"\r\n\r\n{form}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"'
+        "\r\nContent-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    suffix = f"\r\n--{boundary}--\r\n".encode()
+    return MultipartFileBody(prefix, path, suffix), f"multipart/form-data; boundary={boundary}"
+
+
+def check_weights_file(path: Path) -> str | None:
+    """The learning-kind client check of a large file, member by member.
+
+    Returns ``"learning"`` when the archive passes, None when it is not a weights archive
+    (the caller then checks it whole, e.g. analytics); raises ``WeightsFormatError``.
+    """
+    where = str(path)
+    with open(path, "rb") as f:
+        members = read_members(f, where)
+        layers = [k for k in members if _LAYER_RE.match(k)]
+        if not layers or "weighting" not in members:
+            return None
+        expected = [f"layer_{i}" for i in range(len(layers))]
+        if sorted(layers, key=lambda k: int(k[6:])) != expected:
+            raise WeightsFormatError(f"{where}: layer indices must run from 0 without gaps")
+        extra = sorted(set(members) - set(layers) - {"weighting"})
+        if extra:
+            raise WeightsFormatError(f"{where}: unexpected arrays in archive: {', '.join(extra)}")
+        w = members["weighting"]
+        if math.prod(w.shape) != 1 or w.dtype.kind not in "biuf":
+            raise WeightsFormatError(f"{where}: weighting must hold exactly one number")
+        value = float(np.concatenate(list(iter_member_chunks(f, w, where)))[0])
+        if not (math.isfinite(value) and value > 0):
+            raise WeightsFormatError(f"{where}: weighting must be finite and > 0, got {value!r}")
+        for key in expected:
+            m = members[key]
+            if m.dtype.kind not in "biuf":
+                raise WeightsFormatError(f"{where}: {key} has dtype {m.dtype}; must be numeric")
+            for chunk in iter_member_chunks(f, m, where):
+                if m.dtype.kind == "f" and not np.isfinite(chunk).all():
+                    raise WeightsFormatError(f"{where}: {key} holds NaN or infinite values")
+    return "learning"
