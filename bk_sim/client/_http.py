@@ -336,8 +336,7 @@ class HttpTransport:
                 prepared,
                 timeout=self.retry.total_timeout,
                 allow_redirects=True,
-                stream=True,
-                **send_kwargs,
+                **{**send_kwargs, "stream": True},
             )
             with response:
                 if response.status_code not in expected:

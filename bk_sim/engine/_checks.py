@@ -19,12 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from bk_sim import weights
+from bk_sim import npzstream
 from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
 from bk_sim.errors import AggregationError, WeightsFormatError
 from bk_sim.scenario import Scenario
-from bk_sim.synth import leaf_update
-from bk_sim.validate import compare, forensics, reference_aggregate
+from bk_sim.synth import leaf_update, leaf_update_chunks
+from bk_sim.validate import (
+    Comparison,
+    compare,
+    compare_chunked,
+    forensics,
+    reference_aggregate,
+)
 
 FetchAggregate = Callable[[str], Path | None]
 
@@ -144,11 +150,12 @@ class _Aggregates:
         if not path.exists():
             return None
         try:
-            layers = weights.read_layers(path)
+            layers = npzstream.load_layers(path)  # decoded chunk by chunk (issue 17)
         except WeightsFormatError:
             return None
         self._cache[aggregation_id] = layers
-        if len(self._cache) > 4:
+        # A round needs its aggregate and its base: two models, not four (issue 17).
+        if len(self._cache) > 2:
             self._cache.pop(next(iter(self._cache)))
         return layers
 
@@ -278,14 +285,24 @@ def _judge_round(
     if actual is None:
         return replace(row, reason=f"aggregate {agg_id} could not be downloaded")
 
+    cmp: Comparison | None = None
+    if strategy in ("fedavg", "mean"):
+        # Chunk by chunk first (issue 17): a pass costs a few MiB besides the aggregate
+        # and its base; a failure is judged again whole below, for forensics.
+        cmp = _compare_streaming(scenario, mine, aggregates, actual, strategy)
+        if cmp is not None and not cmp.passed:
+            cmp = None
     contributions = _Regenerated(scenario, mine, aggregates)
-    try:  # a platform bug (no uploads, a base of the wrong shape) fails the round, not the run
-        reference = reference_aggregate(
-            contributions.values(), strategy, trim_fraction=scenario.platform.trim_fraction
+    if cmp is None:
+        try:  # a platform bug (no uploads, a base of the wrong shape) fails the round
+            reference = reference_aggregate(
+                contributions.values(), strategy, trim_fraction=scenario.platform.trim_fraction
+            )
+        except (AggregationError, ValueError) as exc:
+            return replace(row, reason=f"no reference for the uploads the platform recorded: {exc}")
+        cmp = compare(
+            reference, actual, rtol=scenario.validation.rtol, atol=scenario.validation.atol
         )
-    except (AggregationError, ValueError) as exc:
-        return replace(row, reason=f"no reference for the uploads the platform recorded: {exc}")
-    cmp = compare(reference, actual, rtol=scenario.validation.rtol, atol=scenario.validation.atol)
     layers: tuple[dict[str, Any], ...] = tuple(
         {
             "index": lc.index,
@@ -335,6 +352,37 @@ def _judge_round(
         forensics=details,
         reason=summary if found.found_fault else f"{reason}. {summary}",
     )
+
+
+def _compare_streaming(
+    scenario: Scenario,
+    mine: Sequence[_Upload],
+    aggregates: _Aggregates,
+    actual: Sequence[np.ndarray],
+    strategy: str,
+) -> Comparison | None:
+    """The round's verdict regenerated and compared chunk by chunk; None if it can't be."""
+    contributions = []
+    for up in mine:
+        base = None if up.base is None else aggregates.get(up.base)
+        if up.base is not None and base is None:
+            return None
+        try:
+            chunks = leaf_update_chunks(scenario.seed, up.leaf, up.round, base, scenario.model)
+        except ValueError:
+            return None
+        contributions.append((up.weighting, chunks))
+    try:
+        return compare_chunked(
+            contributions,
+            actual,
+            weighted=strategy == "fedavg",
+            expected_dtypes=[np.dtype(layer.dtype) for layer in scenario.model.layers],
+            rtol=scenario.validation.rtol,
+            atol=scenario.validation.atol,
+        )
+    except (AggregationError, ValueError):
+        return None
 
 
 def _judge_notifications(

@@ -15,6 +15,7 @@ from bk_sim.validate._analytics import (
     column_histograms,
     judge_analytics,
 )
+from bk_sim.validate._chunked import compare_chunked
 from bk_sim.validate._compare import Comparison, LayerComparison, compare, tolerance_for
 from bk_sim.validate._forensics import Forensics, forensics
 from bk_sim.validate._reference import STRATEGIES, ReferenceAggregate, reference_aggregate
@@ -30,6 +31,7 @@ __all__ = [
     "ReferenceAggregate",
     "column_histograms",
     "compare",
+    "compare_chunked",
     "forensics",
     "judge_analytics",
     "reference_aggregate",
