@@ -25,6 +25,7 @@ from bk_sim.engine._eventlog import (
     redact,
 )
 from bk_sim.engine._host import Event, HookContext, LeafHost, RunHooks
+from bk_sim.engine._memory import MemorySampler, memory_check, process_rss
 from bk_sim.engine._plan import LeafPlan, plan_leaves
 from bk_sim.engine._progress import RunCounters, Say, StatusBoard
 from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
@@ -41,6 +42,7 @@ __all__ = [
     "Judgement",
     "LeafHost",
     "LeafPlan",
+    "MemorySampler",
     "PlatformAccess",
     "PlatformNeeds",
     "RecordedUpload",
@@ -59,7 +61,9 @@ __all__ = [
     "iso",
     "judge",
     "make_harness_event",
+    "memory_check",
     "plan_leaves",
+    "process_rss",
     "read_events",
     "records_from_events",
     "redact",

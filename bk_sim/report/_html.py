@@ -461,6 +461,7 @@ def render_html(
         plot("throughput", "Throughput"),
         plot("retries", "HTTP statuses and retries"),
         plot("reconnects", "Reconnect timeline"),
+        plot("memory", "Memory per process"),
         "</section>",
         f"<footer>Rendered by <code>bk-sim report</code> from <code>events.jsonl</code> "
         f"({len(run.events)} events"

@@ -164,6 +164,13 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
             if connects
             else "No notification-transport events in the log."
         )
+    memory = run.results.get("memory") or {}
+    if memory.get("processes"):
+        plots["memory"] = _plots.memory_plot(memory["processes"], int(memory.get("S_bytes") or 1))
+        notes["memory"] = "Peaks (results.json memory): " + "; ".join(
+            f"{p['name']} {p['peak_bytes'] / 2**20:.0f} MiB (+{p['growth_x_S']} x S)"
+            for p in memory["processes"]
+        )
     return plots, notes
 
 

@@ -21,6 +21,7 @@ from bk_sim.engine import (
     EventLog,
     HookContext,
     LeafPlan,
+    MemorySampler,
     PlatformAccess,
     PlatformNeeds,
     RoundRecord,
@@ -31,6 +32,7 @@ from bk_sim.engine import (
     Say,
     harness_event,
     judge,
+    memory_check,
     plan_leaves,
     read_events,
 )
@@ -84,6 +86,8 @@ class SimulationRun:
         interrupted = False
         records: list[RoundRecord] | None = None
         access: PlatformAccess | None = None
+        hosts: list[LocalProcessHost] = []
+        memory = MemorySampler(lambda: _labels(hosts))
         try:
             with contextlib.ExitStack() as stack:
                 endpoints = env.broker(stack)
@@ -105,6 +109,7 @@ class SimulationRun:
                     purpose=f"the scenario needs leaves.count = {sc.leaves.count}",
                 )
                 access = stack.enter_context(env.platform_for(endpoints, needs, log))
+                memory.start()  # the platform is at rest now: its first sample is its base
                 if transport == "amqp":
                     check_socket_capacity(endpoints, sc.leaves.count + _SOCKET_MARGIN)
                 amqp_host, amqp_port = (
@@ -116,6 +121,7 @@ class SimulationRun:
                 host = LocalProcessHost(
                     self._specs(plans, access.api_url, transport, amqp_host, amqp_port)
                 )
+                hosts.append(host)
                 log.write(
                     harness_event("leaves_spawning", processes=len(host.specs), leaves=len(plans))
                 )
@@ -162,14 +168,28 @@ class SimulationRun:
         fetch = None
         if access is not None and access.credentials and sc.platform.mode == "remote":
             fetch = _fetcher(access.api_url, access.credentials, aggregates)
-        judgement = judge(sc, events, records, aggregates, fetch=fetch, run_started=env.started)
+        try:
+            judgement = judge(sc, events, records, aggregates, fetch=fetch, run_started=env.started)
+        finally:
+            memory.stop()
         checks: list[Check] = list(judgement.checks)
+        at_rest = {
+            int(e["pid"]): int(e["rss"])
+            for e in reversed(events)  # the first leaf_started of a process wins
+            if e.get("kind") == "leaf_started" and "pid" in e and "rss" in e
+        }
+        memory_section = memory.section(sc.model.nbytes, at_rest)
+        verdict_of_memory = memory_check(memory_section)
+        if verdict_of_memory is not None:
+            ok, detail = verdict_of_memory
+            checks.append(Check("memory: every process within 3 x S of one model", ok, detail))
         sections: dict[str, Any] = {
             "rounds": [r.to_dict() for r in judgement.rounds],
             "notifications": judgement.notifications,
             "downloads": judgement.downloads,
             "leaves": judgement.leaves,
             "timings": judgement.timings,
+            "memory": memory_section,
         }
         if hooks is not None:
             hook_checks, hook_section = hooks.judge(events, records, judgement)
@@ -211,6 +231,20 @@ class SimulationRun:
             )
             for w, (group, dies) in enumerate(groups)
         ]
+
+
+def _labels(hosts: list[LocalProcessHost]) -> dict[int, tuple[str, str, int]]:
+    """pid -> (name, kind, leaves) of the leaf processes, for the memory timeline."""
+    out: dict[int, tuple[str, str, int]] = {}
+    for host in hosts:
+        for proc in list(host.procs):
+            pid = proc.pid
+            if pid is None:
+                continue
+            worker = int(str(proc.name).split("-w", 1)[1].split("-", 1)[0])
+            k = len(host.specs[worker].plans)
+            out[int(pid)] = (f"leaf process {proc.name} ({k} leaves)", "leaves", k)
+    return out
 
 
 def _fetcher(

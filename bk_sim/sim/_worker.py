@@ -26,7 +26,7 @@ from bk_sim.client import (
     RetryConfig,
     WebSocketConfig,
 )
-from bk_sim.engine import LeafPlan, client_event, harness_event
+from bk_sim.engine import LeafPlan, client_event, harness_event, process_rss
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import AggregateCache, LeafAgent
@@ -128,7 +128,14 @@ def _leaf_thread(
         _log.exception("leaf %d: unexpected error starting its client", plan.index)
         event("leaf_error", round=0, error=f"unexpected: {type(exc).__name__}: {exc}")
         return
-    event("leaf_started", run_status=client.run_status, run_number=client.run_number)
+    # pid and RSS: the process's at-rest memory, the base of the memory bound (issue 17).
+    event(
+        "leaf_started",
+        run_status=client.run_status,
+        run_number=client.run_number,
+        pid=os.getpid(),
+        rss=process_rss(),
+    )
     agent = LeafAgent(
         plan,
         seed=sc.seed,
