@@ -23,7 +23,7 @@ from bk_sim.errors import WeightsFormatError
 from bk_sim.npzstream import iter_member_chunks, read_members
 
 #: Files above this size are checked and sent streaming; smaller ones as before.
-STREAM_THRESHOLD = 64 * 2**20
+STREAM_THRESHOLD = 8 * 2**20
 _LAYER_RE = re.compile(r"^layer_(0|[1-9][0-9]*)$")
 
 

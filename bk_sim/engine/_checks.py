@@ -23,7 +23,7 @@ from bk_sim import npzstream
 from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
 from bk_sim.errors import AggregationError, WeightsFormatError
 from bk_sim.scenario import Scenario
-from bk_sim.synth import leaf_update, leaf_update_chunks
+from bk_sim.synth import SharedDraws, leaf_update, leaf_update_chunks
 from bk_sim.validate import (
     Comparison,
     compare,
@@ -354,6 +354,11 @@ def _judge_round(
     )
 
 
+#: Elements regenerated and compared at a time: the comparison makes ~8 float64
+#: temporaries per chunk, so 256 Ki elements keep it near 16 MiB.
+_JUDGE_CHUNK = 2**18
+
+
 def _compare_streaming(
     scenario: Scenario,
     mine: Sequence[_Upload],
@@ -363,12 +368,21 @@ def _compare_streaming(
 ) -> Comparison | None:
     """The round's verdict regenerated and compared chunk by chunk; None if it can't be."""
     contributions = []
+    shared = SharedDraws()  # the contributions advance in lockstep: G drawn once a chunk
     for up in mine:
         base = None if up.base is None else aggregates.get(up.base)
         if up.base is not None and base is None:
             return None
         try:
-            chunks = leaf_update_chunks(scenario.seed, up.leaf, up.round, base, scenario.model)
+            chunks = leaf_update_chunks(
+                scenario.seed,
+                up.leaf,
+                up.round,
+                base,
+                scenario.model,
+                chunk=_JUDGE_CHUNK,
+                shared=shared,
+            )
         except ValueError:
             return None
         contributions.append((up.weighting, chunks))

@@ -7,7 +7,13 @@ simulation's leaves, the load payloads, the validator's benchmark and the judge,
 sits below all of them.
 """
 
-from bk_sim.synth._model import initial_model, leaf_update, leaf_update_chunks, leaf_weightings
+from bk_sim.synth._model import (
+    SharedDraws,
+    initial_model,
+    leaf_update,
+    leaf_update_chunks,
+    leaf_weightings,
+)
 from bk_sim.synth._tabular import (
     COLUMN_KINDS,
     TabularSpec,
@@ -22,6 +28,7 @@ from bk_sim.synth._tabular import (
 
 __all__ = [
     "COLUMN_KINDS",
+    "SharedDraws",
     "TabularSpec",
     "column_names",
     "field_ops",

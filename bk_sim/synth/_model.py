@@ -41,6 +41,7 @@ __all__ = [
     "NOISE",
     "initial_model",
     "leaf_update",
+    "SharedDraws",
     "leaf_update_chunks",
     "leaf_weightings",
 ]
@@ -230,6 +231,41 @@ def _int_update(layer: LayerSpec, base: np.ndarray, rng: np.random.Generator) ->
 CHUNK_ELEMENTS = 2**20
 
 
+class SharedDraws:
+    """The draws every leaf of a round shares (G, the initial model), made once per chunk.
+
+    Pass one instance to the ``leaf_update_chunks`` of every contribution of a round when
+    their iterators advance in lockstep (the validator): each chunk of G (and of the
+    initial model) is then drawn once for all leaves instead of once per leaf. Chunks
+    handed out are read-only.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[int, int, int], tuple[int, np.ndarray, np.random.Generator]] = {}
+
+    def chunk(self, seed: int, tag: int, index: int, k: int, n: int, ct: np.dtype,
+              scale: float) -> np.ndarray:  # fmt: skip
+        """Chunk ``k`` (of ``n`` values) of stream (seed, tag, index), as ``_draw`` makes it."""
+        key = (seed, tag, index)
+        got = self._memo.get(key)
+        if got is not None and got[0] == k:
+            return got[1]
+        rng = _rng(seed, tag, index) if got is None or k == 0 else got[2]
+        if got is not None and k not in (0, got[0] + 1):
+            raise ValueError(f"shared draws must advance in lockstep: chunk {k} after {got[0]}")
+        arr = _draw(rng, n, ct, scale)
+        arr.flags.writeable = False
+        self._memo[key] = (k, arr, rng)
+        return arr
+
+
+def _draw(rng: np.random.Generator, n: int, ct: np.dtype, scale: float) -> np.ndarray:
+    x = rng.random(n, dtype=ct)
+    x -= ct.type(0.5)
+    x *= ct.type(2 * scale)
+    return x
+
+
 def leaf_update_chunks(
     seed: int,
     leaf_index: int,
@@ -237,6 +273,7 @@ def leaf_update_chunks(
     base: Sequence[np.ndarray] | None,
     model: ModelSpec,
     chunk: int = CHUNK_ELEMENTS,
+    shared: SharedDraws | None = None,
 ) -> list[Iterator[np.ndarray]]:
     """``leaf_update`` one chunk at a time: per layer, an iterator of flat chunks.
 
@@ -244,7 +281,7 @@ def leaf_update_chunks(
     the same streams taken in pieces, the arithmetic is element-wise), so a leaf writes a
     400 MB upload, and the judge regenerates it, holding a few MiB at a time. Float layers
     stream; integer layers (small in practice) are made whole. ``base`` None streams the
-    initial model too.
+    initial model too. ``shared``: see ``SharedDraws``.
     """
     if round_index < 1:
         raise ValueError(f"round_index is 1-based, got {round_index}")
@@ -258,7 +295,8 @@ def leaf_update_chunks(
                 f"base layer_{i} has shape {tuple(b.shape)}, the model has {tuple(layer.shape)}"
             )
         if _is_float(layer):
-            out.append(_float_chunks(seed, leaf_index, round_index, i, layer, b, chunk))
+            args = (seed, leaf_index, round_index, i, layer, b, chunk, shared or SharedDraws())
+            out.append(_float_chunks(*args))
         else:
             out.append(_int_chunks(seed, leaf_index, round_index, i, layer, b))
     return out
@@ -272,6 +310,7 @@ def _float_chunks(
     layer: LayerSpec,
     base: np.ndarray | None,
     chunk: int,
+    shared: SharedDraws,
 ) -> Iterator[np.ndarray]:
     ct = _compute_dtype(layer)
     scale = _scale(layer.shape)
@@ -282,32 +321,24 @@ def _float_chunks(
     k_u = ct.type(2 * NOISE * scale)
     k_c = ct.type(LR * d_leaf - NOISE * scale)
     rng = _rng(seed, _UPDATE, leaf, round_index, index)
-    g_rng = _rng(seed, _TARGET, index)
-    init_rng = _rng(seed, _INIT, index) if base is None else None
     flat = None if base is None else base.reshape(-1)
     dtype = np.dtype(layer.dtype)
-    half, two_scale, keep = ct.type(0.5), ct.type(2 * _scale(layer.shape)), ct.type(1 - LR)
-    for lo in range(0, layer.size, chunk):
+    keep = ct.type(1 - LR)
+    for k, lo in enumerate(range(0, layer.size, chunk)):
         n = min(chunk, layer.size - lo)
-        g = g_rng.random(n, dtype=ct)
-        g -= half
-        g *= two_scale
+        g = shared.chunk(seed, _TARGET, index, k, n, ct, scale)
         u = rng.random(n, dtype=ct)
         u *= k_u
         u += k_c
-        np.multiply(g, k_g, out=g)
-        g += u
-        if init_rng is not None:
-            x = init_rng.random(n, dtype=ct)
-            x -= half
-            x *= two_scale
-            b = x.astype(dtype, copy=False)
+        out = np.multiply(g, k_g)
+        out += u
+        if flat is None:
+            b = shared.chunk(seed, _INIT, index, k, n, ct, scale).astype(dtype, copy=False)
         else:
-            assert flat is not None
             b = flat[lo : lo + n]
         np.multiply(b, keep, out=u, dtype=ct, casting="unsafe")
-        g += u
-        yield g.astype(dtype, copy=False)
+        out += u
+        yield out.astype(dtype, copy=False)
 
 
 def _int_chunks(
