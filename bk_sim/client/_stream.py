@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from bk_sim.analytics import PAYLOAD_KIND_FEDERATED_LEARNING
 from bk_sim.errors import WeightsFormatError
 from bk_sim.npzstream import iter_member_chunks, read_members
 
@@ -107,7 +108,7 @@ def multipart_file_body(form: str, path: Path) -> tuple[MultipartFileBody, str]:
 def check_weights_file(path: Path) -> str | None:
     """The learning-kind client check of a large file, member by member.
 
-    Returns ``"learning"`` when the archive passes, None when it is not a weights archive
+    Returns ``"federated_learning"`` when the archive passes, None when it is not a weights archive
     (the caller then checks it whole, e.g. analytics); raises ``WeightsFormatError``.
     """
     where = str(path)
@@ -135,4 +136,4 @@ def check_weights_file(path: Path) -> str | None:
             for chunk in iter_member_chunks(f, m, where):
                 if m.dtype.kind == "f" and not np.isfinite(chunk).all():
                     raise WeightsFormatError(f"{where}: {key} holds NaN or infinite values")
-    return "learning"
+    return PAYLOAD_KIND_FEDERATED_LEARNING

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from bk_sim.errors import BkSimError, PlatformError
 from bk_sim.files import atomic_write
+from bk_sim.npzstream import return_freed_chunks
 from bk_sim.platform._app import ACCESS_LOGGER, PLATFORM_KEY, PlatformConfig, build_app
 from bk_sim.platform._guard import GuardedSite
 
@@ -44,6 +45,7 @@ def serve(
     """
     # pika logs tracebacks for failures this module translates and logs itself.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+    return_freed_chunks()  # aggregation streams 4 MiB chunks: give them back (issue 17)
     try:
         asyncio.run(_serve(config, host, port, ready_file, exit_on_stdin_eof))
     except BkSimError:

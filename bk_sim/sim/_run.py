@@ -37,6 +37,7 @@ from bk_sim.engine import (
     read_events,
 )
 from bk_sim.errors import BkSimError
+from bk_sim.npzstream import return_freed_chunks
 from bk_sim.scenario import Scenario
 from bk_sim.sim._host import LocalProcessHost
 from bk_sim.sim._worker import WorkerSpec
@@ -62,6 +63,7 @@ class SimulationRun:
         # Weightings that overflow are a ScenarioError: raise it before a platform, a broker
         # or a chaos proxy is started, not halfway through the run.
         leaf_weightings(scenario.seed, scenario.leaves.weighting, scenario.leaves.count)
+        return_freed_chunks()  # the validator streams chunks (issue 17)
         self.scenario = scenario
         self._hooks = hooks
         self.env = RunEnvironment(

@@ -28,6 +28,7 @@ from bk_sim.client import (
 )
 from bk_sim.engine import LeafPlan, client_event, harness_event, process_rss
 from bk_sim.errors import BkSimError
+from bk_sim.npzstream import return_freed_chunks
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import AggregateCache, LeafAgent
 
@@ -175,6 +176,7 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+    return_freed_chunks()  # leaves stream their uploads in chunks (issue 17)
     put: Callable[[dict[str, Any]], None] = events.put
     local_stop = threading.Event()
     cache = AggregateCache(spec.aggregates_dir)
