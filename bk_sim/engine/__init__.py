@@ -25,6 +25,7 @@ from bk_sim.engine._eventlog import (
     redact,
 )
 from bk_sim.engine._host import Event, HookContext, LeafHost, RunHooks
+from bk_sim.engine._limits import PlatformLimits, platform_limits, preflight
 from bk_sim.engine._memory import MemorySampler, memory_check, process_rss
 from bk_sim.engine._plan import LeafPlan, plan_leaves
 from bk_sim.engine._progress import RunCounters, Say, StatusBoard
@@ -44,6 +45,7 @@ __all__ = [
     "LeafPlan",
     "MemorySampler",
     "PlatformAccess",
+    "PlatformLimits",
     "PlatformNeeds",
     "RecordedUpload",
     "RoundRecord",
@@ -63,6 +65,8 @@ __all__ = [
     "make_harness_event",
     "memory_check",
     "plan_leaves",
+    "platform_limits",
+    "preflight",
     "process_rss",
     "read_events",
     "records_from_events",

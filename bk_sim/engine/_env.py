@@ -25,6 +25,7 @@ from bk_sim.client import Client, Credentials, RetryConfig
 from bk_sim.engine._checks import Check
 from bk_sim.engine._eventlog import EventLog, harness_event
 from bk_sim.engine._host import LeafHost, RunHooks
+from bk_sim.engine._limits import platform_limits
 from bk_sim.engine._progress import RunCounters, Say, StatusBoard
 from bk_sim.engine._records import RoundRecord
 from bk_sim.engine._results import RunResult, RunTimes, results_document, write_json
@@ -205,6 +206,8 @@ class RunEnvironment:
         from bk_sim.platform import start_platform
 
         self.say("starting the reference platform")
+        # Upload and decoded-archive limits follow from the model (issue 17).
+        lim = platform_limits(sc)
         if endpoints.amqp_url and endpoints.management_url:
             handle = start_platform(
                 self.run_dir / "platform",
@@ -212,10 +215,17 @@ class RunEnvironment:
                 host=needs.bind_host,
                 amqp_url=endpoints.amqp_url,
                 management_url=endpoints.management_url,
+                max_upload_bytes=lim.max_upload_bytes,
+                max_decompressed_bytes=lim.max_decompressed_bytes,
             )
         else:
             handle = start_platform(
-                self.run_dir / "platform", admin_token=token, host=needs.bind_host, no_amqp=True
+                self.run_dir / "platform",
+                admin_token=token,
+                host=needs.bind_host,
+                no_amqp=True,
+                max_upload_bytes=lim.max_upload_bytes,
+                max_decompressed_bytes=lim.max_decompressed_bytes,
             )
         try:
             url = handle.url

@@ -106,6 +106,12 @@ class PlatformSpec:
         None, "close a round with >= quorum uploads after this long (null = wait for all)", gt=0.0
     )
     trim_fraction: float = _f(0.1, "fraction cut at each end by `trimmed_mean`", ge=0.0, lt=0.5)
+    max_upload_bytes: int | None = _f(
+        None, "local: the platform's upload limit (null = follows from the model)", ge=1
+    )
+    max_decompressed_bytes: int | None = _f(
+        None, "local: the platform's decoded-archive limit (null = follows from the model)", ge=1
+    )
     faults: FaultsSpec = _f(FaultsSpec, "fault injection (local, or remote with `admin_url`)")
     host: str | None = _f(None, "remote: the platform's base URL")
     credentials_file: Path | None = _f(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from bk_sim.engine import (
     judge,
     memory_check,
     plan_leaves,
+    preflight,
     read_events,
 )
 from bk_sim.errors import BkSimError
@@ -63,6 +65,9 @@ class SimulationRun:
         # Weightings that overflow are a ScenarioError: raise it before a platform, a broker
         # or a chaos proxy is started, not halfway through the run.
         leaf_weightings(scenario.seed, scenario.leaves.weighting, scenario.leaves.count)
+        # A model that cannot fit (platform limits, memory, disk) is refused now, with the
+        # numbers, not ten minutes into the run (issue 17).
+        preflight(scenario, Path(tempfile.gettempdir()))
         return_freed_chunks()  # the validator streams chunks (issue 17)
         self.scenario = scenario
         self._hooks = hooks
