@@ -10,7 +10,6 @@ on 429/503, reports every attempt as an event, and translates every ``requests``
 from __future__ import annotations
 
 import email.utils
-import io
 import json
 import logging
 import os
@@ -209,7 +208,7 @@ class HttpTransport:
         endpoint: str,
         expect: Iterable[int] = (200,),
         json_body: Any = None,
-        data: bytes | IO[bytes] | io.RawIOBase | None = None,
+        data: bytes | IO[bytes] | Iterable[bytes] | None = None,
         headers: Mapping[str, str] | None = None,
         accept: str = JSON_ACCEPT,
         authenticated: bool = True,
@@ -369,7 +368,7 @@ class HttpTransport:
         method: str,
         url: str,
         json_body: Any,
-        data: bytes | IO[bytes] | io.RawIOBase | None,
+        data: bytes | IO[bytes] | Iterable[bytes] | None,
         headers: Mapping[str, str] | None,
         accept: str,
         authenticated: bool,

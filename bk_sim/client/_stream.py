@@ -3,19 +3,17 @@
 A 400 MB upload used to cost the client three copies (the file read, the decoded check,
 the multipart body). Above ``STREAM_THRESHOLD`` the client instead hashes the file in a
 streaming pass, checks it member by member (``bk_sim.npzstream``), and sends a multipart
-body that reads the file as requests asks for it (``MultipartFileBody``: a rewindable
-file-like object with a length, so requests sends a ``Content-Length`` and a retry sends
-it again from the start).
+body read from the file 1 MiB at a time (``MultipartFileBody``: a sized iterable, so
+requests sends a ``Content-Length`` and a retry sends it again from the start).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -25,72 +23,41 @@ from bk_sim.npzstream import iter_member_chunks, read_members
 
 #: Files above this size are checked and sent streaming; smaller ones as before.
 STREAM_THRESHOLD = 8 * 2**20
+_BLOCK = 2**20
 _LAYER_RE = re.compile(r"^layer_(0|[1-9][0-9]*)$")
 
 
-class MultipartFileBody(io.RawIOBase):
-    """``prefix + <file> + suffix`` as one readable, rewindable stream with a length."""
+class MultipartFileBody:
+    """``prefix + <file> + suffix`` as a sized iterable of 1 MiB blocks.
+
+    requests sends an iterable with a length with a ``Content-Length`` and urllib3 writes
+    each block as it comes (a file object would be read 16 KiB at a time); every
+    iteration starts from the top, so a retry sends the whole body again.
+    """
 
     def __init__(self, prefix: bytes, path: Path, suffix: bytes) -> None:
-        super().__init__()
         self._prefix = prefix
         self._suffix = suffix
         self._path = path
         self._file_size = path.stat().st_size
-        self._f: BinaryIO | None = None
-        self._pos = 0
 
     def __len__(self) -> int:
         return len(self._prefix) + self._file_size + len(self._suffix)
 
-    @property
-    def len(self) -> int:  # what requests' super_len looks for first
-        return len(self)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if offset != 0 or whence not in (io.SEEK_SET, io.SEEK_END):
-            raise io.UnsupportedOperation("only rewinding (or seeking to the end) is supported")
-        self._pos = 0 if whence == io.SEEK_SET else len(self)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        total = len(self)
-        if size is None or size < 0:
-            size = total - self._pos
-        out = bytearray()
-        while size > 0 and self._pos < total:
-            pos = self._pos
-            if pos < len(self._prefix):
-                piece = self._prefix[pos : pos + size]
-            elif pos < len(self._prefix) + self._file_size:
-                if self._f is None:
-                    self._f = open(self._path, "rb")  # noqa: SIM115 - closed by close()
-                self._f.seek(pos - len(self._prefix))
-                piece = self._f.read(min(size, len(self._prefix) + self._file_size - pos))
-                if not piece:
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._prefix
+        left = self._file_size
+        with open(self._path, "rb") as f:
+            while left > 0:
+                block = f.read(min(_BLOCK, left))
+                if not block:
                     raise OSError(f"{self._path} shrank while it was being sent")
-            else:
-                at = pos - len(self._prefix) - self._file_size
-                piece = self._suffix[at : at + size]
-            out += piece
-            self._pos += len(piece)
-            size -= len(piece)
-        return bytes(out)
+                left -= len(block)
+                yield block
+        yield self._suffix
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        super().close()
+        """Nothing stays open between iterations; kept for symmetry with file bodies."""
 
 
 def multipart_file_body(form: str, path: Path) -> tuple[MultipartFileBody, str]:
