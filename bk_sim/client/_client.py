@@ -19,6 +19,7 @@ import threading
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -722,8 +723,9 @@ class Client:
         try:
             size = path.stat().st_size
             if size > STREAM_THRESHOLD:
-                # Large: hashed, checked and sent from disk (issue 17), never held whole.
-                digest, size = file_digest(path)
+                # Large: hashed, checked and sent from disk (issue 17), never held whole;
+                # the hash runs beside the check (both release the GIL).
+                digest, size, kind = self._digest_and_check(path)
                 body_source: bytes | Path = path
             else:
                 data = path.read_bytes()
@@ -732,9 +734,7 @@ class Client:
                 body_source = data
         except OSError as exc:
             raise WeightsFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        if isinstance(body_source, Path):
-            kind = self._check_upload_file(path, digest, size)
-        else:
+        if not isinstance(body_source, Path):
             kind = self._check_upload(body_source, digest)
         self._wait_for_run()  # after the checks: never wait long for a file that is bad
         meta = metadata_dict(
@@ -794,19 +794,25 @@ class Client:
         self._validated[key] = kind
         return kind
 
-    def _check_upload_file(self, path: Path, digest: str, size: int) -> str:
-        """``_check_upload`` for a large file: member by member, remembered by digest."""
+    def _digest_and_check(self, path: Path) -> tuple[str, int, str]:
+        """(digest, size, kind) of a large file: hashed in a thread while it is checked
+        member by member here; a content that passed before is not checked again."""
+        with ThreadPoolExecutor(1, thread_name_prefix="bk-upload-digest") as pool:
+            hashing = pool.submit(file_digest, path)
+            kind: str | None = None
+            try:
+                kind = check_weights_file(path)
+            finally:
+                digest, size = hashing.result()
         key = (digest, size)
-        kind = self._validated.get(key)
-        if kind is not None:
-            return kind
-        kind = check_weights_file(path)
+        if key in self._validated:
+            return digest, size, self._validated[key]
         if kind is None:  # not a weights archive: the whole-archive check decides
             kind = _analytics.validate_payload(_weights.load_arrays(path.read_bytes()))
         if len(self._validated) >= _VALIDATED_MEMORY:
             self._validated.clear()
         self._validated[key] = kind
-        return kind
+        return digest, size, kind
 
     def file_download(self, file_id: str) -> str:
         """Download an aggregate to ``<output_dir>/<file_id>.npz`` and return the path.
