@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -54,6 +55,14 @@ class _Peak:
         return [(pk - r) / 2**20 for pk, r in zip(self.peak, self.rest, strict=True)]
 
 
+def _cpu(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its threads (0 without a pid)."""
+    if pid is None:
+        return 0.0
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
 def _upload(params: int, repeat: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bk-sim-large-bench-"))
     npzstream.return_freed_chunks()
@@ -79,13 +88,17 @@ def _upload(params: int, repeat: int) -> None:
         with Client(creds[0], host=handle.url, ssl=False, notifications=False) as client:
             for i in range(repeat):
                 peak = _Peak(psutil.Process().pid, *([plat_pid] if plat_pid else []))
+                cpu0 = _cpu(psutil.Process().pid), _cpu(plat_pid)
                 t0 = time.perf_counter()
                 client.file_upload(path)
                 dt = time.perf_counter() - t0
+                cpu = _cpu(psutil.Process().pid) - cpu0[0], _cpu(plat_pid) - cpu0[1]
                 growth = peak.stop()
                 print(
-                    f"upload {i + 1}: {dt:.2f} s, {mb / dt:.0f} MB/s; RSS growth client "
-                    f"{growth[0]:.0f} MiB" + (f", platform {growth[1]:.0f} MiB" if plat_pid else "")
+                    f"upload {i + 1}: {dt:.2f} s, {mb / dt:.0f} MB/s; CPU client {cpu[0]:.2f} s, "
+                    f"platform {cpu[1]:.2f} s; load average {os.getloadavg()[0]:.1f}; RSS "
+                    f"growth client {growth[0]:.0f} MiB"
+                    + (f", platform {growth[1]:.0f} MiB" if plat_pid else "")
                 )
         admin.delete_tree(tree)
     finally:
