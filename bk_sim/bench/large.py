@@ -1,7 +1,7 @@
 """Large-model figures (issue 17): one big upload leaf -> platform, and the validator.
 
     python -m bk_sim.bench.large upload [--params 100000000] [--repeat 3]
-    python -m bk_sim.bench.large judge RUN_DIR
+    python -m bk_sim.bench.large judge RUN_DIR SCENARIO_FILE
 
 ``upload`` starts a local platform (no broker), writes one upload of ``--params`` float32
 values with the leaves' streaming writer, and times ``Client.file_upload`` (hash, check,
@@ -14,7 +14,6 @@ upload data and the judging process's RSS growth.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from bk_sim import npzstream
 from bk_sim.client import Client
 from bk_sim.engine import judge, read_events
 from bk_sim.platform import start_platform
-from bk_sim.scenario import scenario_from_dict
+from bk_sim.scenario import load_scenario
 
 
 class _Peak:
@@ -106,15 +105,14 @@ def _upload(params: int, repeat: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _judge(run_dir: Path) -> None:
+def _judge(run_dir: Path, scenario_file: Path) -> None:
     npzstream.return_freed_chunks()
-    doc = json.loads((run_dir / "results.json").read_text())
-    scenario = scenario_from_dict(doc["scenario"])
+    scenario = load_scenario(scenario_file)
     events = list(read_events(run_dir / "events.jsonl"))
     peak = _Peak(psutil.Process().pid)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu(os.getpid())
     j = judge(scenario, events, None, run_dir / "aggregates")
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, _cpu(os.getpid()) - c0
     growth = peak.stop()[0]
     for r in j.rounds:
         print(
@@ -122,8 +120,11 @@ def _judge(run_dir: Path) -> None:
             f"{r.validator_mb_s or 0:.0f} MB/s of upload data"
         )
     s = scenario.model.nbytes
+    mb = sum(float(e.get("bytes", 0)) for e in events if e.get("kind") == "upload") / 1e6
     print(
-        f"total {total:.2f} s; judging RSS growth {growth:.0f} MiB = {growth * 2**20 / s:.2f} x S"
+        f"total {total:.2f} s ({mb / total:.0f} MB/s), CPU {cpu:.2f} s ({mb / cpu:.0f} MB/s of "
+        f"CPU), load average {os.getloadavg()[0]:.1f}; judging RSS growth {growth:.0f} MiB = "
+        f"{growth * 2**20 / s:.2f} x S"
     )
 
 
@@ -135,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--repeat", type=int, default=3)
     jd = sub.add_parser("judge")
     jd.add_argument("run_dir", type=Path)
+    jd.add_argument("scenario", type=Path, help="the scenario file the run played")
     args = parser.parse_args(argv)
     if args.what == "upload":
         _upload(args.params, args.repeat)
     else:
-        _judge(args.run_dir)
+        _judge(args.run_dir, args.scenario)
     return 0
 
 
