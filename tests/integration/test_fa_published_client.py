@@ -15,15 +15,15 @@ import math
 import os
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bk_sim.errors import PublishedClientError
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.platform import PlatformHandle
 from bk_sim.published import prepare
+from tests.conftest import PlatformFactory
 from tests.integration._fa_support import KIND_KEY
 from tests.integration._platform_support import make_branch
 
@@ -80,10 +80,8 @@ def branchkey_python(published_clients_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("fa-published"), no_amqp=True)
-    yield handle
-    handle.stop()
+def platform(platform_factory: PlatformFactory) -> PlatformHandle:
+    return platform_factory(no_amqp=True)
 
 
 def _columns(rng: np.random.Generator, i: int) -> dict[str, tuple[str, list[float | None]]]:
