@@ -845,6 +845,7 @@ class Client:
         # 1 GB aggregate never sits in memory).
         part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             blob = self._http.request(
                 "GET",
                 absolute,

@@ -9,6 +9,7 @@ on 429/503, reports every attempt as an event, and translates every ``requests``
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
@@ -246,6 +247,10 @@ class HttpTransport:
                 content = b""
             duration = time.perf_counter() - started
             status = response.status_code if response is not None else None
+            received = len(content)
+            if stream_to is not None and status in expected:
+                with contextlib.suppress(OSError):  # streamed to the file, not kept
+                    received = stream_to.stat().st_size
             self._events.emit(
                 "http_request",
                 transport="http",
@@ -254,7 +259,7 @@ class HttpTransport:
                 status=status,
                 duration_s=duration,
                 bytes_sent=sent,
-                bytes_received=len(content),
+                bytes_received=received,
                 attempt=attempt,
                 error=_describe(failure) if failure is not None else None,
             )
