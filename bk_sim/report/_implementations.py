@@ -266,32 +266,27 @@ def _doubles(run: RunData) -> _Cell:
     return _Cell(len(doubles), str(len(doubles)), tuple(ev))
 
 
-_ERROR_KINDS = ("leaf_error", "consumer_stopped", "give_up", "worker_exit", "fault_error")
+_ERROR_KINDS = ("leaf_error", "give_up", "worker_exit", "fault_error")
+
+
+def _is_error(e: Mapping[str, Any]) -> bool:
+    """Errors of either client: a ``consumer_stopped`` is one only with an ``error`` (ours
+    reports a consumer that ended because the client closed, without one); a runner exit
+    only when it was not killed on purpose."""
+    kind = e.get("kind")
+    if kind in _ERROR_KINDS:
+        return True
+    if kind == "consumer_stopped":
+        return bool(e.get("error"))
+    if kind == "published_runner_exited":
+        return e.get("returncode") not in (0, None) and not e.get("killed")
+    return False
 
 
 def _errors(run: RunData) -> _Cell:
-    counts: Counter[str] = Counter()
-    for e in run.events:
-        kind = str(e.get("kind"))
-        if kind in _ERROR_KINDS:
-            counts[kind] += 1
-        elif kind == "published_runner_exited" and e.get("returncode") not in (0, None):
-            if not e.get("killed"):
-                counts[kind] += 1
-    total = sum(counts.values())
+    counts = Counter(str(e.get("kind")) for e in run.events if _is_error(e))
     shown = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "0"
-    ev = _lines(
-        run,
-        lambda e: (
-            e.get("kind") in _ERROR_KINDS
-            or (
-                e.get("kind") == "published_runner_exited"
-                and e.get("returncode") not in (0, None)
-                and not e.get("killed")
-            )
-        ),
-    )
-    return _Cell(total, shown, tuple(ev))
+    return _Cell(sum(counts.values()), shown, tuple(_lines(run, _is_error)))
 
 
 def _wall(run: RunData) -> _Cell:
