@@ -271,9 +271,11 @@ _ERROR_KINDS = ("leaf_error", "give_up", "worker_exit", "fault_error")
 
 def _is_error(e: Mapping[str, Any]) -> bool:
     """Errors of either client: a ``consumer_stopped`` is one only with an ``error`` (ours
-    reports a consumer that ended because the client closed, without one); a runner exit
-    only when it was not killed on purpose."""
+    reports a consumer that ended because the client closed, without one); a process or
+    runner exit only when it was not killed on purpose."""
     kind = e.get("kind")
+    if kind == "worker_exit" and e.get("exitcode") == -9:
+        return False  # SIGKILLed on purpose: chaos's kill_leaf or a planned dropout
     if kind in _ERROR_KINDS:
         return True
     if kind == "consumer_stopped":
