@@ -402,7 +402,9 @@ class ChaosRun:
                         round=killed_round[leaf],
                         file_id=file_id,
                         weighting=plan.weighting if u.weighting is None else u.weighting,
-                        base_aggregation_id=self._killed_base.get(plan.index),
+                        base_aggregation_id=self._killed_base.get(
+                            plan.index, tracker.last_download.get(plan.index)
+                        ),
                         inferred="the leaf was killed before it saw the answer; "
                         "the platform kept the upload",
                     )
