@@ -430,3 +430,39 @@ def _html(doc: Mapping[str, Any]) -> str:
         )
         + "</body></html>\n"
     )
+
+
+def implementations_html(results: Mapping[str, Any]) -> str:
+    """A run page's section on its client implementations: which release each leaf ran,
+    and what the harness could not observe of it ("" for a run of our client only)."""
+    impls = results.get("implementations") or {}
+    if not any(i.get("kind") == "published" for i in impls.values()):
+        return ""
+    e = html.escape
+    rows = []
+    blind = []
+    for name, impl in impls.items():
+        leaves = impl.get("leaves") or []
+        shown = ", ".join(map(str, leaves[:20])) + (" ..." if len(leaves) > 20 else "")
+        versions = (
+            f"branchkey {impl.get('branchkey')}, numpy {impl.get('numpy')}, python "
+            f"{impl.get('python')}"
+            if impl.get("kind") == "published"
+            else "bk-sim's own client"
+        )
+        rows.append(
+            f"<tr><td>{e(name)}</td><td>{e(versions)}</td><td>{len(leaves)}: {e(shown)}</td></tr>"
+        )
+        for item in impl.get("unobservable") or []:
+            blind.append(
+                f"<tr><td>{e(name)}</td><td>{e(str(item.get('what', '')))}</td>"
+                f"<td>{e(str(item.get('why', '')))}</td>"
+                f"<td>{e(str(item.get('fills_gap', '')))}</td></tr>"
+            )
+    return (
+        "<section><h2>Client implementations</h2><table><tr><th>implementation</th>"
+        f"<th>release</th><th>leaves</th></tr>{''.join(rows)}</table>"
+        "<h3>Not observable from outside the published client</h3><table><tr>"
+        "<th>implementation</th><th>what</th><th>why</th><th>what fills the gap</th></tr>"
+        f"{''.join(blind)}</table></section>"
+    )
