@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bk_sim import analytics
+from bk_sim.analytics import PAYLOAD_KIND_FEDERATED_ANALYTICS
 from bk_sim.engine import Event, LeafPlan, harness_event, leaf_implementations
 from bk_sim.errors import PublishedClientError, ScenarioError
 from bk_sim.published import (
@@ -43,6 +45,8 @@ from bk_sim.published import (
 )
 from bk_sim.scenario import OWN_IMPLEMENTATION, Scenario
 from bk_sim.sim._agent import AggregateCache, LeafAgent
+from bk_sim.sim._fa_agent import AnalyticsLeafAgent
+from bk_sim.synth import tabular_spec
 
 _log = logging.getLogger(__name__)
 
@@ -163,6 +167,17 @@ class RunnerClient:
         if not reply.ok:
             raise _failed("download", reply)
         return str((reply.result or {})["path"])
+
+    def save_fields(
+        self,
+        entries: Mapping[str, Any],
+        kind: str = PAYLOAD_KIND_FEDERATED_ANALYTICS,
+        file_path: str | os.PathLike[str] = "fields",
+        weighting: float | None = None,
+    ) -> str:
+        """An analytics archive, written by the harness (``bk_sim.analytics``) like every
+        weights upload: the published package only uploads the file."""
+        return str(analytics.save_fields(file_path, entries, kind, weighting))
 
 
 def _failed(doing: str, reply: Reply) -> PublishedClientError:
@@ -470,18 +485,22 @@ class PublishedHost:
             construct_s=result.get("construct_s"),
             implementation=slot.implementation,
         )
-        agent = LeafAgent(
-            plan,
-            seed=sc.seed,
-            model=sc.model,
-            rounds=sc.rounds,
-            compression=sc.payload.compression,
-            notification_timeout_s=sc.timeouts.notification_s,
-            client=inc.clients[key],
-            work_dir=leaf_dir,
-            cache=self._cache,
-            emit=lambda ev: self._put(inc, ev.to_dict()),
-            stop=self._stop,
+        common: dict[str, Any] = {
+            "seed": sc.seed,
+            "model": sc.model,
+            "rounds": sc.rounds,
+            "compression": sc.payload.compression,
+            "notification_timeout_s": sc.timeouts.notification_s,
+            "client": inc.clients[key],
+            "work_dir": leaf_dir,
+            "cache": self._cache,
+            "emit": lambda ev: self._put(inc, ev.to_dict()),
+            "stop": self._stop,
+        }
+        agent = (
+            AnalyticsLeafAgent(plan, tabular=tabular_spec(sc), **common)
+            if sc.payload.kind == "federated_analytics"
+            else LeafAgent(plan, **common)
         )
         try:
             agent.run()

@@ -46,7 +46,7 @@ from bk_sim.sim._published_host import (
     published_slots,
 )
 from bk_sim.sim._worker import WorkerSpec
-from bk_sim.synth import leaf_weightings
+from bk_sim.synth import field_ops, leaf_weightings, tabular_spec
 
 _log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class SimulationRun:
 
     def execute(self) -> RunResult:
         sc, env, hooks = self.scenario, self.env, self._hooks
+        analytics = sc.payload.kind == "federated_analytics"
         # Published clients' envs are checked and built before anything else starts.
         published_envs = prepare_implementations(sc, self._say)
         env.make_run_dir("aggregates")
@@ -114,6 +115,7 @@ class SimulationRun:
                     quorum=sc.platform.quorum,
                     round_timeout_s=sc.platform.round_timeout_s,
                     purpose=f"the scenario needs leaves.count = {sc.leaves.count}",
+                    field_ops=field_ops(tabular_spec(sc)) if analytics else None,
                 )
                 access = stack.enter_context(env.platform_for(endpoints, needs, log))
                 if transport == "amqp":
@@ -197,7 +199,11 @@ class SimulationRun:
             log.close()
         log_path = self.run_dir / "events.jsonl"
         events = list(read_events(log_path)) if log_path.exists() else []
-        self._say("validating aggregates against the reference")
+        self._say(
+            "validating the analytics rounds against the pooled columns"
+            if analytics
+            else "validating aggregates against the reference"
+        )
         # A local platform is stopped by now: only a remote one can still be asked.
         fetch = None
         if access is not None and access.credentials and sc.platform.mode == "remote":
@@ -211,6 +217,8 @@ class SimulationRun:
             "leaves": judgement.leaves,
             "timings": judgement.timings,
         }
+        if analytics:
+            sections["analytics"] = judgement.analytics
         if implementations:
             sections["implementations"] = implementations
         if hooks is not None:
