@@ -30,6 +30,7 @@ from bk_sim.analytics import PAYLOAD_KIND_FEDERATED_ANALYTICS
 from bk_sim.engine import Event, LeafPlan, harness_event, leaf_implementations
 from bk_sim.errors import PublishedClientError, ScenarioError
 from bk_sim.published import (
+    HttpRequest,
     LeafSettings,
     Notification,
     PublishedEnv,
@@ -39,6 +40,7 @@ from bk_sim.published import (
     RunnerEvent,
     RunnerExited,
     as_client_event,
+    endpoint_of,
     parse_requirement,
     prepare,
     unobservable,
@@ -446,6 +448,8 @@ class PublishedHost:
             implementation=slot.implementation,
         )
         if mapped is not None:
+            if isinstance(event, HttpRequest):  # per call: upload latency, retries included
+                mapped["endpoint"] = endpoint_of(event.url)
             self._put(inc, mapped)
 
     def _leaf_thread(

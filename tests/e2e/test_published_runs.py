@@ -92,6 +92,8 @@ def test_2_9_0_plays_smoke_over_amqp_and_the_reference_ignores_its_numpy(
     rounds = [c for c in res["checks"] if c["name"].endswith("aggregate correct")]
     assert len(rounds) == 2 and all(c["passed"] for c in rounds), rounds
     assert res["notifications"]["received"] == res["notifications"]["expected"] == 8
+    # upload latency from the package's own session calls (published_http_request)
+    assert res["timings"]["upload_latency_s"]["p50"] is not None
     events = _events(run_dir)
     notes = [e for e in events if e["kind"] == "notification" and e.get("leaf") is not None]
     assert notes and all(e["implementation"] == "branchkey==2.9.0" for e in notes)
