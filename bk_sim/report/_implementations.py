@@ -163,28 +163,37 @@ def _notes(run: RunData) -> Mapping[str, Any]:
     return chaos.get("notifications") or run.results.get("notifications") or {}
 
 
+#: What can take a leaf's notifications away, most telling first.
+_LOSS_KINDS = (
+    "consumer_stopped",
+    "give_up",
+    "published_notification_dropped",
+    "published_notification_blocked",
+    "leaf_error",
+    "disconnect",
+)
+
+
 def _lost(run: RunData) -> _Cell:
     n = _notes(run)
     lost = n.get("lost")
     examples = n.get("lost_examples") or []
+    index = {str(e["leaf_id"]): e["leaf"] for e in run.events if "leaf" in e and "leaf_id" in e}
     leaves = {str(x.get("leaf_id")) for x in examples}
-    ev = [f"lost: leaf {x.get('leaf_id')} aggregate {x.get('aggregation_id')}" for x in examples]
-    ev += _lines(
-        run,
-        lambda e: (
-            str(e.get("leaf_id")) in leaves
-            and e.get("kind")
-            in (
-                "disconnect",
-                "consumer_stopped",
-                "give_up",
-                "published_notification_dropped",
-                "published_notification_blocked",
-                "leaf_error",
-            )
-        ),
-    )
+    ev = [
+        f"lost: leaf {index.get(str(x.get('leaf_id')), x.get('leaf_id'))} aggregate "
+        f"{x.get('aggregation_id')}"
+        for x in examples
+    ]
+    for kind in _LOSS_KINDS:  # the lost leaves' telling events first, disconnects last
+        if len(ev) >= 2 * _EVIDENCE:
+            break
+        ev += _lines(run, _of_leaves(kind, leaves))
     return _Cell(lost, _count(lost, n.get("expected"), "owed"), tuple(ev[: 2 * _EVIDENCE]))
+
+
+def _of_leaves(kind: str, leaves: set[str]) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda e: e.get("kind") == kind and str(e.get("leaf_id")) in leaves
 
 
 def _duplicated(run: RunData) -> _Cell:
