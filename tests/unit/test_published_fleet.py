@@ -295,3 +295,47 @@ def test_comparison_rows_say_what_differed_with_event_line_evidence(tmp_path: Pa
     assert (
         "<th>branchkey==3.0.1</th>" in page and "amqp_acks" in page and "transport refused" in page
     )
+
+
+def test_published_slots_spread_each_implementation_and_give_dying_leaves_their_own() -> None:
+    from bk_sim.sim._published_host import published_slots
+
+    def plan(i: int, impl: str, die: int | None = None) -> LeafPlan:
+        return LeafPlan(
+            index=i, credentials={"id": f"L{i}"}, weighting=1.0, die_round=die, implementation=impl
+        )
+
+    plans = [
+        plan(0, "branchkey==2.9.0"),
+        plan(1, "branchkey==2.9.0"),
+        plan(2, "branchkey==2.9.0", die=2),
+        plan(3, "branchkey==3.0.1"),
+        plan(4, "branchkey==2.9.0"),
+    ]
+    slots = published_slots(plans, processes=2)
+    got = [(s.worker, s.implementation, [p.index for p in s.plans], s.dies) for s in slots]
+    assert got == [
+        (0, "branchkey==2.9.0", [0, 4], False),
+        (1, "branchkey==2.9.0", [1], False),
+        (2, "branchkey==2.9.0", [2], True),
+        (3, "branchkey==3.0.1", [3], False),
+    ]
+
+
+def test_leaf_settings_fit_the_published_config_fields() -> None:
+    from bk_sim.sim._published_host import leaf_settings
+
+    sc = _scenario(client={"retry": {"total_timeout": 2.5}, "reconnect": {"max_delay": 4.5}})
+    amqp = leaf_settings(sc, "http://127.0.0.1:9", "amqp", "127.0.0.1", 15672).to_command()
+    assert amqp["rabbitmq"] == {
+        "host": "127.0.0.1",
+        "port": 15672,
+        "ssl": False,
+        "max_reconnect_attempts": 10,
+        "reconnect_backoff_factor": 2.0,
+        "reconnect_max_delay": 5,
+    }
+    assert amqp["retry"] == {"max_retries": 3, "backoff_factor": 1.0, "total_timeout": 3}
+    assert amqp["api"] == {"host": "http://127.0.0.1:9", "ssl": False}
+    ws = leaf_settings(sc, "http://127.0.0.1:9", "websocket", None, None).to_command()
+    assert "rabbitmq" not in ws and ws["websocket"]["reconnect_max_delay"] == 5
