@@ -380,6 +380,9 @@ class PublishedHost:
         runner = PublishedLeafProcess(env, workdir, on_event=on_event, keep_events=False)
         inc = _Incarnation(runner=runner, plans=plans)
         holder.append(inc)
+        with self._lock:  # known before it starts: stop() shuts it down even then (Ctrl-C)
+            self._live[slot.worker] = inc
+            self._all.append(inc)
         ready = runner.start()
         self.ready.setdefault(slot.implementation, ready)
         self.emit(
@@ -405,9 +408,6 @@ class PublishedHost:
             )
             for key, plan in plans.items()
         ]
-        with self._lock:
-            self._live[slot.worker] = inc
-            self._all.append(inc)
         for t in inc.threads:
             t.start()
 
