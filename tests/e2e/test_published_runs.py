@@ -1,7 +1,7 @@
 """``bk-sim run`` with leaves on the published branchkey client, end to end.
 
-Real envs of the published releases (built once per cache dir, shared by the session and
-by the CLI subprocesses through ``BK_SIM_CLIENTS_DIR``), the real reference platform,
+Real envs of the published releases (built once in the suite's cache dir, shared by the
+session and by the CLI subprocesses through ``BK_SIM_CLIENTS_DIR``), the real reference platform,
 the real RabbitMQ, leaf runners as real processes. Small sizes: 4 leaves, 2 rounds.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bk_sim.errors import PublishedClientError
-from bk_sim.published import PublishedEnv, default_cache_dir, prepare
+from bk_sim.published import PublishedEnv, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "scenarios" / "smoke.yaml"
@@ -28,9 +28,9 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")
-def clients_dir() -> Path:
-    """One env cache for the whole session, the tests' and the subprocesses' alike."""
-    return default_cache_dir()
+def clients_dir(published_clients_dir: Path) -> Path:
+    """The suite's one env cache (tests/conftest.py), the tests' and the subprocesses'."""
+    return published_clients_dir
 
 
 @pytest.fixture(scope="session")
