@@ -27,7 +27,7 @@ from bk_sim.engine._eventlog import (
 from bk_sim.engine._host import Event, HookContext, LeafHost, RunHooks
 from bk_sim.engine._limits import PlatformLimits, platform_limits, preflight
 from bk_sim.engine._memory import MemorySampler, memory_check, process_rss
-from bk_sim.engine._plan import LeafPlan, plan_leaves
+from bk_sim.engine._plan import LeafPlan, leaf_implementations, plan_leaves
 from bk_sim.engine._progress import RunCounters, Say, StatusBoard
 from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
 from bk_sim.engine._results import RunResult, RunTimes, iso, verdict, write_json
@@ -62,6 +62,7 @@ __all__ = [
     "harness_event",
     "iso",
     "judge",
+    "leaf_implementations",
     "make_harness_event",
     "memory_check",
     "plan_leaves",
