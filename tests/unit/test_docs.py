@@ -22,9 +22,7 @@ README_MAX_BYTES = 12_288
 
 # Docs other helpers write on their branches; the coordinator removes this allowance once
 # they are merged, so a link to a doc that never arrived fails.
-PENDING_DOCS = frozenset(
-    f"docs/{name}.md" for name in ("broker", "tls")
-)
+PENDING_DOCS = frozenset(f"docs/{name}.md" for name in ("broker", "tls"))
 
 BEGIN = "<!-- BEGIN GENERATED: bk-sim scenario schema -->\n"
 END = "<!-- END GENERATED: bk-sim scenario schema -->\n"
