@@ -23,6 +23,7 @@ PayloadKind = Literal["federated_learning", "federated_analytics"]
 AnalyticsFault = Literal["mean_of_means", "drop_leaf", "nan_poisoned", "double_count"]
 BrokerProvider = Literal["auto", "external", "local", "testcontainers", "none"]
 Transport = Literal["amqp", "websocket"]
+LeafHostKind = Literal["threads", "event_loop"]
 Distribution = Literal["fixed", "uniform", "lognormal", "list"]
 Compression = Literal["faithful", "fast", "stored"]
 #: Endpoints the platform's admin faults API knows (``*`` = all leaf endpoints).
@@ -170,6 +171,11 @@ class LeavesSpec:
     start_jitter_s: float = _f(0.0, "each leaf starts after a random delay up to this", ge=0.0)
     stragglers: StragglersSpec = _f(StragglersSpec, "late leaves")
     dropouts: DropoutsSpec = _f(DropoutsSpec, "leaves that skip rounds or die")
+    host: LeafHostKind = _f(
+        "threads",
+        "`threads`: a thread (and a consumer thread) per leaf; `event_loop`: the leaves of "
+        "a process on one event loop (AMQP only)",
+    )
 
     @property
     def effective_processes(self) -> int:
