@@ -173,8 +173,8 @@ class LeavesSpec:
     dropouts: DropoutsSpec = _f(DropoutsSpec, "leaves that skip rounds or die")
     host: LeafHostKind = _f(
         "threads",
-        "`threads`: a thread (and a consumer thread) per leaf; `event_loop`: the leaves of "
-        "a process on one event loop (AMQP only)",
+        "`threads`: a thread (and a consumer thread) per leaf; `event_loop`: a process's "
+        "leaves on one event loop (WebSocket consumers keep a thread each)",
     )
 
     @property
