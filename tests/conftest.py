@@ -6,9 +6,11 @@ instead, so CI never passes green with them unrun.
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from bk_sim.broker import ManagementAPI
 from bk_sim.errors import BrokerError
 from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.published import CACHE_ENV_VAR
 from tests.support import unavailable
 
 AMQP_HOST = "127.0.0.1"
@@ -46,6 +49,30 @@ def management() -> Iterator[ManagementAPI]:
         unavailable(f"RabbitMQ management API unavailable: {exc}")
     yield api
     api.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def published_clients_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Where ``bk_sim.published.prepare`` keeps the published clients' envs for the whole
+    suite: ``$BK_SIM_CLIENTS_DIR`` when set, else a folder of the pytest cache (kept across
+    sessions). Set in the environment, so every test (and every ``bk-sim`` subprocess)
+    builds each release once."""
+    given = os.environ.get(CACHE_ENV_VAR)
+    if given:
+        yield Path(given)
+        return
+    cache = getattr(request.config, "cache", None)
+    path = (
+        Path(cache.mkdir("bk-sim-clients"))
+        if cache is not None
+        else tmp_path_factory.mktemp("bk-sim-clients")
+    )
+    patch = pytest.MonkeyPatch()
+    patch.setenv(CACHE_ENV_VAR, str(path))
+    yield path
+    patch.undo()
 
 
 @pytest.fixture()

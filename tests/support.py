@@ -69,6 +69,9 @@ class Recorder:
     def wait_count(self, kind: str, n: int, timeout: float) -> None:
         self.wait(lambda: len(self.of(kind)) >= n, timeout, f"{n} {kind} event(s)")
 
+    def wait_messages(self, n: int, timeout: float) -> None:
+        self.wait(lambda: len(self.messages) >= n, timeout, f"{n} message(s)")
+
     def summary(self) -> list[str]:
         with self.cond:
             return [f"{e.kind}:{e.attempt}:{e.delay_s}:{e.error}" for e in self.events]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bk_sim import weights
+from bk_sim.engine._fa_checks import judge_analytics_round
 from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
 from bk_sim.errors import AggregationError, WeightsFormatError
 from bk_sim.scenario import Scenario
@@ -62,6 +63,8 @@ class Judgement:
     downloads: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     leaves: dict[str, Any] = field(default_factory=dict)
+    #: federated analytics: per round, the judge's verdict and the column histograms
+    analytics: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -132,16 +135,21 @@ class _Aggregates:
         self._fetch = fetch
         self._cache: dict[str, list[np.ndarray]] = {}
 
-    def get(self, aggregation_id: str) -> list[np.ndarray] | None:
-        if aggregation_id in self._cache:
-            return self._cache[aggregation_id]
+    def path(self, aggregation_id: str) -> Path | None:
+        """The aggregate's file in the run folder, fetched there first if need be."""
         path = self._dir / f"{aggregation_id}.npz"
         if not path.exists() and self._fetch is not None:
             fetched = self._fetch(aggregation_id)
             if fetched is not None and fetched != path:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fetched.replace(path)
-        if not path.exists():
+        return path if path.exists() else None
+
+    def get(self, aggregation_id: str) -> list[np.ndarray] | None:
+        if aggregation_id in self._cache:
+            return self._cache[aggregation_id]
+        path = self.path(aggregation_id)
+        if path is None:
             return None
         try:
             layers = weights.read_layers(path)
@@ -201,9 +209,14 @@ def judge(
         if e.get("kind") == "download":
             downloads_by_agg[str(e["aggregation_id"])].append(float(e["t"]))
 
+    analytics = scenario.payload.kind == "federated_analytics"
     for rec in records:
         t0 = time.perf_counter()
-        row = _judge_round(scenario, rec, uploads, aggregates, earlier, leaf_names)
+        if analytics:
+            row, section = judge_analytics_round(scenario, rec, uploads, aggregates.path)
+            j.analytics.append(section)
+        else:
+            row = _judge_round(scenario, rec, uploads, aggregates, earlier, leaf_names)
         spent = time.perf_counter() - t0
         validation_s += spent
         row = replace(row, validation_s=spent)
@@ -226,9 +239,8 @@ def judge(
         if agg_id and agg_id not in earlier:
             earlier[agg_id] = rec.round
         j.rounds.append(row)
-        j.checks.append(
-            Check(f"round {row.round}: aggregate correct", row.passed, row.reason or "")
-        )
+        what = "analytics correct" if analytics else "aggregate correct"
+        j.checks.append(Check(f"round {row.round}: {what}", row.passed, row.reason or ""))
 
     if not records:
         j.checks.append(Check("rounds: at least one round aggregated", False, "no round closed"))

@@ -59,6 +59,8 @@ class PlatformNeeds:
     write_credentials: bool = True
     #: remote platform: ask it once as the first leaf before any leaf starts
     probe_remote: bool = True
+    #: federated analytics: the branch's ``field_ops`` (custom fields' operations)
+    field_ops: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -235,6 +237,7 @@ class RunEnvironment:
                 quorum=needs.quorum,
                 round_timeout_s=needs.round_timeout_s,
                 trim_fraction=p.trim_fraction,
+                field_ops=dict(needs.field_ops) if needs.field_ops else None,
             )
             branch_id = str(branch["branch_id"])
             # In chunks: provisioning a leaf is a RabbitMQ user, vhost permission and queue

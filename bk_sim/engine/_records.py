@@ -13,6 +13,10 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _mapping(value: Any) -> Mapping[str, Any] | None:
+    return dict(value) if isinstance(value, Mapping) else None
+
+
 @dataclass(frozen=True)
 class RecordedUpload:
     """One upload a round counted, as the platform recorded it."""
@@ -57,6 +61,12 @@ class RoundRecord:
     error: str | None = None
     #: Unix seconds or ISO 8601, as the platform wrote it (``as_time`` reads both)
     closed_at: float | str | None = None
+    #: ``federated_learning`` or ``federated_analytics`` when the platform says
+    kind: str | None = None
+    #: FA rounds: the record's ``analytics`` (``fields``, ``derived`` statistics)
+    analytics: Mapping[str, Any] | None = None
+    #: a deliberate fault the platform says it applied to the round (its self-test)
+    fault: Mapping[str, Any] | None = None
 
     @property
     def aggregated(self) -> bool:
@@ -73,10 +83,13 @@ class RoundRecord:
             close_reason=_opt_str(d.get("close_reason")),
             error=_opt_str(d.get("error")),
             closed_at=closed if isinstance(closed, (int, float, str)) else None,
+            kind=_opt_str(d.get("kind")),
+            analytics=_mapping(d.get("analytics")),
+            fault=_mapping(d.get("fault")),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "round": self.round,
             "status": self.status,
             "aggregation_id": self.aggregation_id,
@@ -85,6 +98,12 @@ class RoundRecord:
             "error": self.error,
             "closed_at": self.closed_at,
         }
+        for key, value in (("kind", self.kind), ("analytics", self.analytics)):
+            if value is not None:
+                d[key] = value if isinstance(value, str) else dict(value)
+        if self.fault is not None:
+            d["fault"] = dict(self.fault)
+        return d
 
 
 #: Keys results.json has only when the judge found a value for them.

@@ -44,20 +44,30 @@ class AggregateCache:
         self._layers: dict[str, list[np.ndarray]] = {}
         self._lock = threading.Lock()
 
+    def keep(self, aggregation_id: str, downloaded: Path) -> Path:
+        """Keep the first copy of an aggregate in the run folder (without decoding it:
+        an analytics aggregate has no layers); later copies are deleted."""
+        with self._lock:
+            return self._keep(aggregation_id, downloaded)
+
+    def _keep(self, aggregation_id: str, downloaded: Path) -> Path:
+        kept = self._dir / f"{aggregation_id}.npz"
+        if kept.exists():
+            downloaded.unlink(missing_ok=True)
+        else:
+            # Leaves of other processes read ``kept`` as soon as it exists, and a move
+            # from /tmp to another filesystem is a copy: copy beside it, then rename.
+            part = kept.with_name(f".{kept.name}.{os.getpid()}.part")
+            shutil.move(str(downloaded), part)
+            os.replace(part, kept)
+        return kept
+
     def add(self, aggregation_id: str, downloaded: Path) -> list[np.ndarray]:
         with self._lock:
             if aggregation_id in self._layers:
                 downloaded.unlink(missing_ok=True)
                 return self._layers[aggregation_id]
-            kept = self._dir / f"{aggregation_id}.npz"
-            if kept.exists():
-                downloaded.unlink(missing_ok=True)
-            else:
-                # Leaves of other processes read ``kept`` as soon as it exists, and a move
-                # from /tmp to another filesystem is a copy: copy beside it, then rename.
-                part = kept.with_name(f".{kept.name}.{os.getpid()}.part")
-                shutil.move(str(downloaded), part)
-                os.replace(part, kept)
+            kept = self._keep(aggregation_id, downloaded)
             layers = weights.read_layers(kept)
             for arr in layers:
                 arr.flags.writeable = False

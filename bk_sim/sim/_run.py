@@ -38,7 +38,7 @@ from bk_sim.errors import BkSimError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._host import LocalProcessHost
 from bk_sim.sim._worker import WorkerSpec
-from bk_sim.synth import leaf_weightings
+from bk_sim.synth import field_ops, leaf_weightings, tabular_spec
 
 _log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class SimulationRun:
 
     def execute(self) -> RunResult:
         sc, env, hooks = self.scenario, self.env, self._hooks
+        analytics = sc.payload.kind == "federated_analytics"
         env.make_run_dir("aggregates")
         aggregates = self.run_dir / "aggregates"
         log = EventLog(self.run_dir / "events.jsonl")
@@ -103,6 +104,7 @@ class SimulationRun:
                     quorum=sc.platform.quorum,
                     round_timeout_s=sc.platform.round_timeout_s,
                     purpose=f"the scenario needs leaves.count = {sc.leaves.count}",
+                    field_ops=field_ops(tabular_spec(sc)) if analytics else None,
                 )
                 access = stack.enter_context(env.platform_for(endpoints, needs, log))
                 if transport == "amqp":
@@ -157,7 +159,11 @@ class SimulationRun:
             log.close()
         log_path = self.run_dir / "events.jsonl"
         events = list(read_events(log_path)) if log_path.exists() else []
-        self._say("validating aggregates against the reference")
+        self._say(
+            "validating the analytics rounds against the pooled columns"
+            if analytics
+            else "validating aggregates against the reference"
+        )
         # A local platform is stopped by now: only a remote one can still be asked.
         fetch = None
         if access is not None and access.credentials and sc.platform.mode == "remote":
@@ -171,6 +177,8 @@ class SimulationRun:
             "leaves": judgement.leaves,
             "timings": judgement.timings,
         }
+        if analytics:
+            sections["analytics"] = judgement.analytics
         if hooks is not None:
             hook_checks, hook_section = hooks.judge(events, records, judgement)
             checks.extend(hook_checks)

@@ -31,6 +31,8 @@ from bk_sim.engine import LeafPlan, client_event, harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import Scenario
 from bk_sim.sim._agent import AggregateCache, LeafAgent
+from bk_sim.sim._fa_agent import AnalyticsLeafAgent
+from bk_sim.synth import tabular_spec
 
 _log = logging.getLogger(__name__)
 
@@ -137,18 +139,22 @@ def _leaf_thread(
         event("leaf_error", round=0, error=f"unexpected: {type(exc).__name__}: {exc}")
         return
     event("leaf_started", run_status=client.run_status, run_number=client.run_number)
-    agent = LeafAgent(
-        plan,
-        seed=sc.seed,
-        model=sc.model,
-        rounds=sc.rounds,
-        compression=sc.payload.compression,
-        notification_timeout_s=sc.timeouts.notification_s,
-        client=client,
-        work_dir=leaf_dir,
-        cache=cache,
-        emit=lambda ev: put(ev.to_dict()),
-        stop=stop,
+    common: dict[str, Any] = {
+        "seed": sc.seed,
+        "model": sc.model,
+        "rounds": sc.rounds,
+        "compression": sc.payload.compression,
+        "notification_timeout_s": sc.timeouts.notification_s,
+        "client": client,
+        "work_dir": leaf_dir,
+        "cache": cache,
+        "emit": lambda ev: put(ev.to_dict()),
+        "stop": stop,
+    }
+    agent = (
+        AnalyticsLeafAgent(plan, tabular=tabular_spec(sc), **common)
+        if sc.payload.kind == "federated_analytics"
+        else LeafAgent(plan, **common)
     )
     try:
         agent.run()

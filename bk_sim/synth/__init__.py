@@ -18,6 +18,7 @@ from bk_sim.synth._tabular import (
     site_fields,
     site_payload,
     site_rows,
+    tabular_spec,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "site_fields",
     "site_payload",
     "site_rows",
+    "tabular_spec",
 ]

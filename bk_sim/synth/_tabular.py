@@ -29,8 +29,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from bk_sim.scenario import Scenario
 
 __all__ = [
     "COLUMN_KINDS",
@@ -42,6 +46,7 @@ __all__ = [
     "site_fields",
     "site_payload",
     "site_rows",
+    "tabular_spec",
 ]
 
 COLUMN_KINDS: tuple[str, ...] = ("float", "float", "int", "bool")
@@ -75,6 +80,23 @@ class TabularSpec:
             raise ValueError(f"nan_fraction must be in [0, 0.5), got {self.nan_fraction}")
         if self.rows_sigma < 0 or self.shift < 0:
             raise ValueError("rows_sigma and shift must be >= 0")
+
+
+def tabular_spec(scenario: Scenario) -> TabularSpec:
+    """The ``TabularSpec`` of an analytics scenario: ``payload.tabular`` seeded by the
+    scenario's ``seed``. Leaves and the judge both derive it, so they agree."""
+    t = scenario.payload.tabular
+    return TabularSpec(
+        seed=scenario.seed,
+        columns=t.columns,
+        rows_median=t.rows_median,
+        rows_sigma=t.rows_sigma,
+        rows_min=t.rows_min,
+        rows_max=t.rows_max,
+        shift=t.shift,
+        nan_fraction=t.nan_fraction,
+        custom_fields=t.custom_fields,
+    )
 
 
 @dataclass(frozen=True)

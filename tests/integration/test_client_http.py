@@ -22,7 +22,6 @@ from _fake_platform import FakePlatform, Fault, Socks5Proxy
 import bk_sim
 from bk_sim.client import (
     Client,
-    ClientEvent,
     ConsumerSpec,
     RetryConfig,
     RunConfig,
@@ -40,6 +39,7 @@ from bk_sim.errors import (
     UnsafeFileIdError,
     WeightsFormatError,
 )
+from tests.support import Recorder
 
 CREDS = {
     "id": "leaf-6f1c",
@@ -50,26 +50,6 @@ CREDS = {
     "branch_id": "branch-13",
 }
 FAST = RetryConfig(max_retries=3, backoff_factor=0.01, total_timeout=2)
-
-
-class Recorder:
-    """An observer that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[ClientEvent] = []
-        self._lock = threading.Lock()
-
-    def on_event(self, event: ClientEvent) -> None:
-        with self._lock:
-            self.events.append(event)
-
-    def of(self, kind: str, endpoint: str | None = None) -> list[ClientEvent]:
-        with self._lock:
-            return [
-                e
-                for e in self.events
-                if e.kind == kind and (endpoint is None or e.endpoint == endpoint)
-            ]
 
 
 @pytest.fixture()

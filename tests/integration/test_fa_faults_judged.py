@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.platform import PlatformHandle
 from bk_sim.synth import TabularSpec, field_ops, site_columns, site_fields, site_payload
 from bk_sim.validate import AnalyticsJudgement, judge_analytics
+from tests.conftest import PlatformFactory
 from tests.integration._fa_support import download_fields, fa_archive, post_fa
 from tests.integration._platform_support import make_branch
 
@@ -19,10 +20,8 @@ SITES = 4
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("fa-judged"), no_amqp=True)
-    yield handle
-    handle.stop()
+def platform(platform_factory: PlatformFactory) -> PlatformHandle:
+    return platform_factory(no_amqp=True)
 
 
 def _judged_round(

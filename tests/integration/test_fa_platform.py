@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 
 from bk_sim.cli import main
 from bk_sim.platform import PlatformHandle, start_platform
+from tests.conftest import PlatformFactory
 from tests.integration._fa_support import (
     KIND_KEY,
     bundle,
@@ -29,11 +29,9 @@ OPS = {"hist": "sum", "version": "must_match", "peak": "max", "first_seen": "min
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformHandle]:
+def platform(platform_factory: PlatformFactory) -> PlatformHandle:
     """A WebSocket-only platform: FA needs no broker (the 3.0.1 client has no AMQP)."""
-    handle = start_platform(tmp_path_factory.mktemp("fa-platform"), no_amqp=True)
-    yield handle
-    handle.stop()
+    return platform_factory(no_amqp=True)
 
 
 def _site(i: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -3,9 +3,9 @@ our platform: ``save_analytics`` + ``file_upload`` on three leaves, the aggregat
 over WebSocket, ``file_download`` of the aggregate; the combined fields and the derived
 statistics are checked against the pooled columns.
 
-The client runs unmodified, in its own venv (``pip install branchkey==3.0.1``, cached in
-the pytest cache across sessions), as a subprocess. Skipped, saying why, only when the
-package registry cannot be reached.
+The client runs unmodified, in its own venv (``bk_sim.published.prepare``, in the suite's
+one cache under the pytest cache, so it is built once), as a subprocess. Skipped, saying
+why, only when the package registry cannot be reached.
 """
 
 from __future__ import annotations
@@ -14,32 +14,20 @@ import json
 import math
 import os
 import subprocess
-import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.errors import PublishedClientError
+from bk_sim.platform import PlatformHandle
+from bk_sim.published import prepare
+from tests.conftest import PlatformFactory
 from tests.integration._fa_support import KIND_KEY
 from tests.integration._platform_support import make_branch
 
 VERSION = "3.0.1"
-_NETWORK_ERRORS = (
-    "NewConnectionError",
-    "Failed to establish a new connection",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-    "Network is unreachable",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "No matching distribution found",
-    "Could not find a version that satisfies",
-    "ProxyError",
-)
-
 _SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -78,47 +66,22 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="session")
-def branchkey_python(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """Python of a venv with the published client installed (built once, then cached in
-    the pytest cache; in a temporary folder when the cache plugin is off)."""
-    cache = getattr(request.config, "cache", None)
-    name = f"branchkey-{VERSION}-venv"
-    venv = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
-    python = venv / "bin" / "python"
-    marker = venv / "installed-ok"
-    if marker.is_file() and python.is_file():
-        return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
-    proc = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            f"branchkey=={VERSION}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        output = proc.stdout + proc.stderr
-        if any(sign in output for sign in _NETWORK_ERRORS):
-            pytest.skip(f"the package registry cannot be reached: {output.strip()[-300:]}")
-        pytest.fail(f"pip install branchkey=={VERSION} failed:\n{output[-2000:]}")
-    marker.write_text(VERSION + "\n")
-    return python
+def branchkey_python(published_clients_dir: Path) -> Path:
+    """Python of the published client's env, from ``bk_sim.published.prepare`` in the
+    suite's one cache (``published_clients_dir``): built once, shared with every other
+    test of the published clients."""
+    try:
+        env = prepare(f"branchkey=={VERSION}", cache_dir=published_clients_dir)
+    except PublishedClientError as exc:
+        if "could not be reached" in str(exc):
+            pytest.skip(f"the package registry cannot be reached: {exc}")
+        raise
+    return env.python
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("fa-published"), no_amqp=True)
-    yield handle
-    handle.stop()
+def platform(platform_factory: PlatformFactory) -> PlatformHandle:
+    return platform_factory(no_amqp=True)
 
 
 def _columns(rng: np.random.Generator, i: int) -> dict[str, tuple[str, list[float | None]]]:

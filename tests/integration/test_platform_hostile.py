@@ -8,7 +8,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,8 +15,9 @@ import numpy as np
 import pytest
 import requests
 
-from bk_sim.platform import Limits, PlatformHandle, start_platform
+from bk_sim.platform import Limits, PlatformHandle
 from bk_sim.weights import digest_header, encode_weights
+from tests.conftest import PlatformFactory
 from tests.integration._fa_support import fa_archive
 from tests.integration._platform_attacks import (
     RssSampler,
@@ -49,15 +49,8 @@ MAX_DECOMPRESSED = 400 * 2**20
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformHandle]:
-    handle = start_platform(
-        tmp_path_factory.mktemp("platform"),
-        no_amqp=True,
-        limits=LIMITS,
-        max_decompressed_bytes=MAX_DECOMPRESSED,
-    )
-    yield handle
-    handle.stop()
+def platform(platform_factory: PlatformFactory) -> PlatformHandle:
+    return platform_factory(no_amqp=True, limits=LIMITS, max_decompressed_bytes=MAX_DECOMPRESSED)
 
 
 def _no_500(platform: PlatformHandle) -> None:

@@ -15,7 +15,7 @@ from requests.adapters import BaseAdapter
 
 import bk_sim
 import bk_sim.client
-from bk_sim.client import Client, ClientEvent, Credentials, EventSink, RetryConfig, get_metadata
+from bk_sim.client import Client, Credentials, EventSink, RetryConfig, get_metadata
 from bk_sim.client._client import (
     parse_notification,
     safe_download_path,
@@ -33,6 +33,7 @@ from bk_sim.errors import (
     WeightsFormatError,
 )
 from bk_sim.redact import redact_url
+from tests.support import Recorder
 
 CREDS = Credentials(
     id="leaf-1", name="n", session_token="tok-xyz", owner_id="o", tree_id="t", branch_id="b"
@@ -390,14 +391,6 @@ class Scripted(BaseAdapter):
 
     def close(self) -> None:
         pass
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[ClientEvent] = []
-
-    def on_event(self, event: ClientEvent) -> None:
-        self.events.append(event)
 
 
 def transport(
