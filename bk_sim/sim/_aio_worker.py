@@ -37,7 +37,9 @@ from bk_sim.client import ClientEvent, SharedAmqpLoop
 from bk_sim.engine import LeafPlan, client_event, harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.sim._agent import AggregateCache, LeafAgent
+from bk_sim.sim._fa_agent import AnalyticsLeafAgent
 from bk_sim.sim._worker import WorkerSpec, die, make_client
+from bk_sim.synth import tabular_spec
 
 _log = logging.getLogger(__name__)
 
@@ -130,18 +132,23 @@ class _Process:
             return
         event("leaf_started", run_status=client.run_status, run_number=client.run_number)
         sc = self.spec.scenario
-        agent = LeafAgent(
-            plan,
-            seed=sc.seed,
-            model=sc.model,
-            rounds=sc.rounds,
-            compression=sc.payload.compression,
-            notification_timeout_s=sc.timeouts.notification_s,
-            client=client,
-            work_dir=leaf_dir,
-            cache=self.cache,
-            emit=lambda ev: self.put(ev.to_dict()),
-            stop=self.stop_flag,
+        common: dict[str, Any] = {
+            "seed": sc.seed,
+            "model": sc.model,
+            "rounds": sc.rounds,
+            "compression": sc.payload.compression,
+            "notification_timeout_s": sc.timeouts.notification_s,
+            "client": client,
+            "work_dir": leaf_dir,
+            "cache": self.cache,
+            "emit": lambda ev: self.put(ev.to_dict()),
+            "stop": self.stop_flag,
+        }
+        # the same agent as the thread host's: its upload / download steps are its own
+        agent = (
+            AnalyticsLeafAgent(plan, tabular=tabular_spec(sc), **common)
+            if sc.payload.kind == "federated_analytics"
+            else LeafAgent(plan, **common)
         )
         try:
             await self._play(agent, woken)
