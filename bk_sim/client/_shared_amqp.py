@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +26,20 @@ from bk_sim.client._consumer import ConsumerSpec, NotificationConsumer
 _log = logging.getLogger("bk_sim.client.amqp")
 
 
+#: Connections of one loop in their TCP + AMQP handshake at once. Hundreds opening at
+#: once on one thread outlast the broker's handshake timeout (10 s) on a busy machine; the
+#: rest wait their turn (on the loop, no thread), then connect as ``AmqpConsumer`` does.
+MAX_OPENING = 32
+
+
 class SharedAmqpLoop:
     """One pika ``IOLoop`` on one daemon thread; ``factory`` makes consumers on it."""
 
-    def __init__(self, name: str = "bk-amqp-shared") -> None:
+    def __init__(self, name: str = "bk-amqp-shared", max_opening: int = MAX_OPENING) -> None:
         self.ioloop = IOLoop()
+        self._max_opening = max_opening
+        self._opening = 0
+        self._waiting: deque[SharedLoopAmqpConsumer] = deque()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -46,6 +56,21 @@ class SharedAmqpLoop:
 
     def call(self, fn: Callable[[], None]) -> None:
         self.ioloop.add_callback_threadsafe(fn)
+
+    # Loop thread only:
+    def admit(self, consumer: SharedLoopAmqpConsumer) -> bool:
+        """True: ``consumer`` may open its connection now; False: it is queued."""
+        if self._opening < self._max_opening:
+            self._opening += 1
+            return True
+        self._waiting.append(consumer)
+        return False
+
+    def release(self) -> None:
+        """A connection finished opening (consuming, failed or closed): let one in."""
+        self._opening -= 1
+        if self._waiting:
+            self.ioloop.call_later(0, self._waiting.popleft().admitted_connect)
 
     def factory(self, spec: ConsumerSpec) -> NotificationConsumer:
         """A ``consumer_factory`` for ``Client``: AMQP consumers on this loop."""
@@ -73,6 +98,7 @@ class SharedLoopAmqpConsumer(AmqpConsumer):
         self._shared = loop
         self._done = threading.Event()
         self._started = False
+        self._opening = False
 
     def start(self) -> None:
         with self._lock:
@@ -97,8 +123,36 @@ class SharedLoopAmqpConsumer(AmqpConsumer):
                 "AMQP consumer of leaf %s did not stop within %.1f s", self._queue, timeout
             )
 
+    # -- connection opening, at most ``max_opening`` of the loop's at once
+    def _connect(self) -> None:
+        if self._stopping.is_set() or self._opening:
+            super()._connect()
+            return
+        if self._shared.admit(self):
+            self._opening = True
+            super()._connect()
+
+    def admitted_connect(self) -> None:
+        """Called by the loop when a queued consumer's turn comes."""
+        self._opening = True
+        super()._connect()
+
+    def _release(self) -> None:
+        if self._opening:
+            self._opening = False
+            self._shared.release()
+
+    def _on_consume_ok(self, frame: Any) -> None:
+        self._release()
+        super()._on_consume_ok(frame)
+
+    def _attempt_failed(self, error: str) -> None:
+        self._release()
+        super()._attempt_failed(error)
+
     def _stop_loop(self) -> None:
         """This consumer is done; the shared loop goes on for the others."""
+        self._release()
         if self._done.is_set():
             return
         if self._timer is not None:
