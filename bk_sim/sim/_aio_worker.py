@@ -253,7 +253,8 @@ async def _main(spec: WorkerSpec, events: Any, stop: Any) -> None:
                 await asyncio.wait(tasks, timeout=_STOP_POLL_S)
         finally:
             proc.stop()
-            await asyncio.wait(tasks, timeout=10) if tasks else None
+            if tasks:
+                await asyncio.wait(tasks, timeout=10)
             proc.amqp.close()
             proc.pool.shutdown(wait=False, cancel_futures=True)
     put(harness_event("worker_done", process=spec.worker))
