@@ -86,6 +86,9 @@ class ChaosRun:
         self.tracker: PhaseTracker | None = None
         self._emit: Callable[[dict[str, Any]], None] = lambda e: None
         self._killed: dict[int, tuple[int, int]] = {}  # leaf -> (round, worker)
+        #: leaf -> the aggregate it had downloaded when it was killed: the base of an upload
+        #: that reached the platform unseen (a restarted leaf downloads newer ones later)
+        self._killed_base: dict[int, str | None] = {}
         self._ended = False
 
     # ------------------------------------------------------------------ hooks
@@ -333,6 +336,7 @@ class ChaosRun:
             self.tracker.set_down(hosted, True)
             for plan in workers.leaves_of(w):
                 self._killed[plan.index] = (round_now, w)
+                self._killed_base[plan.index] = self.tracker.last_download.get(plan.index)
                 self._emit(
                     harness_event(
                         "leaf_died",
@@ -398,7 +402,9 @@ class ChaosRun:
                         round=killed_round[leaf],
                         file_id=file_id,
                         weighting=plan.weighting if u.weighting is None else u.weighting,
-                        base_aggregation_id=tracker.last_download.get(plan.index),
+                        base_aggregation_id=self._killed_base.get(
+                            plan.index, tracker.last_download.get(plan.index)
+                        ),
                         inferred="the leaf was killed before it saw the answer; "
                         "the platform kept the upload",
                     )

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from bk_sim.cli._run import load_for_run, simulation_options
+from bk_sim.cli._compare_clients import run_per_client
+from bk_sim.cli._run import clients_option, load_for_run, simulation_options
 from bk_sim.cli._run import progress as _progress
 from bk_sim.report import summary_lines
 
@@ -52,6 +53,7 @@ def chaos_lines(results: Mapping[str, Any]) -> list[str]:
 
 @click.command("chaos")
 @simulation_options
+@clients_option
 def chaos(
     scenario_file: Path,
     overrides: tuple[str, ...],
@@ -59,14 +61,31 @@ def chaos(
     amqp_url: str | None,
     management_url: str | None,
     enable_plugin: bool,
+    clients: str | None,
 ) -> None:
     """Run SCENARIO_FILE with its `chaos` fault schedule; judge recovery and correctness.
 
     Exit code 0 when every check passed (the chaos expectations included), 1 when a check
-    failed, 2 when the run could not be made.
+    failed, 2 when the run could not be made. With --clients: the worst of the runs'.
     """
     from bk_sim.chaos import ChaosRun
     from bk_sim.sim import SimulationRun
+
+    if clients is not None:
+        sys.exit(
+            run_per_client(
+                "chaos",
+                clients,
+                scenario_file,
+                overrides,
+                broker,
+                amqp_url,
+                management_url,
+                enable_plugin,
+                lambda sc: ChaosRun(sc, say=_progress),
+                chaos_lines,
+            )
+        )
 
     scenario = load_for_run(scenario_file, overrides, broker, amqp_url, management_url)
     if not scenario.chaos.faults:

@@ -88,8 +88,20 @@ def load_for_run(
     return load_scenario(scenario_file, overrides)
 
 
+def clients_option(func: F) -> F:
+    """``--clients``: a comma-separated list of implementations to compare."""
+    return click.option(
+        "--clients",
+        default=None,
+        metavar="IMPL,IMPL,...",
+        help="Run the scenario once per client implementation (bk_sim or a published "
+        "requirement, e.g. bk_sim,branchkey==2.9.0) and write one comparison.",
+    )(func)
+
+
 @click.command("run")
 @simulation_options
+@clients_option
 def run(
     scenario_file: Path,
     overrides: tuple[str, ...],
@@ -97,13 +109,32 @@ def run(
     amqp_url: str | None,
     management_url: str | None,
     enable_plugin: bool,
+    clients: str | None,
 ) -> None:
     """Run SCENARIO_FILE's leaves as processes and validate every aggregate.
 
     Exit code 0 when every check passed, 1 when a check failed, 2 when the run could not
-    be made (bad scenario, no broker, platform down, interrupted).
+    be made (bad scenario, no broker, platform down, interrupted). With --clients: the
+    worst of the runs' exit codes.
     """
     from bk_sim.sim import SimulationRun
+
+    if clients is not None:
+        from bk_sim.cli._compare_clients import run_per_client
+
+        sys.exit(
+            run_per_client(
+                "run",
+                clients,
+                scenario_file,
+                overrides,
+                broker,
+                amqp_url,
+                management_url,
+                enable_plugin,
+                lambda sc: None,
+            )
+        )
 
     scenario = load_for_run(scenario_file, overrides, broker, amqp_url, management_url)
     result = SimulationRun(scenario, progress=progress, may_enable_plugin=enable_plugin).execute()

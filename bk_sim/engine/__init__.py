@@ -25,7 +25,7 @@ from bk_sim.engine._eventlog import (
     redact,
 )
 from bk_sim.engine._host import Event, HookContext, LeafHost, RunHooks
-from bk_sim.engine._plan import LeafPlan, plan_leaves
+from bk_sim.engine._plan import LeafPlan, leaf_implementations, plan_leaves
 from bk_sim.engine._progress import RunCounters, Say, StatusBoard
 from bk_sim.engine._records import RecordedUpload, RoundRecord, RoundVerdict
 from bk_sim.engine._results import RunResult, RunTimes, iso, verdict, write_json
@@ -58,6 +58,7 @@ __all__ = [
     "harness_event",
     "iso",
     "judge",
+    "leaf_implementations",
     "make_harness_event",
     "plan_leaves",
     "read_events",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bk_sim.scenario import Scenario
+from bk_sim.scenario import OWN_IMPLEMENTATION, Scenario
 from bk_sim.synth import leaf_weightings
 
 
@@ -27,10 +27,31 @@ class LeafPlan:
     die_round: int | None = None  # the round in which the leaf dies mid-upload
     first_round: int = 1  # > 1: a leaf started again (chaos) joins from this round
     known_aggregates: frozenset[str] = frozenset()  # ids not to take as this run's next
+    #: the client the leaf runs: ``bk_sim`` or a published requirement (``branchkey==2.9.0``)
+    implementation: str = OWN_IMPLEMENTATION
 
     @property
     def leaf_id(self) -> str:
         return self.credentials["id"]
+
+
+def leaf_implementations(scenario: Scenario) -> list[str]:
+    """Which client each leaf runs: ``client.implementation`` for all, or the mixed
+    fleet's ``leaves.implementations`` fractions, counted by largest remainder (so 8 leaves
+    at 0.5/0.25/0.25 are exactly 4/2/2) and dealt to leaves by a seeded shuffle."""
+    n = scenario.leaves.count
+    mix = scenario.leaves.implementations
+    if not mix:
+        return [scenario.client.implementation] * n
+    names = list(mix)  # the scenario's order: the same file gives the same fleet
+    exact = [mix[name] * n for name in names]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(names)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    fleet = [name for name, c in zip(names, counts, strict=True) for _ in range(c)]
+    order = np.random.default_rng([scenario.seed, 0x1A1E]).permutation(n)
+    return [fleet[int(i)] for i in order]
 
 
 def plan_leaves(scenario: Scenario, credentials: list[dict[str, str]]) -> list[LeafPlan]:
@@ -44,6 +65,7 @@ def plan_leaves(scenario: Scenario, credentials: list[dict[str, str]]) -> list[L
         rng.choice(n, size=round(spec.stragglers.fraction * n), replace=False).tolist()
     )
     dying = set(rng.choice(n, size=round(spec.dropouts.die_fraction * n), replace=False).tolist())
+    implementations = leaf_implementations(scenario)
     plans = []
     for i in range(n):
         skips = frozenset(
@@ -61,6 +83,7 @@ def plan_leaves(scenario: Scenario, credentials: list[dict[str, str]]) -> list[L
                 straggle_s=spec.stragglers.delay_s if i in stragglers else 0.0,
                 skip_rounds=skips,
                 die_round=die_round,
+                implementation=implementations[i],
             )
         )
     return plans

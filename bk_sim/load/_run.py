@@ -53,7 +53,7 @@ from bk_sim.load._payloads import build_payloads
 from bk_sim.load._rounds import LoadRounds, fetch_aggregates, judge_load_rounds, wait_rounds_closed
 from bk_sim.load._shape import stages_shape
 from bk_sim.load._user import LoadContext, user_class
-from bk_sim.scenario import Scenario
+from bk_sim.scenario import OWN_IMPLEMENTATION, Scenario
 
 _log = logging.getLogger(__name__)
 
@@ -100,6 +100,16 @@ def check_load_spec(sc: Scenario) -> None:
     """Cross-field rules of ``load`` (the loader checks types and ranges)."""
     spec = sc.load
     where = sc.source or sc.name
+    published = sorted(
+        {sc.client.implementation, *(sc.leaves.implementations or {})} - {OWN_IMPLEMENTATION}
+    )
+    if published:
+        key = "leaves.implementations" if sc.leaves.implementations else "client.implementation"
+        raise ScenarioError(
+            f"{where}: {key}: bk-sim load cannot drive {', '.join(published)}: a Locust user "
+            "runs bk_sim's client inside the gevent-patched load process, and a published "
+            "client needs its own env and process; measure it with bk-sim run or bk-sim chaos"
+        )
     if spec.wait_max_s < spec.wait_min_s:
         raise ScenarioError(
             f"{where}: load.wait_max_s: expected a number >= load.wait_min_s "

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from bk_sim.report._compare import Delta, scenario_mismatch
+from bk_sim.report._implementations import implementations_html
 from bk_sim.report._load import RunData
 from bk_sim.report._metrics import FaultSpan
 from bk_sim.report._summary import headline
@@ -458,6 +459,7 @@ def render_html(
         _tiles(run, metrics),
         _compare(run, *comparison) if comparison else "",
         _checks(run),
+        implementations_html(run.results),
         rounds_html
         if rounds_html is not None
         else _rounds(run, names, plots.get("round_errors", "")),

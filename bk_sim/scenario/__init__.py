@@ -11,6 +11,7 @@ from bk_sim.scenario._loader import load_scenario, parse_override, scenario_from
 from bk_sim.scenario._presets import PRESETS
 from bk_sim.scenario._spec import (
     DTYPES,
+    OWN_IMPLEMENTATION,
     PROXY_CHAOS,
     STRATEGIES,
     BrokerSpec,
@@ -40,6 +41,7 @@ from bk_sim.scenario._spec import (
 
 __all__ = [
     "DTYPES",
+    "OWN_IMPLEMENTATION",
     "PROXY_CHAOS",
     "PRESETS",
     "STRATEGIES",

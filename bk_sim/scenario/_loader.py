@@ -28,6 +28,7 @@ from bk_sim.scenario._spec import (
     DISTRIBUTION_KEYS,
     DTYPES,
     LASTING_CHAOS,
+    OWN_IMPLEMENTATION,
     PROXY_CHAOS,
     ChaosFaultSpec,
     FaultsSpec,
@@ -39,6 +40,9 @@ from bk_sim.scenario._spec import (
 )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: A published-client requirement names the branchkey distribution first; the full check
+#: (specifier, no URL, no marker) is bk_sim.published's, before any env is built.
+_PUBLISHED_RE = re.compile(r"^\s*branchkey(\s*[\[(<>=!~;@]|\s*$)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -372,6 +376,16 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         raise _Problem(
             path, f"expected one of {', '.join(map(str, choices))}; found {_describe(value)}{hint}"
         )
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise _Problem(path, f"expected {_type_name(tp)}; found {_describe(value)}")
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if key_tp is str and not isinstance(key, str):
+                raise _Problem(path, f"expected string keys; found {_describe(key)}")
+            out[key] = _convert(item_tp, item, _join(path, str(key)))
+        return out
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
@@ -447,6 +461,10 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in inner) + " or null"
     if origin is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is dict:
+        item = typing.get_args(tp)[1]
+        plural = {int: "integers", float: "numbers", str: "strings"}.get(item, "values")
+        return f"a mapping of names to {plural}"
     if origin is tuple:
         item = typing.get_args(tp)[0]
         plural = {int: "integers", float: "numbers", str: "strings"}.get(item, "mappings")
@@ -697,7 +715,42 @@ def _check_scenario(s: Scenario) -> None:
                 "never closes otherwise",
             )
     _check_payload_kind(s)
+    _check_implementations(s)
     _check_chaos(s)
+
+
+def _check_implementation_name(value: str, path: str) -> None:
+    if value == OWN_IMPLEMENTATION or _PUBLISHED_RE.match(value):
+        return
+    raise _Problem(
+        path,
+        f"expected {OWN_IMPLEMENTATION!r} or a pip requirement of the published client "
+        f"(e.g. 'branchkey==2.9.0', 'branchkey>=3'); found {_describe(value)}",
+    )
+
+
+def _check_implementations(s: Scenario) -> None:
+    """``client.implementation`` and the mixed fleet's ``leaves.implementations``."""
+    _check_implementation_name(s.client.implementation, "client.implementation")
+    mix = s.leaves.implementations
+    if mix is None:
+        return
+    path = "leaves.implementations"
+    if not mix:
+        raise _Problem(path, "expected at least one implementation; found an empty mapping")
+    if s.client.implementation != OWN_IMPLEMENTATION:
+        raise _Problem(
+            path,
+            f"and client.implementation ({s.client.implementation!r}) both say which client "
+            "the leaves run: give one",
+        )
+    for name, fraction in mix.items():
+        _check_implementation_name(name, _join(path, name))
+        if not 0.0 < fraction <= 1.0:
+            raise _Problem(_join(path, name), f"expected a fraction in (0, 1]; found {fraction!r}")
+    total = sum(mix.values())
+    if abs(total - 1.0) > 1e-6:
+        raise _Problem(path, f"expected fractions that sum to 1; they sum to {total:g}")
 
 
 def _check_chaos(s: Scenario) -> None:

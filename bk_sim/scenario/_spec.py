@@ -26,6 +26,8 @@ Transport = Literal["amqp", "websocket"]
 LeafHostKind = Literal["threads", "event_loop"]
 Distribution = Literal["fixed", "uniform", "lognormal", "list"]
 Compression = Literal["faithful", "fast", "stored"]
+#: The leaf client that is our own (``client.implementation``'s default).
+OWN_IMPLEMENTATION = "bk_sim"
 #: Endpoints the platform's admin faults API knows (``*`` = all leaf endpoints).
 FaultEndpoint = Literal[
     "*", "upload", "download", "download_url", "run", "metrics", "branch_config", "ws_ticket"
@@ -171,6 +173,12 @@ class LeavesSpec:
     start_jitter_s: float = _f(0.0, "each leaf starts after a random delay up to this", ge=0.0)
     stragglers: StragglersSpec = _f(StragglersSpec, "late leaves")
     dropouts: DropoutsSpec = _f(DropoutsSpec, "leaves that skip rounds or die")
+    implementations: dict[str, float] | None = _f(
+        None,
+        "mixed fleet: fraction of leaves per client implementation, e.g. "
+        '`{bk_sim: 0.5, "branchkey==2.9.0": 0.5}` (fractions sum to 1; leaves drawn with '
+        "the seed; null = all `client.implementation`)",
+    )
     host: LeafHostKind = _f(
         "threads",
         "`threads`: a thread (and a consumer thread) per leaf; `event_loop`: a process's "
@@ -283,6 +291,11 @@ class ReconnectSpec:
 class ClientSpec:
     """Leaf client settings."""
 
+    implementation: str = _f(
+        "bk_sim",
+        "the leaf client: `bk_sim` (ours) or a pip requirement of the published client "
+        "(`branchkey==2.9.0`, `branchkey>=3`), run in its own cached env",
+    )
     retry: RetrySpec = _f(RetrySpec, "HTTP retries")
     reconnect: ReconnectSpec = _f(ReconnectSpec, "notification reconnects")
 
@@ -487,6 +500,8 @@ def _plain(value: Any) -> Any:
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value

@@ -6,7 +6,22 @@ regenerated from the scenario seed, the leaf index, the round and the aggregate 
 started from. ``LocalProcessHost`` is the engine's ``LeafHost`` for local leaf processes.
 """
 
+from bk_sim.sim._fleet import FleetHost
 from bk_sim.sim._host import LocalProcessHost
+from bk_sim.sim._published_host import (
+    PublishedHost,
+    RunnerClient,
+    prepare_implementations,
+    published_requirements,
+)
 from bk_sim.sim._run import SimulationRun
 
-__all__ = ["LocalProcessHost", "SimulationRun"]
+__all__ = [
+    "FleetHost",
+    "LocalProcessHost",
+    "PublishedHost",
+    "RunnerClient",
+    "SimulationRun",
+    "prepare_implementations",
+    "published_requirements",
+]

@@ -13,14 +13,13 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from bk_sim import weights
-from bk_sim.client import Client
 from bk_sim.engine import HarnessEvent, LeafPlan, make_harness_event
 from bk_sim.errors import BkSimError
 from bk_sim.scenario import ModelSpec
@@ -30,6 +29,36 @@ _log = logging.getLogger(__name__)
 
 #: Where a leaf's events go (its worker turns them into the stream's dicts).
 Emit = Callable[[HarnessEvent], None]
+
+
+class NotificationQueue(Protocol):
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next aggregation id; ``queue.Empty`` when none came within ``timeout``."""
+        ...
+
+
+class LeafClient(Protocol):
+    """What a leaf plays its rounds through: ``bk_sim.client.Client``, or a published
+    client driven in its own env (``bk_sim.sim._published_host``)."""
+
+    @property
+    def queue(self) -> NotificationQueue: ...
+
+    def get_latest_aggregation_id(self) -> str | None: ...
+
+    def file_upload(self, file_path: str | os.PathLike[str]) -> str: ...
+
+    def file_download(self, file_id: str) -> str: ...
+
+    def save_fields(
+        self,
+        entries: Mapping[str, Any],
+        kind: str = ...,
+        file_path: str | os.PathLike[str] = ...,
+        weighting: float | None = None,
+    ) -> str:
+        """Write named fields as an archive of ``kind`` (analytics uploads); its path."""
+        ...
 
 
 class AggregateCache:
@@ -90,7 +119,7 @@ class LeafAgent:
         rounds: int,
         compression: weights.Compression,
         notification_timeout_s: float,
-        client: Client,
+        client: LeafClient,
         work_dir: Path,
         cache: AggregateCache,
         emit: Emit,

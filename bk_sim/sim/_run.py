@@ -20,6 +20,7 @@ from bk_sim.engine import (
     Check,
     EventLog,
     HookContext,
+    LeafHost,
     LeafPlan,
     PlatformAccess,
     PlatformNeeds,
@@ -35,8 +36,15 @@ from bk_sim.engine import (
     read_events,
 )
 from bk_sim.errors import BkSimError
-from bk_sim.scenario import Scenario
+from bk_sim.scenario import OWN_IMPLEMENTATION, Scenario
+from bk_sim.sim._fleet import FleetHost
 from bk_sim.sim._host import LocalProcessHost
+from bk_sim.sim._published_host import (
+    PublishedHost,
+    leaf_settings,
+    prepare_implementations,
+    published_slots,
+)
 from bk_sim.sim._worker import WorkerSpec
 from bk_sim.synth import field_ops, leaf_weightings, tabular_spec
 
@@ -79,10 +87,13 @@ class SimulationRun:
     def execute(self) -> RunResult:
         sc, env, hooks = self.scenario, self.env, self._hooks
         analytics = sc.payload.kind == "federated_analytics"
+        # Published clients' envs are checked and built before anything else starts.
+        published_envs = prepare_implementations(sc, self._say)
         env.make_run_dir("aggregates")
         aggregates = self.run_dir / "aggregates"
         log = EventLog(self.run_dir / "events.jsonl")
         interrupted = False
+        implementations: dict[str, Any] = {}
         records: list[RoundRecord] | None = None
         access: PlatformAccess | None = None
         try:
@@ -115,11 +126,38 @@ class SimulationRun:
                 if hooks is not None:
                     amqp_host, amqp_port = hooks.prepare(endpoints, amqp_host, amqp_port)
                 plans = plan_leaves(sc, access.credentials)
-                host = LocalProcessHost(
-                    self._specs(plans, access.api_url, transport, amqp_host, amqp_port)
+                own = [p for p in plans if p.implementation == OWN_IMPLEMENTATION]
+                theirs = [p for p in plans if p.implementation != OWN_IMPLEMENTATION]
+                hosts: list[tuple[LeafHost, int]] = []
+                if own:
+                    local = LocalProcessHost(
+                        self._specs(own, access.api_url, transport, amqp_host, amqp_port)
+                    )
+                    hosts.append((local, len(local.specs)))
+                published: PublishedHost | None = None
+                if theirs:
+                    settings = leaf_settings(sc, access.api_url, transport, amqp_host, amqp_port)
+                    slots = published_slots(theirs, sc.leaves.processes)
+                    published = PublishedHost(
+                        sc, slots, published_envs, settings, self.run_dir, aggregates
+                    )
+                    hosts.append((published, len(slots)))
+                host: LeafHost = hosts[0][0] if len(hosts) == 1 else FleetHost(hosts)
+                implementations = (
+                    {OWN_IMPLEMENTATION: {"kind": "own", "leaves": [p.index for p in own]}}
+                    if own
+                    else {}
                 )
                 log.write(
-                    harness_event("leaves_spawning", processes=len(host.specs), leaves=len(plans))
+                    harness_event(
+                        "leaves_spawning",
+                        processes=sum(n for _, n in hosts),
+                        leaves=len(plans),
+                        implementations={
+                            name: sum(1 for p in plans if p.implementation == name)
+                            for name in dict.fromkeys(p.implementation for p in plans)
+                        },
+                    )
                 )
 
                 def begin() -> None:
@@ -144,6 +182,8 @@ class SimulationRun:
                 finally:
                     if hooks is not None:
                         hooks.end()
+                    if published is not None:
+                        implementations.update(published.describe())
                 try:
                     records = access.rounds()
                 except BkSimError as exc:
@@ -179,6 +219,8 @@ class SimulationRun:
         }
         if analytics:
             sections["analytics"] = judgement.analytics
+        if implementations:
+            sections["implementations"] = implementations
         if hooks is not None:
             hook_checks, hook_section = hooks.judge(events, records, judgement)
             checks.extend(hook_checks)

@@ -608,6 +608,47 @@ def test_an_upload_a_killed_leaf_never_saw_answered_is_attributed_to_it() -> Non
     assert len(emitted) == 1
 
 
+class _Workers:
+    """The slots of a run: leaf i in slot i; kill returns a pid."""
+
+    def __init__(self, plans: list[LeafPlan]) -> None:
+        self.plans = plans
+
+    def worker_of(self, leaf_index: int) -> int:
+        return leaf_index
+
+    def leaves_of(self, worker: int) -> list[LeafPlan]:
+        return [self.plans[worker]]
+
+    def kill(self, worker: int) -> int | None:
+        return 4242
+
+
+def test_an_unseen_upload_of_a_restarted_leaf_is_based_on_what_it_had_at_the_kill() -> None:
+    """A leaf killed in round 2 and restarted for round 3 downloads round 3's aggregate
+    before the run ends: its round-2 upload still started from round 1's."""
+    from bk_sim.chaos import ChaosRun
+
+    sc = _scenario([{"kind": "kill_leaf", "round": 2, "restart": True}])
+    plans = _plans(3)
+    records = [
+        {"round": 2, "uploads": [{"leaf_id": "L0", "file_id": "a2", "weighting": 2.5}]},
+    ]
+    run = ChaosRun(sc)
+    emitted: list[dict[str, Any]] = []
+    ctx = _Ctx(plans, records)
+    ctx.workers = _Workers(plans)
+    run._ctx = ctx
+    run._emit = emitted.append
+    run.tracker = PhaseTracker(plans, 3)
+    run.tracker.on_event({"kind": "download", "leaf": 0, "aggregation_id": "agg1", "t": 2.0})
+    run._kill([0], 2)
+    run.tracker.on_event({"kind": "download", "leaf": 0, "aggregation_id": "agg3", "t": 9.0})
+    run.end()
+    (up,) = [e for e in emitted if e["kind"] == "upload"]
+    assert (up["round"], up["file_id"], up["base_aggregation_id"]) == (2, "a2", "agg1")
+
+
 def _die_holding(lock: Any) -> None:
     lock.acquire()
 
