@@ -205,7 +205,7 @@ class _Process:
         while not self.stopping.is_set():
             woken.clear()  # before reading: no wake-up is lost
             try:
-                aggregation_id = agent.client.queue.get_nowait()
+                aggregation_id = agent.client.queue.get(block=False)
             except queue.Empty:
                 aggregation_id = None
             if aggregation_id is not None:
