@@ -100,3 +100,33 @@ def bench_aggregate(
         params, counts, layers, compression, data, workdir, repeat, force_naive
     ):
         click.echo(line)
+
+
+@bench.command("round")
+@click.option(
+    "--scenario",
+    "scenario_file",
+    type=click.Path(path_type=Path),
+    default=Path("scenarios/100_leaves.yaml"),
+    show_default=True,
+    help="The round to measure (two rounds are run; the second is measured).",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--keep-run", is_flag=True, help="Keep the real run's folder (events, results).")
+def bench_round_command(
+    scenario_file: Path, overrides: tuple[str, ...], as_json: bool, keep_run: bool
+) -> None:
+    """A real round's wall time as a ratio to the CPU floor of its parts."""
+    import json
+
+    from bk_sim.bench import bench_round
+    from bk_sim.cli._run import load_for_run
+
+    scenario = load_for_run(scenario_file, overrides, None)
+    result = bench_round(scenario, keep_run=keep_run)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in result.lines():
+            click.echo(line)

@@ -11,6 +11,8 @@ deliberate differences). The rest is bk-sim's: the consumer extension point
 harness judges against.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from bk_sim.analytics import (
     ANALYTICS_BUNDLE_SUFFIXES,
     NAN_POLICY_OMIT,
@@ -41,6 +43,18 @@ from bk_sim.client._consumer import (
 from bk_sim.client._events import ClientEvent, EventKind, EventSink, Observer
 from bk_sim.client._metadata import get_metadata
 
+if TYPE_CHECKING:  # imported on first use, like the AMQP consumer itself (pika)
+    from bk_sim.client._shared_amqp import SharedAmqpLoop
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SharedAmqpLoop":
+        from bk_sim.client._shared_amqp import SharedAmqpLoop
+
+        return SharedAmqpLoop
+    raise AttributeError(name)
+
+
 __all__ = [
     "AGGREGATED_OUTPUT_DIR",
     "ANALYTICS_BUNDLE_SUFFIXES",
@@ -56,6 +70,7 @@ __all__ = [
     "NAN_POLICY_RAISE",
     "NotificationConsumer",
     "Observer",
+    "SharedAmqpLoop",
     "PAYLOAD_KIND_FEDERATED_ANALYTICS",
     "PAYLOAD_KIND_FEDERATED_LEARNING",
     "RabbitMQConfig",

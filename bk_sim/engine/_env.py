@@ -81,6 +81,10 @@ class PlatformAccess:
         return [RoundRecord.from_dict(r) for r in self.admin.rounds(self.branch_id)]
 
 
+#: Leaves provisioned per admin call.
+_LEAVES_PER_CALL = 500
+
+
 class RunEnvironment:
     """One run's resources and its results; build it, then enter its pieces in order."""
 
@@ -246,7 +250,13 @@ class RunEnvironment:
                 field_ops=dict(needs.field_ops) if needs.field_ops else None,
             )
             branch_id = str(branch["branch_id"])
-            creds = admin.create_leaves(branch_id, needs.leaves)
+            # In chunks: provisioning a leaf is a RabbitMQ user, vhost permission and queue
+            # on the broker's management API, and one call for 10,000 outlasts the admin
+            # client's 30 s read timeout.
+            creds = []
+            for first in range(0, needs.leaves, _LEAVES_PER_CALL):
+                count = min(_LEAVES_PER_CALL, needs.leaves - first)
+                creds += admin.create_leaves(branch_id, count)
             base_faults = dataclasses.asdict(p.faults)
             admin.set_faults(branch_id, base_faults)
             admin.set_run_status(branch_id, "start")

@@ -24,14 +24,28 @@ class RecordedUpload:
     leaf_id: str
     file_id: str
     weighting: float | None = None
+    #: ``sha256=<base64>`` of the stored file, when the platform says (names load payloads)
+    digest: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RecordedUpload:
         w = d.get("weighting")
-        return cls(str(d.get("leaf_id")), str(d.get("file_id")), None if w is None else float(w))
+        return cls(
+            str(d.get("leaf_id")),
+            str(d.get("file_id")),
+            None if w is None else float(w),
+            _opt_str(d.get("digest")),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"leaf_id": self.leaf_id, "file_id": self.file_id, "weighting": self.weighting}
+        d: dict[str, Any] = {
+            "leaf_id": self.leaf_id,
+            "file_id": self.file_id,
+            "weighting": self.weighting,
+        }
+        if self.digest is not None:
+            d["digest"] = self.digest
+        return d
 
 
 @dataclass(frozen=True)

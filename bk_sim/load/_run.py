@@ -45,11 +45,12 @@ from locust.stats import (
 )
 
 from bk_sim.broker import BrokerEndpoints, check_socket_capacity
-from bk_sim.engine import Check, PlatformNeeds, RunEnvironment, StatusBoard
+from bk_sim.engine import Check, EventLog, PlatformNeeds, RunEnvironment, StatusBoard, harness_event
 from bk_sim.errors import BkSimError, ScenarioError
 from bk_sim.files import atomic_write
 from bk_sim.load._observer import HTTP_TYPES, NOTIFY
 from bk_sim.load._payloads import build_payloads
+from bk_sim.load._rounds import LoadRounds, fetch_aggregates, judge_load_rounds, wait_rounds_closed
 from bk_sim.load._shape import stages_shape
 from bk_sim.load._user import LoadContext, user_class
 from bk_sim.scenario import OWN_IMPLEMENTATION, Scenario
@@ -249,7 +250,11 @@ class LoadRun:
             gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)  # one more CSV pass with final stats
             ctx.close_all()
             platform_stats = admin.stats() if admin is not None else None
-            records = access.rounds()
+            # The last round closes on its timeout after the users stop; its aggregate,
+            # like every other, is fetched while the platform runs and judged below.
+            records = wait_rounds_closed(access.rounds, (needs.round_timeout_s or 0.0) + 2.0)
+            if records:
+                fetch_aggregates(records, api_url, creds[0], self.run_dir / "aggregates")
             aggregated = (
                 sum(r.status == "aggregated" for r in records) if records is not None else None
             )
@@ -264,6 +269,11 @@ class LoadRun:
             )
             summary = summarise(locust_env)
             checks = judge(sc, summary, platform_stats, reconcile=not opt.web and not interrupted)
+        rounds = LoadRounds()
+        if records is not None:
+            self._say(f"validating {len(records)} rounds' aggregates against the reference")
+            rounds = judge_load_rounds(sc, records, payloads, self.run_dir / "aggregates")
+            checks.extend(rounds.checks)
         sections = {
             "payloads": {
                 "variants": len(payloads.paths),
@@ -274,6 +284,7 @@ class LoadRun:
             "client": ctx.counters.take(),
             "platform_requests": platform_stats,
             "platform_rounds_aggregated": aggregated,
+            **rounds.section(),
             "files": {
                 "stats_csv": "locust_stats.csv",
                 "history_csv": "locust_stats_history.csv",
@@ -287,7 +298,13 @@ class LoadRun:
             "load_s": load_s,
             "web": opt.web,
         }
-        result = env.finish(checks, sections, interrupted=interrupted, run=run, render=False)
+        # bk-sim's own report (checks, rounds) beside Locust's: it reads an event log, and
+        # a load's events are Locust's (its CSVs), so the log holds only the run's span.
+        log = EventLog(self.run_dir / "events.jsonl")
+        log.write(harness_event("run_started", t=load_started))
+        log.write(harness_event("load_ended", t=load_started + load_s))
+        log.close()
+        result = env.finish(checks, sections, interrupted=interrupted, run=run)
         return LoadResult(result.exit_code, self.run_dir, result.results)
 
     def _environment(self, ctx: LoadContext, api_url: str) -> Environment:

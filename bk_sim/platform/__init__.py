@@ -22,6 +22,7 @@ from bk_sim.platform._app import (
 from bk_sim.platform._handle import PlatformHandle, start_platform
 from bk_sim.platform._limits import Limits, limit_options
 from bk_sim.platform._serve import serve
+from bk_sim.platform._zipstream import validate_stored
 
 __all__ = [
     "AGGREGATION_STRATEGIES",
@@ -41,4 +42,5 @@ __all__ = [
     "parse_field_ops",
     "serve",
     "start_platform",
+    "validate_stored",
 ]

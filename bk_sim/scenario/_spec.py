@@ -23,6 +23,7 @@ PayloadKind = Literal["federated_learning", "federated_analytics"]
 AnalyticsFault = Literal["mean_of_means", "drop_leaf", "nan_poisoned", "double_count"]
 BrokerProvider = Literal["auto", "external", "local", "testcontainers", "none"]
 Transport = Literal["amqp", "websocket"]
+LeafHostKind = Literal["threads", "event_loop"]
 Distribution = Literal["fixed", "uniform", "lognormal", "list"]
 Compression = Literal["faithful", "fast", "stored"]
 #: The leaf client that is our own (``client.implementation``'s default).
@@ -183,6 +184,11 @@ class LeavesSpec:
         "mixed fleet: fraction of leaves per client implementation, e.g. "
         '`{bk_sim: 0.5, "branchkey==2.9.0": 0.5}` (fractions sum to 1; leaves drawn with '
         "the seed; null = all `client.implementation`)",
+    )
+    host: LeafHostKind = _f(
+        "threads",
+        "`threads`: a thread (and a consumer thread) per leaf; `event_loop`: a process's "
+        "leaves on one event loop (WebSocket consumers keep a thread each)",
     )
 
     @property

@@ -272,19 +272,38 @@ class LeafAgent:
                 aggregation_id = self.client.queue.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 continue
-            if aggregation_id in self._seen:
+            if not self.take_notified(round_index, str(aggregation_id), uploaded_at):
                 continue
-            self._seen.add(aggregation_id)
-            latency = None if uploaded_at is None else time.time() - uploaded_at
-            self._event(
-                "aggregate_notified",
-                round=round_index,
-                aggregation_id=aggregation_id,
-                latency_s=latency,
-            )
             return str(aggregation_id)
         self._event("leaf_stopped", round=round_index, reason="run stopped")
         return None
+
+    def take_notified(
+        self, round_index: int, aggregation_id: str, uploaded_at: float | None
+    ) -> bool:
+        """A notified aggregation id: True (and ``aggregate_notified``) when it is this
+        round's, False when the leaf has seen it already."""
+        if aggregation_id in self._seen:
+            return False
+        self._seen.add(aggregation_id)
+        latency = None if uploaded_at is None else time.time() - uploaded_at
+        self._event(
+            "aggregate_notified",
+            round=round_index,
+            aggregation_id=aggregation_id,
+            latency_s=latency,
+        )
+        return True
+
+    # The blocking steps, for a host that waits elsewhere (``_aio_worker``).
+    def upload(self, round_index: int) -> float:
+        return self._upload(round_index)
+
+    def download(self, round_index: int, aggregation_id: str) -> None:
+        self._download(round_index, aggregation_id)
+
+    def emit_event(self, kind: str, **fields: Any) -> None:
+        self._event(kind, **fields)
 
     def _download(self, round_index: int, aggregation_id: str) -> None:
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from typing import Any
 import multiprocess as mp
 
 from bk_sim.engine import Event, LeafPlan, harness_event
+from bk_sim.sim._aio_worker import aio_worker_main
 from bk_sim.sim._worker import WorkerSpec, worker_main
 
 _log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class LocalProcessHost:
     def _spawn(self, spec: WorkerSpec) -> Any:
         suffix = f"-r{spec.incarnation}" if spec.incarnation else ""
         proc = self.ctx.Process(
-            target=worker_main,
+            target=aio_worker_main if spec.scenario.leaves.host == "event_loop" else worker_main,
             args=(spec, self.events, self._stop),
             name=f"bk-sim-w{spec.worker}{suffix}",
         )

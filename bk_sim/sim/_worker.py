@@ -22,6 +22,7 @@ from bk_sim.client import (
     APIConfig,
     Client,
     ClientEvent,
+    ConsumerFactory,
     RabbitMQConfig,
     RetryConfig,
     WebSocketConfig,
@@ -68,7 +69,13 @@ class _QueueObserver:
         self._put(client_event(event, leaf=self._leaf))
 
 
-def make_client(spec: WorkerSpec, plan: LeafPlan, observer: Any, output_dir: Path) -> Client:
+def make_client(
+    spec: WorkerSpec,
+    plan: LeafPlan,
+    observer: Any,
+    output_dir: Path,
+    consumer_factory: ConsumerFactory | None = None,
+) -> Client:
     """A client configured from the scenario's client settings."""
     sc = spec.scenario.client
     return Client(
@@ -96,6 +103,7 @@ def make_client(spec: WorkerSpec, plan: LeafPlan, observer: Any, output_dir: Pat
         use_websocket=spec.transport == "websocket",
         output_dir=output_dir,
         observer=observer,
+        consumer_factory=consumer_factory,
     )
 
 
@@ -168,7 +176,7 @@ def _leaf_thread(
         event("leaf_closed")
 
 
-def _die(events: Any) -> None:
+def die(events: Any) -> None:
     """SIGKILL this process, after its events (the leaves' ``leaf_died``) are sent."""
     events.close()
     events.join_thread()
@@ -215,7 +223,7 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
             with dead_lock:
                 gone = bool(dead) and all(t.name in dead for t in threads if t.is_alive())
             if gone and not local_stop.is_set():
-                _die(events)
+                die(events)
             time.sleep(_STOP_POLL_S)
             if local_stop.is_set():
                 for t in threads:
