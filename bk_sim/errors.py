@@ -4,6 +4,7 @@
 
     BkSimError                       exit code 2 unless said otherwise
     ├── WeightsFormatError           an .npz that breaks PROTOCOL.md section 3
+    │   └── AnalyticsError           a federated-analytics payload or column refused
     ├── ClientError                  the leaf client could not do what was asked
     │   ├── ClientConfigError        bad credentials or settings (before any request)
     │   ├── RunBlockedError          upload refused: the run is not started
@@ -17,6 +18,7 @@
     ├── ScenarioError                a scenario file or override that is wrong
     ├── BrokerError                  no usable RabbitMQ where one was needed
     ├── ReportError                  a folder that is not a run folder (bk-sim report)
+    ├── PublishedClientError         a published branchkey client env or runner failed
     └── CheckFailed                  a validation check failed (exit code 1)
 
 Third-party exceptions (requests, pika, websockets, aiohttp) are translated at the edge
@@ -34,6 +36,10 @@ class BkSimError(Exception):
 
 class WeightsFormatError(BkSimError, ValueError):
     """A weights archive does not follow the NPZ format of PROTOCOL.md section 3."""
+
+
+class AnalyticsError(WeightsFormatError):
+    """A federated-analytics payload, field or raw column breaks the FA contract."""
 
 
 class ClientError(BkSimError):
@@ -97,6 +103,11 @@ class BrokerError(BkSimError):
 
 class ReportError(BkSimError):
     """A report cannot be rendered: the folder is not a run folder, or its files are unreadable."""
+
+
+class PublishedClientError(BkSimError):
+    """A published ``branchkey`` requirement is malformed, not installable, or its leaf
+    runner failed; the message names the requirement and what went wrong."""
 
 
 class CheckFailed(BkSimError):

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import io
 import math
+import os
 import re
 import struct
 import zipfile
@@ -27,7 +28,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from isal import isal_zlib
@@ -42,6 +43,7 @@ WEIGHTING_KEY = "weighting"
 _LAYER_RE = re.compile(r"^layer_(0|[1-9][0-9]*)$")
 _FAST_LEVEL = 1
 _ZIP32_LIMIT = 0xFFFFFFFF
+_ISAL_ERROR = cast("type[Exception]", isal_zlib.error)  # untyped in isal's stubs
 
 Source = str | Path | bytes | bytearray | memoryview
 
@@ -95,7 +97,7 @@ def encode_layers(layers: Sequence[np.ndarray], *, compression: Compression = "f
 
 
 def save_weights(
-    path: str | Path,
+    path: str | os.PathLike[str],
     weighting: float,
     parameters: Sequence[np.ndarray],
     *,
@@ -148,11 +150,11 @@ def _layer_dict(parameters: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
 def _encode(arrays: Mapping[str, np.ndarray], compression: Compression) -> bytes:
     if compression == "faithful":
         buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
+        np.savez_compressed(buf, **cast("dict[str, Any]", arrays))
         return buf.getvalue()
     if compression == "stored":
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **cast("dict[str, Any]", arrays))
         return buf.getvalue()
     if compression == "fast":
         return _fast_zip(arrays)
@@ -166,7 +168,7 @@ def _npy_parts(arr: np.ndarray) -> tuple[bytes, memoryview]:
     arr = np.asarray(arr, order="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
-    return header.getvalue(), memoryview(arr.reshape(-1).view(np.uint8))
+    return header.getvalue(), arr.reshape(-1).view(np.uint8).data
 
 
 def _fast_zip(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -258,7 +260,7 @@ def _load_fast(source: Source, max_decompressed_bytes: int | None) -> dict[str, 
         raise
     except zipfile.BadZipFile as exc:
         raise WeightsFormatError(f"{where}: not an .npz (ZIP) archive: {exc}") from exc
-    except (ValueError, EOFError, isal_zlib.error, struct.error) as exc:
+    except (ValueError, EOFError, _ISAL_ERROR, struct.error) as exc:
         raise WeightsFormatError(f"{where}: truncated or corrupt archive: {exc}") from exc
     return arrays if arrays is not None else _load(source, max_decompressed_bytes)
 
@@ -356,6 +358,18 @@ def validate_weights(
     numeric layers with finite values.
     """
     arrays = _load_fast(source, max_decompressed_bytes)
+    return _check(arrays, require_weighting=True, strict=strict)
+
+
+def load_arrays(
+    source: Source, *, max_decompressed_bytes: int | None = None
+) -> dict[str, np.ndarray]:
+    """Every array of an archive of either payload kind, loaded without pickle."""
+    return _load_fast(source, max_decompressed_bytes)
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], *, strict: bool = False) -> WeightsInfo:
+    """``validate_weights`` on arrays already loaded (``load_arrays``)."""
     return _check(arrays, require_weighting=True, strict=strict)
 
 

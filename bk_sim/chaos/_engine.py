@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,10 +22,9 @@ from bk_sim.chaos._injectors import BrokerInjector, CommandRunner, HttpInjector,
 from bk_sim.chaos._judge import judge_chaos
 from bk_sim.chaos._proxy import ToxicProxy
 from bk_sim.chaos._triggers import PhaseTracker
+from bk_sim.engine import Check, HookContext, Judgement, RoundRecord, harness_event
 from bk_sim.errors import BkSimError, ScenarioError
-from bk_sim.scenario import Scenario
-from bk_sim.scenario._spec import PROXY_CHAOS, ChaosFaultSpec
-from bk_sim.sim._eventlog import harness_event
+from bk_sim.scenario import PROXY_CHAOS, ChaosFaultSpec, Scenario
 
 _log = logging.getLogger(__name__)
 
@@ -83,10 +82,13 @@ class ChaosRun:
         self.proxy: ToxicProxy | None = None
         self._broker: BrokerInjector | None = None
         self._http: HttpInjector | None = None
-        self._ctx: Any = None
+        self._ctx: HookContext | None = None
         self.tracker: PhaseTracker | None = None
         self._emit: Callable[[dict[str, Any]], None] = lambda e: None
         self._killed: dict[int, tuple[int, int]] = {}  # leaf -> (round, worker)
+        #: leaf -> the aggregate it had downloaded when it was killed: the base of an upload
+        #: that reached the platform unseen (a restarted leaf downloads newer ones later)
+        self._killed_base: dict[int, str | None] = {}
         self._ended = False
         self._platform_lock = threading.Lock()
 
@@ -114,7 +116,7 @@ class ChaosRun:
             return phost, pport
         return host, port
 
-    def begin(self, ctx: Any) -> None:
+    def begin(self, ctx: HookContext) -> None:
         self._ctx = ctx
         self._emit = ctx.emit
         sc = self.scenario
@@ -160,9 +162,9 @@ class ChaosRun:
     def judge(
         self,
         events: list[dict[str, Any]],
-        records: list[dict[str, Any]] | None,
-        judgement: Any,
-    ) -> tuple[list[Any], dict[str, Any]]:
+        records: list[RoundRecord] | None,
+        judgement: Judgement,
+    ) -> tuple[list[Check], dict[str, Any]]:
         checks, section = judge_chaos(self.scenario, events, records, judgement)
         if self.proxy is not None:
             section["proxy"] = {
@@ -213,6 +215,7 @@ class ChaosRun:
             )
             return
         targets = fault_targets(self.scenario.seed, index, fault, self.scenario.leaves.count)
+        assert self._ctx is not None  # faults fire only after begin()
         leaf_ids = [self._ctx.plans[i].leaf_id for i in targets]
         target = self._describe_target(fault, targets)
         round_now = fault.round or self.tracker.current_round
@@ -330,7 +333,7 @@ class ChaosRun:
         """SIGKILL the local platform and start it again on the same port and data dir;
         leaves see refused connections meanwhile and retry. The runtime faults are set
         again on the new process."""
-        handle = getattr(self._ctx, "platform", None)
+        handle = self._ctx.platform if self._ctx is not None else None
         if handle is None:
             raise ScenarioError("chaos: kill_platform needs the local platform")
         with self._platform_lock:
@@ -351,8 +354,8 @@ class ChaosRun:
     # ------------------------------------------------------------------ leaves
 
     def _kill(self, targets: Sequence[int], round_now: int) -> None:
+        assert self._ctx is not None and self.tracker is not None
         workers = self._ctx.workers
-        assert self.tracker is not None
         for w in sorted({workers.worker_of(i) for i in targets}):
             pid = workers.kill(w)
             if pid is None:
@@ -361,6 +364,7 @@ class ChaosRun:
             self.tracker.set_down(hosted, True)
             for plan in workers.leaves_of(w):
                 self._killed[plan.index] = (round_now, w)
+                self._killed_base[plan.index] = self.tracker.last_download.get(plan.index)
                 self._emit(
                     harness_event(
                         "leaf_died",
@@ -378,6 +382,7 @@ class ChaosRun:
             return
         if self.tracker.wait(round_now, "round_closed", self._stop) is None:
             return
+        assert self._ctx is not None
         workers = self._ctx.workers
         for w in sorted({workers.worker_of(i) for i in targets}):
             known = frozenset(self.tracker.aggregates)
@@ -400,9 +405,9 @@ class ChaosRun:
         ctx = self._ctx
         if not self._killed or ctx is None or ctx.admin is None or ctx.branch_id is None:
             return
-        admin = ctx.platform.admin if getattr(ctx, "platform", None) is not None else ctx.admin
+        admin = ctx.platform.admin if ctx.platform is not None else ctx.admin
         try:
-            records: Sequence[Mapping[str, Any]] = admin.rounds(ctx.branch_id)
+            records = [RoundRecord.from_dict(r) for r in admin.rounds(ctx.branch_id)]
         except BkSimError as exc:
             _log.warning("chaos: could not read round records: %s", exc)
             return
@@ -411,11 +416,11 @@ class ChaosRun:
         by_id = {p.leaf_id: p for p in ctx.plans}
         killed_round = {ctx.plans[i].leaf_id: r for i, (r, _) in self._killed.items()}
         for rec in records:
-            for u in rec.get("uploads", []):
-                leaf, file_id = u.get("leaf_id"), u.get("file_id")
+            for u in rec.uploads:
+                leaf, file_id = u.leaf_id, u.file_id
                 if leaf not in killed_round or file_id in tracker.upload_ids:
                     continue
-                if int(rec.get("round", 0)) != killed_round[leaf]:
+                if rec.round != killed_round[leaf]:
                     continue
                 plan = by_id[leaf]
                 self._emit(
@@ -425,8 +430,10 @@ class ChaosRun:
                         leaf_id=leaf,
                         round=killed_round[leaf],
                         file_id=file_id,
-                        weighting=float(u.get("weighting", plan.weighting)),
-                        base_aggregation_id=tracker.last_download.get(plan.index),
+                        weighting=plan.weighting if u.weighting is None else u.weighting,
+                        base_aggregation_id=self._killed_base.get(
+                            plan.index, tracker.last_download.get(plan.index)
+                        ),
                         inferred="the leaf was killed before it saw the answer; "
                         "the platform kept the upload",
                     )

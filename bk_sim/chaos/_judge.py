@@ -10,15 +10,16 @@ record counts twice. ``judge_chaos`` is pure: it can be re-run on a finished run
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from bk_sim.client._backoff import reconnect_delay
+from bk_sim.client import reconnect_delay
+from bk_sim.engine import Check, Judgement, RoundRecord, as_time, records_from_events
 from bk_sim.scenario import Scenario
-from bk_sim.sim._checks import Check, as_time, records_from_events
 
 Event = Mapping[str, Any]
 #: A notification this much later than its round's close (plus any platform notification
@@ -34,6 +35,85 @@ DISCONNECTING = (
 
 #: Fault kinds that must show up as a disconnect of the leaves they hit.
 _DISCONNECTING_KINDS = ("kill_connections", "close_channel", "restart_broker", "reset_peer")
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultSpan:
+    """What one scheduled fault was, from its ``fault_*`` events."""
+
+    name: str
+    kind: str | None
+    target: Any = None
+    round: int | None = None
+    start_t: float | None = None
+    end_t: float | None = None
+    leaves: tuple[int, ...] = ()
+    injected: bool = False
+    error: str | None = None
+    http: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultVerdict:
+    """What one fault did: who lost the connection, how fast they noticed and came back,
+    what it cost in retries and notifications. ``to_dict`` is its results.json entry."""
+
+    span: FaultSpan
+    per_leaf: tuple[Mapping[str, Any], ...] = ()
+    #: None: the fault never started, so nothing was measured
+    disconnected: int | None = None
+    reconnected: int | None = None
+    detect_s: Mapping[str, Any] | None = None
+    reconnect_s: Mapping[str, Any] | None = None
+    rounds_closed_during: int | None = None
+    http_retries: Mapping[str, int] | None = None
+    retrying_leaves: Mapping[int, int] | None = None
+    notifications: Mapping[str, Any] | None = None
+    retried_uploads: tuple[Mapping[str, Any], ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.span.name
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.span
+        d: dict[str, Any] = {
+            "name": s.name,
+            "kind": s.kind,
+            "target": s.target,
+            "round": s.round,
+            "start_t": s.start_t,
+            "end_t": s.end_t,
+            "leaves": list(s.leaves),
+            "injected": s.injected,
+            "error": s.error,
+        }
+        if s.http is not None or s.start_t is not None:
+            d["http"] = None if s.http is None else dict(s.http)
+        d["per_leaf"] = [dict(p) for p in self.per_leaf]
+        measured = {
+            "disconnected": self.disconnected,
+            "reconnected": self.reconnected,
+            "detect_s": self.detect_s,
+            "reconnect_s": self.reconnect_s,
+            "http_retries": None if self.http_retries is None else dict(self.http_retries),
+            "retrying_leaves": None if self.retrying_leaves is None else dict(self.retrying_leaves),
+            "rounds_closed_during": self.rounds_closed_during,
+            "notifications": self.notifications,
+            "retried_uploads": None
+            if self.retried_uploads is None
+            else [dict(u) for u in self.retried_uploads],
+        }
+        d.update({k: v for k, v in measured.items() if v is not None})
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wait:
+    """A leaf's wait before a reconnect attempt, as its event logged it."""
+
+    attempt: int  # 1-based: what reconnect_delay takes
+    delay_s: float
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
@@ -53,8 +133,8 @@ def detection_window_s(scenario: Scenario) -> float:
 def judge_chaos(
     scenario: Scenario,
     events: Sequence[Event],
-    records: Sequence[Mapping[str, Any]] | None,
-    judgement: Any = None,
+    records: Sequence[RoundRecord] | None,
+    judgement: Judgement | None = None,
 ) -> tuple[list[Check], dict[str, Any]]:
     """The chaos checks (from ``chaos.expect``) and the results.json ``chaos`` section."""
     names = {int(e["leaf"]): str(e["leaf_id"]) for e in events if "leaf" in e and "leaf_id" in e}
@@ -62,16 +142,18 @@ def judge_chaos(
     for e in events:
         if "leaf" in e and isinstance(e.get("leaf"), int):
             by_leaf[int(e["leaf"])].append(e)
-    faults = _faults(events)
     rc = scenario.client.reconnect
     window = detection_window_s(scenario)
     violations: list[dict[str, Any]] = []
     slow: list[tuple[float, str]] = []
     never: list[str] = []
     detects: list[float] = []
-    for f in faults:
+    verdicts = [
         _per_fault(f, by_leaf, names, rc, window, events, records, violations, slow, never)
-        detects += [p["detect_s"] for p in f["per_leaf"] if p.get("detect_s") is not None]
+        for f in _faults(events)
+    ]
+    for v in verdicts:
+        detects += [p["detect_s"] for p in v.per_leaf if p.get("detect_s") is not None]
     # Without the platform's records (a remote platform without its admin API), the
     # aggregates the leaves heard of stand in for the notifications owed.
     notes = _notifications(
@@ -79,12 +161,14 @@ def judge_chaos(
     )
     confirmed = {str(e["file_id"]) for e in events if e.get("kind") == "upload"}
     doubles = _double_counted(records or [], names, confirmed)
-    for f in faults:
-        if f["start_t"] is None:
+    for i, v in enumerate(verdicts):
+        if v.span.start_t is None:
             continue
-        f["notifications"] = _fault_notifications(notes, f, window)
-        if f["kind"] == "http":
-            f["retried_uploads"] = _retried_uploads(f, by_leaf, records or [], confirmed)
+        v = dataclasses.replace(v, notifications=_fault_notifications(notes, v.span, window))
+        if v.span.kind == "http":
+            retried = _retried_uploads(v.span, by_leaf, records or [], confirmed)
+            v = dataclasses.replace(v, retried_uploads=tuple(retried))
+        verdicts[i] = v
     killed = [
         {
             "leaf": e["leaf"],
@@ -111,7 +195,7 @@ def judge_chaos(
             http_total[_retry_key(e)] += 1
     notes.pop("_pairs", None)
     section: dict[str, Any] = {
-        "faults": faults,
+        "faults": [v.to_dict() for v in verdicts],
         "notifications": notes,
         "uploads": {"double_counted": doubles},
         "http_retries": dict(http_total),
@@ -122,13 +206,14 @@ def judge_chaos(
         "reconnect_s": _stats([s for s, _ in slow]),
     }
     checks = _checks(
-        scenario, faults, notes, doubles, violations, slow, never, detects, judgement, records
+        scenario, verdicts, notes, doubles, violations, slow, never, detects, judgement, records
     )
     return checks, section
 
 
-def _faults(events: Sequence[Event]) -> list[dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+def _faults(events: Sequence[Event]) -> list[FaultSpan]:
+    """Each scheduled fault as its events tell it, in the order they first appear."""
+    out: dict[str, FaultSpan] = {}
     for e in events:
         kind = e.get("kind")
         if kind not in ("fault_start", "fault_end", "fault_error", "fault_skipped"):
@@ -136,39 +221,31 @@ def _faults(events: Sequence[Event]) -> list[dict[str, Any]]:
         name = str(e.get("fault"))
         f = out.setdefault(
             name,
-            {
-                "name": name,
-                "kind": e.get("fault_kind"),
-                "target": e.get("target"),
-                "round": e.get("round"),
-                "start_t": None,
-                "end_t": None,
-                "leaves": [],
-                "injected": False,
-                "error": None,
-            },
+            FaultSpan(name, e.get("fault_kind"), target=e.get("target"), round=e.get("round")),
         )
         if kind == "fault_start":
-            f.update(
+            f = dataclasses.replace(
+                f,
                 start_t=float(e["t"]),
-                leaves=list(e.get("leaves", [])),
+                leaves=tuple(int(x) for x in e.get("leaves", [])),
                 injected=True,
                 round=e.get("round"),
                 target=e.get("target"),
                 http=e.get("http"),
             )
         elif kind == "fault_end":
-            f["end_t"] = float(e["t"])
+            f = dataclasses.replace(f, end_t=float(e["t"]))
         elif kind == "fault_error":
-            f["error"] = e.get("error")
-            if f["start_t"] is None:
-                f["injected"] = False
+            f = dataclasses.replace(
+                f, error=e.get("error"), injected=f.injected if f.start_t is not None else False
+            )
         else:
-            f["error"] = e.get("reason")
-    for f in out.values():
-        if f["start_t"] is not None and f["end_t"] is None:
-            f["end_t"] = f["start_t"]
-    return list(out.values())
+            f = dataclasses.replace(f, error=e.get("reason"))
+        out[name] = f
+    return [
+        dataclasses.replace(f, end_t=f.start_t) if f.start_t is not None and f.end_t is None else f
+        for f in out.values()
+    ]
 
 
 def _retry_key(e: Event) -> str:
@@ -183,23 +260,24 @@ def _rule_key(rule: Mapping[str, Any]) -> str:
 
 
 def _per_fault(
-    f: dict[str, Any],
+    f: FaultSpan,
     by_leaf: Mapping[int, Sequence[Event]],
     names: Mapping[int, str],
     rc: Any,
     window: float,
     events: Sequence[Event],
-    records: Sequence[Mapping[str, Any]] | None,
+    records: Sequence[RoundRecord] | None,
     violations: list[dict[str, Any]],
     slow: list[tuple[float, str]],
     never: list[str],
-) -> None:
-    f["per_leaf"] = []
-    if f["start_t"] is None:
-        return
-    start, end = float(f["start_t"]), float(f["end_t"])
+) -> FaultVerdict:
+    per_leaf: list[dict[str, Any]] = []
+    if f.start_t is None:
+        return FaultVerdict(f)
+    start = f.start_t
+    end = f.end_t if f.end_t is not None else start
     # Only faults on the notification path are expected to disconnect leaves.
-    hit_leaves = f["leaves"] if f["kind"] in DISCONNECTING else []
+    hit_leaves = f.leaves if f.kind in DISCONNECTING else ()
     for leaf in hit_leaves:
         evs = by_leaf.get(int(leaf), [])
         disc = next(
@@ -212,7 +290,7 @@ def _per_fault(
         )
         row: dict[str, Any] = {"leaf": leaf, "leaf_id": names.get(int(leaf))}
         if disc is None:
-            f["per_leaf"].append(row | {"disconnected": False})
+            per_leaf.append(row | {"disconnected": False})
             continue
         t_disc = float(disc["t"])
         conn = next(
@@ -221,7 +299,7 @@ def _per_fault(
         t_conn = float(conn["t"]) if conn is not None else None
         upto = t_conn if t_conn is not None else float("inf")
         waits = [
-            {"attempt": int(e.get("attempt", 0)), "delay_s": float(e.get("delay_s", 0.0))}
+            _Wait(int(e.get("attempt", 0)), float(e.get("delay_s", 0.0)))
             for e in evs
             if e.get("kind") == "reconnect_wait" and t_disc <= float(e["t"]) <= upto
         ]
@@ -230,15 +308,15 @@ def _per_fault(
         )
         ok = True
         for w in waits:
-            want = reconnect_delay(w["attempt"], rc.backoff_factor, rc.max_delay)
-            if abs(w["delay_s"] - want) > 1e-6:
+            want = reconnect_delay(w.attempt, rc.backoff_factor, rc.max_delay)
+            if abs(w.delay_s - want) > 1e-6:
                 ok = False
                 violations.append(
                     {
-                        "fault": f["name"],
+                        "fault": f.name,
                         "leaf": leaf,
-                        "attempt": w["attempt"],
-                        "delay_s": w["delay_s"],
+                        "attempt": w.attempt,
+                        "delay_s": w.delay_s,
                         "expected_s": want,
                     }
                 )
@@ -249,10 +327,10 @@ def _per_fault(
             reconnect_s=None if t_conn is None else t_conn - t_disc,
             attempts=int(conn.get("attempt", 0)) if conn is not None else len(waits),
             failed_attempts=failed,
-            waits=waits,
+            waits=[dataclasses.asdict(w) for w in waits],
             backoff_ok=ok,
         )
-        label = f"leaf {leaf} ({names.get(int(leaf))}) after {f['name']}"
+        label = f"leaf {leaf} ({names.get(int(leaf))}) after {f.name}"
         if t_conn is None:
             gone = any(
                 e.get("kind") in ("leaf_died", "leaf_closed", "give_up") and float(e["t"]) >= t_disc
@@ -262,18 +340,14 @@ def _per_fault(
                 never.append(label)
         else:
             slow.append((t_conn - t_disc, label))
-        f["per_leaf"].append(row)
-    hit = [p for p in f["per_leaf"] if p.get("disconnected")]
-    f["disconnected"] = len(hit)
-    f["reconnected"] = sum(1 for p in hit if p.get("reconnect_s") is not None)
-    f["detect_s"] = _stats([p["detect_s"] for p in hit])
-    f["reconnect_s"] = _stats([p["reconnect_s"] for p in hit if p.get("reconnect_s") is not None])
+        per_leaf.append(row)
+    hit = [p for p in per_leaf if p.get("disconnected")]
     retries: Counter[str] = Counter()
     per_leaf_retries: Counter[int] = Counter()
-    rule = f.get("http") or {}
+    rule = f.http or {}
     for e in events:
         if (
-            f["kind"] == "http"
+            f.kind == "http"
             and e.get("kind") == "retry_wait"
             and e.get("transport") == "http"
             and start <= float(e["t"]) <= end + _HTTP_RETRY_GRACE_S
@@ -283,19 +357,27 @@ def _per_fault(
             retries[f"{e.get('endpoint')} {_retry_key(e)}"] += 1
             if isinstance(e.get("leaf"), int):
                 per_leaf_retries[int(e["leaf"])] += 1
-    if f["kind"] == "http":
-        f["http_retries"] = dict(retries)
-        f["retrying_leaves"] = dict(sorted(per_leaf_retries.items()))
     closed = [
         t
         for r in records or []
-        if (t := as_time(r.get("closed_at"))) is not None and start <= t <= end + window
+        if (t := as_time(r.closed_at)) is not None and start <= t <= end + window
     ]
-    f["rounds_closed_during"] = len(closed)
+    http = f.kind == "http"
+    return FaultVerdict(
+        f,
+        per_leaf=tuple(per_leaf),
+        disconnected=len(hit),
+        reconnected=sum(1 for p in hit if p.get("reconnect_s") is not None),
+        detect_s=_stats([p["detect_s"] for p in hit]),
+        reconnect_s=_stats([p["reconnect_s"] for p in hit if p.get("reconnect_s") is not None]),
+        rounds_closed_during=len(closed),
+        http_retries=dict(retries) if http else None,
+        retrying_leaves=dict(sorted(per_leaf_retries.items())) if http else None,
+    )
 
 
 def _notifications(
-    scenario: Scenario, events: Sequence[Event], records: Sequence[Mapping[str, Any]]
+    scenario: Scenario, events: Sequence[Event], records: Sequence[RoundRecord]
 ) -> dict[str, Any]:
     spans: dict[str, list[list[float]]] = defaultdict(list)
     got: Counter[tuple[str, int, str]] = Counter()
@@ -316,9 +398,7 @@ def _notifications(
             got[(leaf, len(spans[leaf]), agg)] += 1
             first.setdefault((leaf, agg), float(e["t"]))
     closed = {
-        str(r["aggregation_id"]): as_time(r.get("closed_at"))
-        for r in records
-        if r.get("status") == "aggregated" and r.get("aggregation_id")
+        r.aggregation_id: as_time(r.closed_at) for r in records if r.aggregated and r.aggregation_id
     }
     expected = {
         (leaf, agg)
@@ -365,12 +445,11 @@ def _notifications(
     }
 
 
-def _fault_notifications(
-    notes: Mapping[str, Any], f: Mapping[str, Any], window: float
-) -> dict[str, Any]:
+def _fault_notifications(notes: Mapping[str, Any], f: FaultSpan, window: float) -> dict[str, Any]:
     """Notifications of the aggregates that closed while the fault (or its aftermath)
     lasted: how many were owed, lost, handled twice, late, and the slowest delivery."""
-    start, end = float(f["start_t"]), float(f["end_t"])
+    assert f.start_t is not None and f.end_t is not None
+    start, end = f.start_t, f.end_t
     late_after = float(notes["late_after_s"])
     mine = [
         p
@@ -388,14 +467,15 @@ def _fault_notifications(
 
 
 def _retried_uploads(
-    f: Mapping[str, Any],
+    f: FaultSpan,
     by_leaf: Mapping[int, Sequence[Event]],
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[RoundRecord],
     confirmed: set[str],
 ) -> list[dict[str, Any]]:
     """Each upload an HTTP fault made a leaf retry: the round it landed in and how many
     times the platform's records count that leaf there (1 is right)."""
-    start, end = float(f["start_t"]), float(f["end_t"]) + _HTTP_RETRY_GRACE_S
+    assert f.start_t is not None and f.end_t is not None
+    start, end = f.start_t, f.end_t + _HTTP_RETRY_GRACE_S
     out = []
     for leaf, evs in sorted(by_leaf.items()):
         retry_t = next(
@@ -416,23 +496,19 @@ def _retried_uploads(
             continue
         leaf_id = str(up["leaf_id"])
         landed = next(
-            (
-                r
-                for r in records
-                if any(u.get("file_id") == up["file_id"] for u in r.get("uploads", []))
-            ),
+            (r for r in records if any(u.file_id == up["file_id"] for u in r.uploads)),
             None,
         )
         counted = 0
         if landed is not None:
-            number = int(landed.get("round") or 0)
+            number = landed.round
             for r in records:
                 same = r is landed
-                for u in r.get("uploads", []):
-                    if str(u.get("leaf_id")) != leaf_id:
+                for u in r.uploads:
+                    if u.leaf_id != leaf_id:
                         continue
-                    unconfirmed = str(u.get("file_id")) not in confirmed
-                    if same or (unconfirmed and r.get("round") in (number - 1, number + 1)):
+                    unconfirmed = u.file_id not in confirmed
+                    if same or (unconfirmed and r.round in (number - 1, number + 1)):
                         counted += 1
         out.append(
             {"leaf": leaf, "round": up.get("round"), "file_id": up["file_id"], "counted": counted}
@@ -441,7 +517,7 @@ def _retried_uploads(
 
 
 def _double_counted(
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[RoundRecord],
     names: Mapping[int, str],
     confirmed: set[str] | None = None,
 ) -> list[dict[str, Any]]:
@@ -452,13 +528,13 @@ def _double_counted(
     out: list[dict[str, Any]] = []
     seen: set[tuple[Any, str]] = set()
     for rec in records:
-        counts = Counter(str(u.get("leaf_id")) for u in rec.get("uploads", []))
+        counts = Counter(u.leaf_id for u in rec.uploads)
         for leaf_id, n in sorted(counts.items()):
             if n > 1:
-                seen.add((rec.get("round"), leaf_id))
+                seen.add((rec.round, leaf_id))
                 out.append(
                     {
-                        "round": rec.get("round"),
+                        "round": rec.round,
                         "leaf": index.get(leaf_id),
                         "leaf_id": leaf_id,
                         "count": n,
@@ -466,20 +542,18 @@ def _double_counted(
                 )
     if confirmed is None:
         return out
-    per_leaf: Counter[str] = Counter(
-        str(u.get("leaf_id")) for rec in records for u in rec.get("uploads", [])
-    )
+    per_leaf: Counter[str] = Counter(u.leaf_id for rec in records for u in rec.uploads)
     for rec in records:
-        for u in rec.get("uploads", []):
-            leaf_id, file_id = str(u.get("leaf_id")), str(u.get("file_id"))
-            if file_id in confirmed or (rec.get("round"), leaf_id) in seen:
+        for u in rec.uploads:
+            leaf_id, file_id = u.leaf_id, u.file_id
+            if file_id in confirmed or (rec.round, leaf_id) in seen:
                 continue
             if leaf_id not in index:
                 continue  # not one of this run's leaves: the round check reports it
-            seen.add((rec.get("round"), leaf_id))
+            seen.add((rec.round, leaf_id))
             out.append(
                 {
-                    "round": rec.get("round"),
+                    "round": rec.round,
                     "leaf": index.get(leaf_id),
                     "leaf_id": leaf_id,
                     "count": 2,
@@ -492,36 +566,36 @@ def _double_counted(
 
 def _checks(
     scenario: Scenario,
-    faults: Sequence[Mapping[str, Any]],
+    faults: Sequence[FaultVerdict],
     notes: Mapping[str, Any],
     doubles: Sequence[Mapping[str, Any]],
     violations: Sequence[Mapping[str, Any]],
     slow: Sequence[tuple[float, str]],
     never: Sequence[str],
     detects: Sequence[float],
-    judgement: Any,
-    records: Sequence[Mapping[str, Any]] | None,
+    judgement: Judgement | None,
+    records: Sequence[RoundRecord] | None,
 ) -> list[Check]:
     x = scenario.chaos.expect
     checks: list[Check] = []
     planned = len(scenario.chaos.faults)
-    bad = [f for f in faults if not f["injected"] or f.get("error")]
+    bad = [f.span for f in faults if not f.span.injected or f.span.error]
     checks.append(
         Check(
             "chaos: every scheduled fault was injected",
             len(faults) == planned and not bad,
-            "; ".join(f"{f['name']}: {f.get('error') or 'not injected'}" for f in bad)
-            or f"{len([f for f in faults if f['injected']])} of {planned} injected",
+            "; ".join(f"{f.name}: {f.error or 'not injected'}" for f in bad)
+            or f"{len([f for f in faults if f.span.injected])} of {planned} injected",
         )
     )
     # A connection fault that disconnected nobody (it landed after the leaves were done,
     # or never reached them) proves nothing about reconnects: say so instead of passing.
     idle = [
-        f["name"]
+        f.name
         for f in faults
-        if f["kind"] in _DISCONNECTING_KINDS and f["injected"] and not f.get("disconnected")
+        if f.span.kind in _DISCONNECTING_KINDS and f.span.injected and not f.disconnected
     ]
-    if any(f["kind"] in _DISCONNECTING_KINDS for f in faults):
+    if any(f.span.kind in _DISCONNECTING_KINDS for f in faults):
         checks.append(
             Check(
                 "chaos: every connection fault disconnected at least one leaf",
@@ -589,13 +663,13 @@ def _checks(
             )
         )
     if x.aggregates == "correct":
-        rows = list(getattr(judgement, "rounds", []) or [])
-        failing = [r for r in rows if not r.get("passed")]
+        rows = list(judgement.rounds) if judgement is not None else []
+        failing = [r for r in rows if not r.passed]
         checks.append(
             Check(
                 "chaos: every aggregate correct despite the faults",
                 bool(rows) and not failing,
-                "; ".join(f"round {r.get('round')}: {r.get('reason')}" for r in failing[:3])
+                "; ".join(f"round {r.round}: {r.reason}" for r in failing[:3])
                 or ("no round closed" if not rows else f"{len(rows)} rounds validated"),
             )
         )

@@ -1,30 +1,34 @@
 """``Client``: the faithful BranchKey leaf client (PROTOCOL.md sections 2-6).
 
-It owns one HTTP transport (``_http``), one notification consumer (AMQP by default,
-WebSocket when asked, none with ``notifications=False``), the one-slot aggregation
-queue, and the run state the platform tells it about. It knows nothing of scenarios,
-processes or reports: everything it does is reported through the observer's events.
+It owns one HTTP transport (``_http``), one notification consumer (from
+``consumer_factory``: AMQP by default, WebSocket when asked, none with
+``notifications=False``), the one-slot aggregation queue, and the run state the platform
+tells it about. Its positional signature and return types are the published client's
+(branchkey 2.9.0 and 3.0.1); see docs/client.md for the deliberate differences. It knows
+nothing of scenarios, processes or reports: everything it does is reported through the
+observer's events.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
 import queue as _queue
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 import urllib3
 
-import bk_sim
+from bk_sim import analytics as _analytics
 from bk_sim import weights as _weights
 from bk_sim.client._config import (
     DEFAULT_HOST,
@@ -36,9 +40,22 @@ from bk_sim.client._config import (
     RunConfig,
     WebSocketConfig,
 )
+from bk_sim.client._consumer import (
+    ConsumerFactory,
+    ConsumerSpec,
+    NotificationConsumer,
+    default_consumer,
+)
 from bk_sim.client._events import EventSink, Observer
 from bk_sim.client._http import ANY_ACCEPT, HttpResult, HttpTransport
 from bk_sim.client._latest import LatestQueue
+from bk_sim.client._metadata import metadata_dict
+from bk_sim.client._stream import (
+    STREAM_THRESHOLD,
+    MultipartFileBody,
+    check_weights_file,
+    multipart_file_body,
+)
 from bk_sim.errors import (
     ApiError,
     BkSimError,
@@ -48,7 +65,7 @@ from bk_sim.errors import (
     UnsafeFileIdError,
     WeightsFormatError,
 )
-from bk_sim.files import atomic_write
+from bk_sim.npzstream import file_digest
 from bk_sim.redact import redact_url
 
 _log = logging.getLogger("bk_sim.client")
@@ -59,13 +76,6 @@ _PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
 _CONSUMER_CLOSE_TIMEOUT = 5.0
 # Upload contents (by SHA-256 digest and size) that passed the client-side check.
 _VALIDATED_MEMORY = 32
-
-
-class _Consumer(Protocol):
-    def start(self) -> None: ...
-    def close(self, timeout: float = 5.0) -> None: ...
-    @property
-    def connected(self) -> bool: ...
 
 
 # --------------------------------------------------------------------------- settings
@@ -126,7 +136,7 @@ def resolve_settings(
     run_config: RunConfig | None = None,
     use_websocket: bool = False,
     notifications: bool = True,
-    output_dir: str | os.PathLike[str] = DEFAULT_OUTPUT_DIR,
+    output_dir: str | os.PathLike[str] | None = None,
 ) -> Settings:
     """Merge the flat kwargs and the config objects (objects win) and check them all.
 
@@ -179,12 +189,21 @@ def resolve_settings(
         ("run_config", run, RunConfig),
     ):
         if not isinstance(obj, cls):
-            raise ClientConfigError(f"{name} must be a {cls.__name__}, got {type(obj).__name__}")
+            hint = (
+                " (the seed README's host is keyword-only: pass host=...)"
+                if name == "api_config" and isinstance(obj, str)
+                else ""
+            )
+            raise ClientConfigError(
+                f"{name} must be a {cls.__name__}, got {type(obj).__name__}{hint}"
+            )
     _check_api(api)
     _check_rabbitmq(rabbit)
     _check_websocket(ws)
     _check_run(run)
     _check_retry(retry)
+    if output_dir is None:
+        output_dir = DEFAULT_OUTPUT_DIR
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
         raise ClientConfigError(f"output_dir must be a path, got {output_dir!r}")
     return Settings(
@@ -262,7 +281,7 @@ def _check_rabbitmq(cfg: RabbitMQConfig) -> None:
         raise ClientConfigError(f"rbmq_port must be 1-65535, got {cfg.port!r}")
     if not isinstance(cfg.ssl, bool):
         raise ClientConfigError(f"rbmq_ssl must be True or False, got {cfg.ssl!r}")
-    if not isinstance(cfg.heartbeat, int) or cfg.heartbeat < 0:
+    if not isinstance(cfg.heartbeat, int) or isinstance(cfg.heartbeat, bool) or cfg.heartbeat < 0:
         raise ClientConfigError(f"rabbitmq_config.heartbeat must be >= 0, got {cfg.heartbeat!r}")
     _check_reconnect(
         "rbmq_", cfg.max_reconnect_attempts, cfg.reconnect_backoff_factor, cfg.reconnect_max_delay
@@ -355,35 +374,6 @@ def parse_notification(msg: Any) -> Notification:
     raise ValueError(f"unknown message_type {kind!r}")
 
 
-def upload_metadata(
-    *,
-    file_size: int,
-    file_digest: str,
-    timestamp: _dt.datetime | None = None,
-    device_info: Any = None,
-    training_stats: Any = None,
-    custom: Any = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The upload's metadata object; the required keys win over ``extra``."""
-    meta: dict[str, Any] = dict(extra or {})
-    when = timestamp or _dt.datetime.now(_dt.timezone.utc)
-    meta.update(
-        client_version=bk_sim.__version__,
-        timestamp=when.isoformat(),
-        file_size=file_size,
-        file_digest=file_digest,
-    )
-    for key, value in (
-        ("device_info", device_info),
-        ("training_stats", training_stats),
-        ("custom", custom),
-    ):
-        if value is not None:
-            meta[key] = value
-    return meta
-
-
 def _to_numpy(tensor: Any) -> np.ndarray:
     """A numpy snapshot of a tensor-like: torch (``detach().cpu().numpy()``) or array."""
     if hasattr(tensor, "detach"):
@@ -396,41 +386,18 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     return np.array(arr, copy=True)
 
 
-def _shapes_of(source: Any, what: str) -> list[tuple[int, ...]]:
-    if isinstance(source, (str, os.PathLike)):
-        return [tuple(a.shape) for a in _weights.read_layers(Path(source))]
-    if isinstance(source, np.ndarray):
-        raise WeightsFormatError(f"{what} must be a list of layers or an .npz path, not one array")
-    shapes: list[tuple[int, ...]] = []
-    for item in source:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            item = item[1]  # a (name, tensor) pair from named_parameters()
-        if isinstance(item, tuple) and all(isinstance(d, (int, np.integer)) for d in item):
-            shapes.append(tuple(int(d) for d in item))
-        elif hasattr(item, "shape"):
-            shapes.append(tuple(int(d) for d in item.shape))
-        else:
-            shapes.append(tuple(np.shape(item)))
-    return shapes
-
-
-def shape_mismatch(weights: Any, reference: Any) -> str | None:
-    """Why ``weights``' layer shapes differ from ``reference``'s, or None when they match."""
-    got = _shapes_of(weights, "weights")
-    want = _shapes_of(reference, "reference")
-    if len(got) != len(want):
-        return f"{len(got)} layers, reference has {len(want)}"
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        if g != w:
-            return f"layer_{i} has shape {g}, reference has {w}"
-    return None
-
-
 # --------------------------------------------------------------------------- the client
 
 
 class Client:
-    """A BranchKey leaf: uploads weights, receives aggregates, follows the run.
+    """A BranchKey leaf: uploads weights or analytics, receives aggregates, follows the run.
+
+    Positional parameters are the published client's (``credentials, api_config,
+    rabbitmq_config, websocket_config, run_config, retry_config, use_websocket,
+    output_dir``); the seed README's flat settings (``host=``, ``rbmq_*=``, ``ssl=``,
+    ``proxies=``, ...) are keyword-only, and a config object wins over them.
+    ``consumer_factory`` builds the notification consumer (default: AMQP, or WebSocket
+    with ``use_websocket``).
 
     Construction checks every setting (``ClientConfigError`` before any request), reads
     the run details once (a failure there fails construction), then starts the
@@ -440,6 +407,14 @@ class Client:
     def __init__(
         self,
         credentials: Credentials | Mapping[str, Any],
+        api_config: APIConfig | None = None,
+        rabbitmq_config: RabbitMQConfig | None = None,
+        websocket_config: WebSocketConfig | None = None,
+        run_config: RunConfig | None = None,
+        retry_config: RetryConfig | Mapping[str, Any] | None = None,
+        use_websocket: bool = False,
+        output_dir: str | os.PathLike[str] | None = None,
+        *,
         host: str = DEFAULT_HOST,
         rbmq_host: str | None = None,
         rbmq_port: int = 5671,
@@ -451,22 +426,20 @@ class Client:
         wait_for_run: bool = False,
         run_check_interval_s: float = 30,
         proxies: Mapping[str, str] | None = None,
-        retry_config: RetryConfig | None = None,
-        *,
-        api_config: APIConfig | None = None,
-        rabbitmq_config: RabbitMQConfig | None = None,
-        websocket_config: WebSocketConfig | None = None,
-        run_config: RunConfig | None = None,
-        use_websocket: bool = False,
         notifications: bool = True,
-        output_dir: str | os.PathLike[str] = DEFAULT_OUTPUT_DIR,
         observer: Observer | None = None,
+        consumer_factory: ConsumerFactory | None = None,
     ) -> None:
         self._initialized = False
         self._closed = threading.Event()
-        self._consumer: _Consumer | None = None
+        self._consumer: NotificationConsumer | None = None
         if observer is not None and not callable(getattr(observer, "on_event", None)):
             raise ClientConfigError("observer must have an on_event(event) method")
+        if consumer_factory is not None and not callable(consumer_factory):
+            raise ClientConfigError(
+                f"consumer_factory must be callable, got {type(consumer_factory).__name__}"
+            )
+        self._consumer_factory: ConsumerFactory = consumer_factory or default_consumer
         self._settings = resolve_settings(
             credentials,
             host=host,
@@ -500,7 +473,7 @@ class Client:
         self._status_seq = 0  # counts run_status notifications (see get_run_details)
         self._refresh_lock = threading.Lock()
         self._refreshed = threading.Event()  # set after each post-start refresh (tests)
-        self._validated: dict[tuple[str, int], None] = {}  # see _check_upload
+        self._validated: dict[tuple[str, int], str] = {}  # see _check_upload
         self._http = HttpTransport(
             self._settings.api.host,
             creds,
@@ -567,6 +540,16 @@ class Client:
         return self._settings
 
     @property
+    def use_websocket(self) -> bool:
+        """Whether notifications come over the WebSocket (else AMQP)."""
+        return self._settings.use_websocket
+
+    @property
+    def output_dir(self) -> str:
+        """Where ``file_download`` writes aggregates (default ``./aggregated_output``)."""
+        return str(self._settings.output_dir)
+
+    @property
     def is_initialized(self) -> bool:
         """True once construction succeeded, until ``close``."""
         return self._initialized and not self._closed.is_set()
@@ -586,40 +569,69 @@ class Client:
 
     @staticmethod
     def save_weights(
-        path: str | os.PathLike[str],
+        file_path: str | os.PathLike[str],
         weighting: float,
         parameters: Sequence[np.ndarray],
         *,
         compression: _weights.Compression = "faithful",
-    ) -> Path:
-        """Write an upload archive (``.npz`` appended if missing) and return its path."""
-        return _weights.save_weights(path, weighting, parameters, compression=compression)
+    ) -> str:
+        """Write a learning archive (``.npz`` appended if missing) and return its path."""
+        return str(_weights.save_weights(file_path, weighting, parameters, compression=compression))
 
     @staticmethod
-    def validate_weight_shape(
-        weights: str | os.PathLike[str] | Sequence[Any],
-        reference: str | os.PathLike[str] | Sequence[Any],
-        *,
-        raise_error: bool = False,
-    ) -> bool:
-        """Whether ``weights`` has the same layer count and shapes as ``reference``.
+    def save_fields(
+        entries: Mapping[str, Any],
+        kind: str = _analytics.PAYLOAD_KIND_FEDERATED_ANALYTICS,
+        file_path: str | os.PathLike[str] = "fields",
+        weighting: float | None = None,
+    ) -> str:
+        """Write named fields as an archive of ``kind`` and return its path.
 
-        Each side is an ``.npz`` path (upload or aggregate), a list of arrays or tensors,
-        or a list of shape tuples. Returns False (and logs why) on a mismatch, or raises
-        ``WeightsFormatError`` saying which layer differs when ``raise_error``. An
-        unreadable ``.npz`` always raises.
+        Values are sent as given (``np.asarray``; a scalar becomes one element). Refused
+        with ``AnalyticsError``: an unknown kind, no entries, a reserved or ``layer_<n>``
+        name, a dtype NPZ cannot store without pickle, a learning archive without
+        ``weighting``.
         """
-        reason = shape_mismatch(weights, reference)
-        if reason is None:
-            return True
-        if raise_error:
-            raise WeightsFormatError(f"weight shapes differ: {reason}")
-        _log.warning("weight shapes differ: %s", reason)
-        return False
+        return str(_analytics.save_fields(file_path, entries, kind, weighting))
+
+    @staticmethod
+    def save_analytics(
+        columns: Mapping[str, Any],
+        file_path: str | os.PathLike[str] = "analytics",
+        nan_policy: str = _analytics.NAN_POLICY_OMIT,
+    ) -> str:
+        """Reduce raw 1-D numeric columns to their six-field bundles; return the path.
+
+        Only the bundle (``_n, _sum, _sumsq, _min, _max, _nan``) is written, never a raw
+        value. ``nan_policy`` ``"omit"`` drops NaNs with a warning, ``"raise"`` refuses
+        them; an infinity, an empty column and a bundle-name collision are refused.
+        """
+        return str(_analytics.save_analytics(file_path, columns, nan_policy))
+
+    @staticmethod
+    def validate_weight_shape(file: IO[bytes] | str | os.PathLike[str]) -> bool:
+        """Check an open ``.npz`` file by its declared kind; rewind it; True or raise.
+
+        Learning: ``weighting`` one value and at least one ``layer_*``; analytics: at
+        least one named field, none positional, each at least 1-D with an allowed dtype.
+        Raises ``WeightsFormatError`` (``AnalyticsError`` for analytics) saying why.
+        """
+        try:
+            if isinstance(file, (str, os.PathLike)):  # a path too; upstream takes a file
+                data: Any = Path(file).read_bytes()
+            else:
+                data = file.read()
+                file.seek(0)
+        except (AttributeError, OSError, ValueError) as exc:  # not a file, closed, unseekable
+            raise WeightsFormatError(f"cannot read and rewind {file!r}: {exc}") from exc
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise WeightsFormatError(f"expected a binary file, read {type(data).__name__}")
+        _analytics.validate_payload(_weights.load_arrays(bytes(data)))
+        return True
 
     @staticmethod
     def convert_pytorch_numpy(
-        named_parameters: Iterable[Any], weighting: float
+        model: Iterable[Any], weighting: float = 1
     ) -> tuple[float, list[np.ndarray]]:
         """``(weighting, [arrays])`` from ``model.named_parameters()`` or any tensors.
 
@@ -628,7 +640,7 @@ class Client:
         can't change what gets saved.
         """
         params: list[np.ndarray] = []
-        for item in named_parameters:
+        for item in model:
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                 item = item[1]
             params.append(_to_numpy(item))
@@ -697,69 +709,112 @@ class Client:
         device_info: Any = None,
         custom: Any = None,
     ) -> str:
-        """Upload a weights archive and return its ``file_id`` (PROTOCOL.md section 2).
+        """Upload an archive of either kind and return its ``file_id`` (PROTOCOL.md 2).
 
-        The file is read once: the digest, the client-side check and the request body
-        all use the same bytes. Refused with ``RunBlockedError`` when the run is not
-        started, unless ``wait_for_run``. ``metadata`` adds keys to the metadata object.
+        The file is read once: the digest, the client-side check (chosen by the kind the
+        archive declares) and the request body all use the same bytes; the kind goes
+        into the metadata as ``"kind"``. Refused with ``RunBlockedError`` when the run is
+        not started, unless ``wait_for_run``. ``metadata`` adds keys to the metadata.
         """
         self._check_open()
         if not self._settings.run.wait_for_run:
             self._wait_for_run()  # refuses at once when the run is blocked
         path = Path(file_path)
         try:
-            data = path.read_bytes()
+            size = path.stat().st_size
+            if size > STREAM_THRESHOLD:
+                # Large: hashed, checked and sent from disk (issue 17), never held whole;
+                # the hash runs beside the check (both release the GIL).
+                digest, size, kind = self._digest_and_check(path)
+                body_source: bytes | Path = path
+            else:
+                data = path.read_bytes()
+                size = len(data)
+                digest = _weights.digest_header(data)
+                body_source = data
         except OSError as exc:
             raise WeightsFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        digest = _weights.digest_header(data)
-        self._check_upload(data, digest)
+        if not isinstance(body_source, Path):
+            kind = self._check_upload(body_source, digest)
         self._wait_for_run()  # after the checks: never wait long for a file that is bad
-        meta = upload_metadata(
-            file_size=len(data),
+        meta = metadata_dict(
+            file_size=size,
             file_digest=digest,
+            kind=kind,
             device_info=device_info,
             training_stats=training_stats,
             custom=custom,
             extra=metadata,
         )
         form = json.dumps({"leaf_name": self.leaf_name, "metadata": json.dumps(meta)})
-        body, content_type = urllib3.encode_multipart_formdata(
-            [("data", form), ("file", (path.name, data, "application/octet-stream"))]
-        )
-        result = self._http.request(
-            "POST",
-            self._http.url("/api/v1/file/upload"),
-            endpoint="upload",
-            expect=(201,),
-            data=body,
-            headers={
-                "Content-Type": content_type,
-                "x-bk-file-size": str(len(data)),
-                "x-bk-file-digest": digest,
-            },
-        )
+        body: bytes | MultipartFileBody
+        if isinstance(body_source, Path):
+            body, content_type = multipart_file_body(form, path)
+        else:
+            body, content_type = urllib3.encode_multipart_formdata(
+                [("data", form), ("file", (path.name, body_source, "application/octet-stream"))]
+            )
+        try:
+            result = self._http.request(
+                "POST",
+                self._http.url("/api/v1/file/upload"),
+                endpoint="upload",
+                expect=(201,),
+                data=body,
+                headers={
+                    "Content-Type": content_type,
+                    "x-bk-file-size": str(size),
+                    "x-bk-file-digest": digest,
+                },
+            )
+        finally:
+            if isinstance(body, MultipartFileBody):
+                body.close()
         file_id = self._data(result, "POST", "upload").get("file_id")
         if not isinstance(file_id, str) or not file_id:
             raise ApiError("POST", "upload", result.status, f"answer holds no file_id: {file_id!r}")
         return file_id
 
-    def _check_upload(self, data: bytes, digest: str) -> None:
+    def _check_upload(self, data: bytes, digest: str) -> str:
         """The client-side archive check (PROTOCOL.md section 3), once per distinct content.
 
         The check is a pure function of the bytes, and the SHA-256 digest names the bytes:
         a leaf that uploads the same archive again (a load test does it hundreds of times
         a second) gets the same verdict without inflating and parsing every member again
-        (~0.3 ms of a 10 kB upload's ~1 ms CPU). Only passes are remembered.
+        (~0.3 ms of a 10 kB upload's ~1 ms CPU). Only passes are remembered, with the
+        kind the archive declares, which is returned.
         """
         key = (digest, len(data))
-        if key in self._validated:
-            return
-        _weights.validate_weights(data, strict=False)
+        kind = self._validated.get(key)
+        if kind is not None:
+            return kind
+        kind = _analytics.validate_payload(_weights.load_arrays(data))
         if len(self._validated) >= _VALIDATED_MEMORY:
             self._validated.clear()
-        self._validated[key] = None
+        self._validated[key] = kind
+        return kind
 
-    def file_download(self, file_id: str) -> Path:
+    def _digest_and_check(self, path: Path) -> tuple[str, int, str]:
+        """(digest, size, kind) of a large file: hashed in a thread while it is checked
+        member by member here; a content that passed before is not checked again."""
+        with ThreadPoolExecutor(1, thread_name_prefix="bk-upload-digest") as pool:
+            hashing = pool.submit(file_digest, path)
+            kind: str | None = None
+            try:
+                kind = check_weights_file(path)
+            finally:
+                digest, size = hashing.result()
+        key = (digest, size)
+        if key in self._validated:
+            return digest, size, self._validated[key]
+        if kind is None:  # not a weights archive: the whole-archive check decides
+            kind = _analytics.validate_payload(_weights.load_arrays(path.read_bytes()))
+        if len(self._validated) >= _VALIDATED_MEMORY:
+            self._validated.clear()
+        self._validated[key] = kind
+        return digest, size, kind
+
+    def file_download(self, file_id: str) -> str:
         """Download an aggregate to ``<output_dir>/<file_id>.npz`` and return the path.
 
         Two steps: the API answers a (pre-signed) ``download_url``; a plain GET of it,
@@ -786,22 +841,29 @@ class Client:
             raise ApiError(
                 "GET", "download_url", result.status, "download_url is not a valid URL"
             ) from None
-        blob = self._http.request(
-            "GET",
-            absolute,
-            endpoint="download",
-            expect=(200,),
-            accept=ANY_ACCEPT,
-            authenticated=False,
-            parse_json=False,
-        )
-        if not blob.content:
-            raise ApiError("GET", "download", blob.status, f"empty body for file {file_id}")
+        # Streamed to a temporary file beside the target, then renamed (issue 17: a
+        # 1 GB aggregate never sits in memory).
+        part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
-            atomic_write(target, blob.content)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob = self._http.request(
+                "GET",
+                absolute,
+                endpoint="download",
+                expect=(200,),
+                accept=ANY_ACCEPT,
+                authenticated=False,
+                parse_json=False,
+                stream_to=part,
+            )
+            if not part.exists() or part.stat().st_size == 0:
+                raise ApiError("GET", "download", blob.status, f"empty body for file {file_id}")
+            os.replace(part, target)
         except OSError as exc:
             raise ClientError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        return target
+        finally:
+            part.unlink(missing_ok=True)
+        return str(target)
 
     def send_performance_metrics(self, aggregation_id: str, data: Any, mode: str = "test") -> bool:
         """Send metrics for an aggregation; True on 201, False otherwise. Never raises.
@@ -838,9 +900,10 @@ class Client:
     def get_latest_aggregation_id(self) -> str | None:
         """Take the newest unread aggregation id without blocking; None when there is none."""
         try:
-            return self._queue.get_nowait()
+            latest: str = self._queue.get_nowait()
         except _queue.Empty:
             return None
+        return latest
 
     def _on_notification(self, msg: dict[str, Any]) -> None:
         """Handle one notification (PROTOCOL.md section 4); never raises."""
@@ -883,24 +946,27 @@ class Client:
             finally:
                 self._refreshed.set()
 
-    def _make_consumer(self) -> _Consumer:
+    def _make_consumer(self) -> NotificationConsumer:
         s = self._settings
-        if s.use_websocket:
-            from bk_sim.client._websocket import WebSocketConsumer
-
-            return WebSocketConsumer(
-                s.websocket_url,
-                s.websocket,
-                self.get_ws_ticket,
-                self._on_notification,
-                self._events,
-                verify_ssl=self._http.verify,
-            )
-        from bk_sim.client._amqp import AmqpConsumer
-
-        return AmqpConsumer(
-            self._credentials, s.rabbitmq, s.broker_host, self._on_notification, self._events
+        spec = ConsumerSpec(
+            transport="websocket" if s.use_websocket else "amqp",
+            credentials=self._credentials,
+            rabbitmq=s.rabbitmq,
+            broker_host=s.broker_host,
+            websocket=s.websocket,
+            websocket_url=s.websocket_url,
+            verify_ssl=self._http.verify,
+            get_ticket=self.get_ws_ticket,
+            on_message=self._on_notification,
+            events=self._events,
         )
+        consumer = self._consumer_factory(spec)
+        for name in ("start", "close"):
+            if not callable(getattr(consumer, name, None)):
+                raise ClientConfigError(
+                    f"consumer_factory returned {type(consumer).__name__}, which has no {name}()"
+                )
+        return consumer
 
     # ----------------------------------------------------------------- run gate
 
@@ -926,10 +992,18 @@ class Client:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def disable_ssl_verification(self) -> None:
-        """Stop verifying TLS certificates for HTTP (and a WebSocket started later)."""
-        _log.warning("TLS certificate verification is disabled for %s", self._settings.api.host)
-        self._http.verify = False
+    def disable_ssl_verification(self, enabled: bool = False) -> bool:
+        """Set TLS certificate verification for HTTP (and a WebSocket started later).
+
+        The published client's name and meaning: ``enabled`` is the new state (so the
+        default turns verification off), and the state is returned.
+        """
+        if not isinstance(enabled, bool):
+            raise ClientConfigError(f"enabled must be True or False, got {enabled!r}")
+        if not enabled:
+            _log.warning("TLS certificate verification is disabled for %s", self._settings.api.host)
+        self._http.verify = enabled
+        return enabled
 
     def close(self, timeout: float = _CONSUMER_CLOSE_TIMEOUT) -> None:
         """Stop the consumer, wake any waits and release connections; prompt, idempotent."""
@@ -951,8 +1025,8 @@ class Client:
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
     ) -> None:
         self.close()
 

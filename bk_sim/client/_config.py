@@ -11,22 +11,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
 from bk_sim.errors import ClientConfigError
 
 DEFAULT_HOST = "https://app.branchkey.com"
 DEFAULT_OUTPUT_DIR = "./aggregated_output"
+#: The published client's name for the default download folder (branchkey 2.9.0).
+AGGREGATED_OUTPUT_DIR = DEFAULT_OUTPUT_DIR
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """A leaf's six credential strings; ``session_token`` is a secret and never shown."""
+    """A leaf's six credential strings; ``session_token`` is a secret and never shown.
+
+    Field order is the published client's, so ``Credentials(id, name, token, tree,
+    branch, owner)`` means the same thing on both.
+    """
 
     id: str
     name: str
     session_token: str = field(repr=False)
-    owner_id: str
     tree_id: str
     branch_id: str
+    owner_id: str
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -138,4 +148,42 @@ class RetryConfig:
 
     def backoff(self, retry_number: int) -> float:
         """Seconds to wait before retry ``retry_number`` (1-based)."""
-        return min(self.backoff_factor * 2 ** (retry_number - 1), self.max_backoff)
+        return float(min(self.backoff_factor * 2 ** (retry_number - 1), self.max_backoff))
+
+    def get_retry_strategy(self) -> Retry:
+        """A urllib3 ``Retry`` for code that brings its own ``requests`` session.
+
+        It waits what ``backoff`` says (1 s, 2 s, 4 s for factor 1.0), not urllib3's
+        0 s before the first retry; ``Retry-After`` is honoured as urllib3 does.
+        """
+        return _DocumentedRetry(
+            total=self.max_retries,
+            backoff_factor=self.backoff_factor,
+            backoff_max=self.max_backoff,
+            status_forcelist=self.status_forcelist,
+            allowed_methods=self.allowed_methods,
+            raise_on_status=False,
+        )
+
+    def create_session(self) -> requests.Session:
+        """A ``requests.Session`` with ``get_retry_strategy()`` mounted for http and https."""
+        session = requests.Session()
+        adapter = HTTPAdapter(max_retries=self.get_retry_strategy())
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+
+class _DocumentedRetry(Retry):
+    """urllib3 ``Retry`` whose wait before retry n is ``factor * 2 ** (n - 1)``, capped."""
+
+    def get_backoff_time(self) -> float:
+        # history holds one entry per failed attempt; n is the retry about to happen.
+        errors = 0
+        for entry in reversed(self.history):
+            if entry.redirect_location:
+                break
+            errors += 1
+        if errors == 0:
+            return 0.0
+        return float(min(self.backoff_factor * 2 ** (errors - 1), self.backoff_max))

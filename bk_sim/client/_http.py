@@ -9,6 +9,7 @@ on 429/503, reports every attempt as an event, and translates every ``requests``
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
@@ -21,7 +22,8 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import requests
 import requests.utils
@@ -45,6 +47,8 @@ _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OS
 JSON_ERRORS = (ValueError, RecursionError)
 # Distinct (scheme, host, verify, proxies) settings remembered per environment snapshot.
 _SETTINGS_CACHE_SIZE = 32
+#: Bytes written at a time when an answer is streamed to a file (downloads).
+_STREAM_BLOCK = 2**20
 
 
 def _environment_snapshot() -> Mapping[Any, Any] | None:
@@ -55,10 +59,11 @@ def _environment_snapshot() -> Mapping[Any, Any] | None:
     name. None (never cache) where it is missing, or where requests also reads proxies
     from the system (macOS, Windows), not only from the environment.
     """
-    if (
-        requests.utils.getproxies is not urllib.request.getproxies_environment
-        or requests.utils.proxy_bypass is not urllib.request.proxy_bypass_environment
-    ):
+    if getattr(
+        requests.utils, "getproxies", None
+    ) is not urllib.request.getproxies_environment or getattr(
+        requests.utils, "proxy_bypass", None
+    ) is not getattr(urllib.request, "proxy_bypass_environment", None):
         return None
     data = getattr(os.environ, "_data", None)
     return data if isinstance(data, dict) else None
@@ -102,8 +107,9 @@ def error_text(content: bytes) -> str:
         body = json.loads(content)
     except JSON_ERRORS:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return body["error"]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):
+        return error
     preview = content[:_PREVIEW_CHARS].decode("utf-8", errors="replace").strip()
     if len(content) > _PREVIEW_CHARS:
         preview += "..."
@@ -203,23 +209,27 @@ class HttpTransport:
         endpoint: str,
         expect: Iterable[int] = (200,),
         json_body: Any = None,
-        data: bytes | None = None,
+        data: bytes | IO[bytes] | Iterable[bytes] | None = None,
         headers: Mapping[str, str] | None = None,
         accept: str = JSON_ACCEPT,
         authenticated: bool = True,
         parse_json: bool = True,
+        stream_to: Path | None = None,
     ) -> HttpResult:
         """Send one logical request, retrying per ``RetryConfig``; return the answer.
 
         ``expect`` lists the statuses that mean success. Any other final status raises
         ``ApiError`` (``AuthError`` for 401/403, ``NotFoundError`` for 404) carrying the
-        body's ``error`` text; no answer at all raises ``TransportError``.
+        body's ``error`` text; no answer at all raises ``TransportError``. ``data`` may be
+        a rewindable file object (rewound before each attempt); with ``stream_to`` an
+        expected answer's body is written to that file in 1 MiB blocks, not kept.
         """
         if self._closed.is_set():
             raise ClientError(f"{method} {endpoint}: the client is closed")
         expected = frozenset(expect)
         prepared = self._prepare(method, url, json_body, data, headers, accept, authenticated)
-        sent = len(prepared.body or b"") if prepared.body is not None else 0
+        body = prepared.body
+        sent = len(body or b"") if body is not None else 0
         send_kwargs = self._send_settings(prepared.url or url)
         retryable_method = method.upper() in self.retry.allowed_methods
         attempts = 1 + self.retry.max_retries
@@ -229,12 +239,18 @@ class HttpTransport:
             response: requests.Response | None = None
             failure: BaseException | None = None
             try:
-                response, content = self._send(prepared, send_kwargs)
+                if hasattr(body, "seek"):
+                    body.seek(0)  # type: ignore[union-attr]
+                response, content = self._send(prepared, send_kwargs, expected, stream_to)
             except _TRANSPORT_ERRORS as exc:
                 failure = exc
                 content = b""
             duration = time.perf_counter() - started
             status = response.status_code if response is not None else None
+            received = len(content)
+            if stream_to is not None and status in expected:
+                with contextlib.suppress(OSError):  # streamed to the file, not kept
+                    received = stream_to.stat().st_size
             self._events.emit(
                 "http_request",
                 transport="http",
@@ -243,7 +259,7 @@ class HttpTransport:
                 status=status,
                 duration_s=duration,
                 bytes_sent=sent,
-                bytes_received=len(content),
+                bytes_received=received,
                 attempt=attempt,
                 error=_describe(failure) if failure is not None else None,
             )
@@ -298,8 +314,10 @@ class HttpTransport:
                 cached = self._settings_cache.get(key)
         if cached is None:
             # A copy: requests adds the environment's proxies to the dict it is given.
-            cached = self._session.merge_environment_settings(
-                url, dict(self.proxies), None, self.verify, None
+            cached = dict(
+                self._session.merge_environment_settings(
+                    url, dict(self.proxies), None, self.verify, None
+                )
             )
             if env is not None:
                 with self._settings_lock:
@@ -311,8 +329,28 @@ class HttpTransport:
         return {**cached, "proxies": dict(cached["proxies"])}
 
     def _send(
-        self, prepared: requests.PreparedRequest, send_kwargs: dict[str, Any]
+        self,
+        prepared: requests.PreparedRequest,
+        send_kwargs: dict[str, Any],
+        expected: frozenset[int] = frozenset(),
+        stream_to: Path | None = None,
     ) -> tuple[requests.Response, bytes]:
+        if stream_to is not None:
+            response = self._session.send(
+                prepared,
+                timeout=self.retry.total_timeout,
+                allow_redirects=True,
+                **{**send_kwargs, "stream": True},
+            )
+            with response:
+                if response.status_code not in expected:
+                    return response, response.content
+                received = 0
+                with open(stream_to, "wb") as f:
+                    for block in response.iter_content(_STREAM_BLOCK):
+                        f.write(block)
+                        received += len(block)
+            return response, b""
         if send_kwargs.get("verify") is False:
             # The user chose not to verify (ssl=False): urllib3 would warn on every request.
             # catch_warnings is process-global; only unverified clients pay for it.
@@ -335,7 +373,7 @@ class HttpTransport:
         method: str,
         url: str,
         json_body: Any,
-        data: bytes | None,
+        data: bytes | IO[bytes] | Iterable[bytes] | None,
         headers: Mapping[str, str] | None,
         accept: str,
         authenticated: bool,

@@ -1,37 +1,39 @@
 """The WebSocket notification consumer of the leaf client (PROTOCOL.md 4 and 4b).
 
-One asyncio loop in one daemon thread runs the whole life: fetch a ticket, connect to
-``<url>?ticket=<ticket_id>&request_id=<request_id>``, read one JSON notification per
-frame, and on any loss wait ``reconnect_delay(n, ...)`` and start over with a fresh
-ticket (a ticket is good for one connect only). ``close()`` cancels the loop's one task,
-which interrupts whatever it is doing (a backoff sleep, the opening handshake, a read);
-the connection then sends a close frame bounded by ``CLOSE_TIMEOUT_S``.
+One implementation for threads and for gevent: blocking sockets (``websockets.sync``)
+in a daemon thread, which gevent's monkey-patching turns into a greenlet. (An asyncio
+loop per consumer cannot serve gevent: greenlets share one OS thread, and asyncio allows
+one running loop per OS thread.)
 
-The server pings and ``websockets`` answers; the client never pings (``ping_interval``
-None), as the contract says. ``get_ticket`` (a blocking HTTP call) and ``on_message`` run
-on daemon threads, one call at a time, so a slow handler never stalls the loop that
-answers the server's pings, while messages are still handled one at a time, in order.
-Daemon threads, not a ``ThreadPoolExecutor``: the interpreter joins an executor's workers
-at exit, so a ticket request hanging on a black-holed platform kept the process alive for
-the whole HTTP timeout after ``close()``. The attempt counting is the AMQP consumer's:
-attempt 0 is the first connect, the counter resets once connected, ``give_up`` after
-``max_reconnect_attempts`` failed reconnects (0 = never).
+The life of the consumer thread: fetch a ticket, connect to
+``<url>?ticket=<ticket_id>&request_id=<request_id>``, hand each JSON notification to
+``on_message`` in order, and on any loss wait ``reconnect_delay(n, ...)`` and start over
+with a fresh ticket (a ticket is good for one connect only). The server pings and the
+``websockets`` receiver thread answers, so a slow handler never starves the pongs; the
+client never pings (``ping_interval`` None), as the contract says.
+
+``close()`` is prompt wherever the thread is: a backoff wait is an ``Event`` wait; the
+ticket call and the opening handshake run on helper daemon threads that ``close()``
+abandons (a late connection is closed as it arrives), so a hanging ticket request to a
+black-holed platform neither delays ``close()`` nor keeps the process alive; an open
+socket gets a close frame bounded by ``CLOSE_TIMEOUT_S``. Attempt counting is the AMQP
+consumer's: attempt 0 is the first connect, the counter resets once connected,
+``give_up`` after ``max_reconnect_attempts`` failed reconnects (0 = never).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
+import inspect
 import json
 import logging
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
     ConnectionClosed,
     InvalidHandshake,
@@ -39,6 +41,7 @@ from websockets.exceptions import (
     InvalidURI,
     WebSocketException,
 )
+from websockets.sync.client import ClientConnection, connect
 
 from bk_sim.client._backoff import attempts_left, reconnect_delay
 from bk_sim.client._config import WebSocketConfig
@@ -53,10 +56,18 @@ TRANSPORT = "websocket"
 CLOSE_TIMEOUT_S = 1.0
 #: Largest notification frame accepted; notifications are a few hundred bytes.
 MAX_MESSAGE_BYTES = 1 << 20
+#: websockets >= 17.1 wants ``legacy=True`` to hand back a connection outside ``with``.
+_DIRECT: dict[str, Any] = (
+    {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+)
 
 
 class _ConnectFailed(Exception):
     """One connect attempt failed; the text goes into the ``connect_failed`` event."""
+
+
+class _Stopped(Exception):
+    """``close()`` was called while the consumer thread waited for a helper."""
 
 
 def _short(exc: BaseException) -> str:
@@ -64,40 +75,52 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-async def _in_daemon_thread(fn: Callable[[], _T], name: str) -> _T:
-    """``fn()`` on a new daemon thread; cancelling the await abandons the thread."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def settle(result: Any, exc: BaseException | None) -> None:
-        if future.done():
-            return  # the awaiting task was cancelled (close)
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    def run() -> None:
-        result: Any = None
-        error: BaseException | None = None
-        try:
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:
-            pass  # the loop is closed: the consumer stopped meanwhile
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await future
-
-
 def _describe_close(exc: ConnectionClosed) -> str:
     """Why a connected socket ended, from the close frame received (if any)."""
     if exc.rcvd is not None:
         return f"server closed the connection (code {exc.rcvd.code} {exc.rcvd.reason!r})"
     return "connection lost without a close frame"
+
+
+class _Call(Generic[_T]):
+    """One blocking call on a helper daemon thread, which the consumer may abandon."""
+
+    def __init__(self, fn: Callable[[], _T], on_late: Callable[[_T], None] | None) -> None:
+        self.done = threading.Event()
+        self._fn = fn
+        self._on_late = on_late
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._result: _T | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        result: _T | None = None
+        error: BaseException | None = None
+        try:
+            result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting consumer
+            error = exc
+        with self._lock:
+            self._result, self._error = result, error
+            late = self._abandoned
+        self.done.set()
+        if late and result is not None and self._on_late is not None:
+            self._on_late(result)  # e.g. close a socket opened after close()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+        self.done.set()
+
+    def outcome(self) -> _T:
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._abandoned:
+                raise _Stopped()
+            assert self._result is not None
+            return self._result
 
 
 class WebSocketConsumer:
@@ -126,11 +149,9 @@ class WebSocketConsumer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_alive = False
-        self._task: asyncio.Task[None] | None = None
+        self._pending: _Call[Any] | None = None
+        self._ws: ClientConnection | None = None
         self._connected = False
-        self._gave_up = False
 
     # -- public surface
     @property
@@ -143,8 +164,6 @@ class WebSocketConsumer:
         with self._lock:
             if self._thread is not None or self._stopping.is_set():
                 return
-            self._loop = asyncio.new_event_loop()
-            self._loop_alive = True
             self._thread = threading.Thread(target=self._run, name="bk-websocket", daemon=True)
             self._thread.start()
 
@@ -152,9 +171,11 @@ class WebSocketConsumer:
         """Stop receiving and close the socket; waits at most ``timeout`` seconds."""
         with self._lock:
             self._stopping.set()
-            thread = self._thread
-            if self._loop_alive and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._cancel)
+            thread, pending, ws = self._thread, self._pending, self._ws
+        if pending is not None:
+            pending.abandon()
+        if ws is not None:
+            self._close_socket(ws)
         if thread is None or thread is threading.current_thread():
             return
         thread.join(timeout)
@@ -172,36 +193,49 @@ class WebSocketConsumer:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    def _cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    @staticmethod
+    def _close_socket(ws: ClientConnection) -> None:
+        try:
+            ws.close()
+        except Exception:  # noqa: BLE001 - closing must not fail
+            _log.debug("closing the WebSocket failed", exc_info=True)
+
+    def _helper(
+        self, fn: Callable[[], _T], name: str, on_late: Callable[[_T], None] | None = None
+    ) -> _T:
+        """``fn()`` on a daemon thread; ``_Stopped`` at once if ``close()`` comes first."""
+        call: _Call[_T] = _Call(fn, on_late)
+        with self._lock:
+            if self._stopping.is_set():
+                raise _Stopped()
+            self._pending = call
+        try:
+            threading.Thread(target=call.run, name=name, daemon=True).start()
+            call.done.wait()
+            return call.outcome()
+        finally:
+            with self._lock:
+                self._pending = None
 
     def _run(self) -> None:
-        loop = self._loop
-        assert loop is not None
-        asyncio.set_event_loop(loop)
+        gave_up = False
         try:
-            self._task = loop.create_task(self._main())
-            loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
+            gave_up = self._loop()
+        except _Stopped:
             pass
         except Exception as exc:  # noqa: BLE001 - a bug must end the thread loudly, not hang
             _log.exception("WebSocket consumer crashed")
-            self._gave_up = True
+            gave_up = True
             self._events.emit("give_up", transport=TRANSPORT, error=f"consumer crashed: {exc}")
         finally:
-            with self._lock:
-                self._loop_alive = False
             self._connected = False
-            try:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                asyncio.set_event_loop(None)
-                loop.close()
-            if self._stopping.is_set() and not self._gave_up:
-                self._events.emit("consumer_stopped", transport=TRANSPORT)
+            with self._lock:
+                self._ws = None
+        if self._stopping.is_set() and not gave_up:
+            self._events.emit("consumer_stopped", transport=TRANSPORT)
 
-    async def _main(self) -> None:
+    def _loop(self) -> bool:
+        """Connect, consume, reconnect until closed; True when it gave up."""
         cfg = self._config
         attempt = 0
         last_error: str | None = None
@@ -213,21 +247,21 @@ class WebSocketConsumer:
                         attempt - 1,
                         last_error,
                     )
-                    self._gave_up = True
                     self._events.emit(
                         "give_up", transport=TRANSPORT, attempt=attempt - 1, error=last_error
                     )
-                    return
+                    return True
                 delay = reconnect_delay(
                     attempt, cfg.reconnect_backoff_factor, cfg.reconnect_max_delay
                 )
                 self._events.emit(
                     "reconnect_wait", transport=TRANSPORT, attempt=attempt, delay_s=delay
                 )
-                await asyncio.sleep(delay)
+                if self._stopping.wait(delay):
+                    break
             started = time.monotonic()
             try:
-                ws = await self._open()
+                ws = self._open()
             except _ConnectFailed as exc:
                 last_error = str(exc)
                 _log.warning("WebSocket connect attempt %d failed: %s", attempt, last_error)
@@ -240,6 +274,15 @@ class WebSocketConsumer:
                 )
                 attempt += 1
                 continue
+            with self._lock:
+                if self._stopping.is_set():
+                    stop_now = True
+                else:
+                    stop_now = False
+                    self._ws = ws
+            if stop_now:
+                self._close_socket(ws)
+                break
             up_since = time.monotonic()
             self._connected = True
             _log.info("WebSocket consumer connected (attempt %d)", attempt)
@@ -247,10 +290,14 @@ class WebSocketConsumer:
                 "connect", transport=TRANSPORT, attempt=attempt, duration_s=up_since - started
             )
             try:
-                last_error = await self._consume(ws)
+                last_error = self._consume(ws)
             finally:
                 self._connected = False
-                await ws.close()
+                with self._lock:
+                    self._ws = None
+                self._close_socket(ws)
+            if self._stopping.is_set():
+                break
             _log.warning("WebSocket consumer disconnected: %s", last_error)
             self._events.emit(
                 "disconnect",
@@ -259,11 +306,14 @@ class WebSocketConsumer:
                 duration_s=time.monotonic() - up_since,
             )
             attempt = 1
+        return False
 
-    async def _open(self) -> ClientConnection:
+    def _open(self) -> ClientConnection:
         """Fetch a fresh ticket and open the socket, or raise ``_ConnectFailed``."""
         try:
-            ticket = await _in_daemon_thread(self._get_ticket, "bk-ws-ticket")
+            ticket = self._helper(self._get_ticket, "bk-ws-ticket")
+        except _Stopped:
+            raise
         except Exception as exc:  # noqa: BLE001 - get_ticket raises ClientError, or worse
             raise _ConnectFailed(f"ticket request failed: {_short(exc)}") from exc
         ticket_id, request_id = self._ticket_fields(ticket)
@@ -271,14 +321,11 @@ class WebSocketConsumer:
         query = f"ticket={quote(ticket_id, safe='')}&request_id={quote(request_id, safe='')}"
         uri = f"{self._url}{sep}{query}"
         try:
-            return await connect(
-                uri,
-                ssl=self._ssl,
-                open_timeout=self._config.open_timeout,
-                ping_interval=None,
-                close_timeout=CLOSE_TIMEOUT_S,
-                max_size=MAX_MESSAGE_BYTES,
+            return self._helper(
+                functools.partial(self._connect, uri), "bk-ws-connect", on_late=self._close_socket
             )
+        except _Stopped:
+            raise
         except InvalidStatus as exc:
             status = exc.response.status_code
             hint = " (ticket refused)" if status in (401, 403) else ""
@@ -292,6 +339,18 @@ class WebSocketConsumer:
         except (InvalidURI, InvalidHandshake, WebSocketException) as exc:
             raise _ConnectFailed(f"handshake failed: {type(exc).__name__}: {_short(exc)}") from exc
 
+    def _connect(self, uri: str) -> ClientConnection:
+        ws: ClientConnection = connect(
+            uri,
+            ssl=self._ssl,
+            open_timeout=self._config.open_timeout,
+            ping_interval=None,
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_size=MAX_MESSAGE_BYTES,
+            **_DIRECT,
+        )
+        return ws
+
     @staticmethod
     def _ticket_fields(ticket: Any) -> tuple[str, str]:
         if not isinstance(ticket, Mapping):
@@ -303,14 +362,16 @@ class WebSocketConsumer:
             raise _ConnectFailed("ticket response has no request_id")
         return ticket_id, request_id
 
-    async def _consume(self, ws: ClientConnection) -> str:
+    def _consume(self, ws: ClientConnection) -> str:
         """Hand each frame to the handler, in order; return why the socket ended."""
         while True:
             try:
-                frame = await ws.recv()
+                frame = ws.recv()
             except ConnectionClosed as exc:
                 return _describe_close(exc)
-            await _in_daemon_thread(functools.partial(self._handle, frame), "bk-ws-handler")
+            self._handle(frame)
+            if self._stopping.is_set():
+                return "closed by the client"
 
     def _handle(self, frame: str | bytes) -> None:
         """Parse one frame and call ``on_message``; bad frames and handler errors are logged."""

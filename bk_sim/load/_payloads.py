@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bk_sim import weights
 from bk_sim.scenario import Scenario
-from bk_sim.sim._synth import leaf_update, leaf_weightings
+from bk_sim.synth import leaf_update, leaf_weightings
 
 _log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class PayloadCache:
     paths: tuple[Path, ...]
     sizes: tuple[int, ...]
     build_s: float
+    #: ``x-bk-file-digest`` of each file: how a round record's upload names its variant
+    digests: tuple[str, ...] = ()
 
     def path(self, slot: int) -> Path:
         return self.paths[slot % len(self.paths)]
@@ -44,7 +46,7 @@ def build_payloads(scenario: Scenario, folder: Path) -> PayloadCache:
     count = scenario.load.payload_variants
     weightings = leaf_weightings(scenario.seed, scenario.leaves.weighting, scenario.leaves.count)
     t0 = time.perf_counter()
-    paths, sizes = [], []
+    paths, sizes, digests = [], [], []
     for v in range(count):
         layers = leaf_update(scenario.seed, v, 1, None, scenario.model)
         data = weights.encode_weights(
@@ -56,6 +58,7 @@ def build_payloads(scenario: Scenario, folder: Path) -> PayloadCache:
         path.write_bytes(data)
         paths.append(path)
         sizes.append(len(data))
+        digests.append(weights.digest_header(data))
     build_s = time.perf_counter() - t0
     _log.info("%d payloads of ~%d bytes made in %.2f s", count, sum(sizes) // count, build_s)
-    return PayloadCache(tuple(paths), tuple(sizes), build_s)
+    return PayloadCache(tuple(paths), tuple(sizes), build_s, tuple(digests))

@@ -11,26 +11,22 @@ Distributed mode is Locust's own: ``--master`` runs the platform side and the lo
 ``--worker`` processes (any machine) run users. A worker asks the master for its setup
 (platform URL, broker address, its share of leaf credentials) with a custom message; its
 users wait for that before they start. Worker tallies ride on Locust's worker reports.
-This module must be imported after gevent has monkey-patched (``bk_sim.load.__main__``).
+This module must be imported after gevent has monkey-patched (``bk-sim load`` does).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
-import secrets
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,15 +44,16 @@ from locust.stats import (
     stats_history,
 )
 
-from bk_sim.broker import BrokerEndpoints, check_socket_capacity, provide_broker
-from bk_sim.client import Credentials
+from bk_sim.broker import BrokerEndpoints, check_socket_capacity
+from bk_sim.engine import Check, EventLog, PlatformNeeds, RunEnvironment, StatusBoard, harness_event
 from bk_sim.errors import BkSimError, ScenarioError
 from bk_sim.files import atomic_write
 from bk_sim.load._observer import HTTP_TYPES, NOTIFY
 from bk_sim.load._payloads import build_payloads
+from bk_sim.load._rounds import LoadRounds, fetch_aggregates, judge_load_rounds, wait_rounds_closed
 from bk_sim.load._shape import stages_shape
 from bk_sim.load._user import LoadContext, user_class
-from bk_sim.scenario import Scenario
+from bk_sim.scenario import OWN_IMPLEMENTATION, Scenario
 
 _log = logging.getLogger(__name__)
 
@@ -69,7 +66,6 @@ DEFAULT_ROUND_TIMEOUT_S = 5.0
 #: How long a stopping user may finish its current task before it is killed.
 STOP_GRACE_S = 5.0
 WORKERS_TIMEOUT_S = 60.0
-_PROGRESS_EVERY_S = 2.0
 _SOCKET_MARGIN = 50
 _SETUP = "bk_sim_setup"
 _HELLO = "bk_sim_hello"
@@ -104,6 +100,16 @@ def check_load_spec(sc: Scenario) -> None:
     """Cross-field rules of ``load`` (the loader checks types and ranges)."""
     spec = sc.load
     where = sc.source or sc.name
+    published = sorted(
+        {sc.client.implementation, *(sc.leaves.implementations or {})} - {OWN_IMPLEMENTATION}
+    )
+    if published:
+        key = "leaves.implementations" if sc.leaves.implementations else "client.implementation"
+        raise ScenarioError(
+            f"{where}: {key}: bk-sim load cannot drive {', '.join(published)}: a Locust user "
+            "runs bk_sim's client inside the gevent-patched load process, and a published "
+            "client needs its own env and process; measure it with bk-sim run or bk-sim chaos"
+        )
     if spec.wait_max_s < spec.wait_min_s:
         raise ScenarioError(
             f"{where}: load.wait_max_s: expected a number >= load.wait_min_s "
@@ -145,12 +151,15 @@ class LoadRun:
         check_load_spec(scenario)
         self.scenario = scenario
         self.options = options or LoadOptions()
-        self._say = progress or (lambda line: _log.info("%s", line))
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self._ended = gevent.event.Event()
-        self.run_dir = self.options.run_dir or Path(scenario.report.dir) / (
-            f"{scenario.name}-load-{stamp}"
+        self.env = RunEnvironment(
+            scenario, kind="load", run_dir=self.options.run_dir, progress=progress
         )
+        self._say = self.env.say
+        self._ended = gevent.event.Event()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.env.run_dir
 
     def execute(self) -> LoadResult:
         if self.options.role == "worker":
@@ -160,24 +169,32 @@ class LoadRun:
     # ------------------------------------------------------------------ local / master
 
     def _drive(self) -> LoadResult:
-        sc, opt = self.scenario, self.options
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=False)
-        except OSError as exc:  # most often an existing --run-dir: never mix two runs
-            raise BkSimError(
-                f"cannot create the run folder {self.run_dir}: {exc.strerror}"
-            ) from exc
-        started = time.time()
-        checks: list[dict[str, Any]] = []
+        sc, opt, env = self.scenario, self.options, self.env
+        env.make_run_dir()
+        checks: list[Check] = []
+        interrupted = False
         with contextlib.ExitStack() as stack:
-            endpoints = self._broker(stack)
-            transport = sc.transport
-            if endpoints.provider == "none" and transport == "amqp":
-                transport = "websocket"
-                self._say("no broker: users use the WebSocket transport")
+            endpoints = env.broker(stack, provide_for_remote=False)
+            transport = env.transport(endpoints, who="users")
             spare = opt.expect_workers if opt.role == "master" else 0
             need = max(peak_users(sc), sc.leaves.count) + spare
-            api_url, creds, admin, rounds = stack.enter_context(self._platform(endpoints, need))
+            adv = opt.advertise_host
+            p = sc.platform
+            needs = PlatformNeeds(
+                leaves=need,
+                tree_name=f"bk-sim-load-{sc.name}",
+                quorum=p.quorum or 1,
+                round_timeout_s=p.round_timeout_s or DEFAULT_ROUND_TIMEOUT_S,
+                purpose=f"the load needs {need} (peak users, leaves.count, one spare per worker)",
+                bind_host="0.0.0.0"
+                if adv and adv not in ("127.0.0.1", "localhost")
+                else "127.0.0.1",
+                advertise_host=adv,
+                write_credentials=False,
+                probe_remote=False,
+            )
+            access = stack.enter_context(env.platform_for(endpoints, needs))
+            api_url, creds, admin = access.api_url, access.credentials, access.admin
             if transport == "amqp" and sc.load.notifications and endpoints.amqp_url:
                 check_socket_capacity(endpoints, peak_users(sc) + _SOCKET_MARGIN)
             amqp_host, amqp_port = self._amqp_address(endpoints)
@@ -199,8 +216,8 @@ class LoadRun:
                 amqp_port=amqp_port,
                 amqp_ssl=amqp_ssl,
             )
-            env = self._environment(ctx, api_url)
-            runner = self._runner(env)
+            locust_env = self._environment(ctx, api_url)
+            runner = self._runner(locust_env)
             setup = {
                 "api_url": api_url,
                 "transport": transport,
@@ -213,17 +230,18 @@ class LoadRun:
             if admin is not None:
                 admin.reset_stats()
             csv_base = str(self.run_dir / "locust")
-            writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, csv_base, full_history=True)
+            writer = StatsCSVFileWriter(
+                locust_env, PERCENTILES_TO_REPORT, csv_base, full_history=True
+            )
             greenlets = [gevent.spawn(writer), gevent.spawn(stats_history, runner)]
-            interrupted = False
             load_started = time.time()
             # SIGTERM ends the load like Ctrl-C (a shell's background job ignores SIGINT).
             gevent.signal_handler(signal.SIGTERM, self._ended.set)
             try:
                 if opt.web:
-                    self._web(env)
+                    self._web(locust_env)
                 else:
-                    interrupted = self._headless(env, runner)
+                    interrupted = self._headless(locust_env, runner)
             except KeyboardInterrupt:
                 interrupted = not opt.web  # with the web UI, Ctrl-C is how a run ends
                 self._say("stopping users and writing what was measured")
@@ -232,45 +250,41 @@ class LoadRun:
             gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)  # one more CSV pass with final stats
             ctx.close_all()
             platform_stats = admin.stats() if admin is not None else None
-            aggregated = rounds() if rounds is not None else None
+            # The last round closes on its timeout after the users stop; its aggregate,
+            # like every other, is fetched while the platform runs and judged below.
+            records = wait_rounds_closed(access.rounds, (needs.round_timeout_s or 0.0) + 2.0)
+            if records:
+                fetch_aggregates(records, api_url, creds[0], self.run_dir / "aggregates")
+            aggregated = (
+                sum(r.status == "aggregated" for r in records) if records is not None else None
+            )
             if runner is not None:
                 runner.quit()
             for g in greenlets:
                 g.kill(block=True)
             writer.close_files()
-            report = self.run_dir / "locust_report.html"
-            report.write_text(get_html_report(env, show_download_link=False), encoding="utf-8")
-            summary = summarise(env)
+            atomic_write(
+                self.run_dir / "locust_report.html",
+                get_html_report(locust_env, show_download_link=False),
+            )
+            summary = summarise(locust_env)
             checks = judge(sc, summary, platform_stats, reconcile=not opt.web and not interrupted)
-            if interrupted:
-                checks.append(_check("load: completed", False, "interrupted (Ctrl-C)"))
-        passed = all(c["passed"] for c in checks)
-        exit_code = 2 if interrupted else (0 if passed else 1)
-        results = {
-            "passed": passed,
-            "exit_code": exit_code,
-            "verdict": _verdict(checks),
-            "scenario": sc.to_dict(),
-            "run": {
-                "dir": str(self.run_dir),
-                "role": opt.role,
-                "workers": opt.expect_workers if opt.role == "master" else 0,
-                "started_at": _iso(started),
-                "ended_at": _iso(time.time()),
-                "load_s": load_s,
-                "interrupted": interrupted,
-                "web": opt.web,
-            },
+        rounds = LoadRounds()
+        if records is not None:
+            self._say(f"validating {len(records)} rounds' aggregates against the reference")
+            rounds = judge_load_rounds(sc, records, payloads, self.run_dir / "aggregates")
+            checks.extend(rounds.checks)
+        sections = {
             "payloads": {
                 "variants": len(payloads.paths),
                 "mean_bytes": payloads.mean_bytes,
                 "build_s": payloads.build_s,
             },
-            "checks": checks,
             **summary,
             "client": ctx.counters.take(),
             "platform_requests": platform_stats,
             "platform_rounds_aggregated": aggregated,
+            **rounds.section(),
             "files": {
                 "stats_csv": "locust_stats.csv",
                 "history_csv": "locust_stats_history.csv",
@@ -278,8 +292,20 @@ class LoadRun:
                 "html": "locust_report.html",
             },
         }
-        _write_json(self.run_dir / "results.json", results)
-        return LoadResult(exit_code, self.run_dir, results)
+        run = {
+            "role": opt.role,
+            "workers": opt.expect_workers if opt.role == "master" else 0,
+            "load_s": load_s,
+            "web": opt.web,
+        }
+        # bk-sim's own report (checks, rounds) beside Locust's: it reads an event log, and
+        # a load's events are Locust's (its CSVs), so the log holds only the run's span.
+        log = EventLog(self.run_dir / "events.jsonl")
+        log.write(harness_event("run_started", t=load_started))
+        log.write(harness_event("load_ended", t=load_started + load_s))
+        log.close()
+        result = env.finish(checks, sections, interrupted=interrupted, run=run)
+        return LoadResult(result.exit_code, self.run_dir, result.results)
 
     def _environment(self, ctx: LoadContext, api_url: str) -> Environment:
         sc = self.scenario
@@ -354,21 +380,19 @@ class LoadRun:
             runner.start(spec.users, spawn_rate=spec.spawn_rate)
             self._say(f"load: {spec.users} users at {spec.spawn_rate:g}/s for {seconds:g} s")
         t0 = time.monotonic()
-        last = 0.0
-        while True:
-            elapsed = time.monotonic() - t0
-            if elapsed >= seconds:
-                break
-            if self._ended.is_set():
-                self._say("terminated: stopping users and writing what was measured")
-                return True
-            if spec.stages and elapsed > 1.0 and runner.state == "stopped":
-                break
-            if elapsed - last >= _PROGRESS_EVERY_S:
-                self._say(_progress_line(env, elapsed))
-                last = elapsed
-            gevent.sleep(0.2)
-        self._say(_progress_line(env, time.monotonic() - t0))
+        with StatusBoard(self._say, f"bk-sim load {sc.name}", live=self.env.live) as board:
+            while True:
+                elapsed = time.monotonic() - t0
+                if elapsed >= seconds:
+                    break
+                if self._ended.is_set():
+                    board.say("terminated: stopping users and writing what was measured")
+                    return True
+                if spec.stages and elapsed > 1.0 and runner.state == "stopped":
+                    break
+                board.show(*_progress(env, elapsed))
+                gevent.sleep(0.2)
+            board.show(*_progress(env, time.monotonic() - t0), force=True)
         return False
 
     def _web(self, env: Environment) -> None:
@@ -403,26 +427,6 @@ class LoadRun:
 
     # ------------------------------------------------------------------ resources
 
-    def _broker(self, stack: contextlib.ExitStack) -> BrokerEndpoints:
-        b = self.scenario.broker
-        if self.scenario.platform.mode == "remote":
-            return BrokerEndpoints(
-                provider="external",
-                amqp_url=b.amqp_url,
-                management_url=b.management_url,
-                reason="remote platform",
-            )
-        provider = b.provider
-        if self.scenario.transport == "websocket" and provider == "auto" and not b.amqp_url:
-            provider = "none"
-        endpoints: BrokerEndpoints = stack.enter_context(
-            provide_broker(
-                provider, amqp_url=b.amqp_url, management_url=b.management_url, on_status=self._say
-            )
-        )
-        self._say(f"broker: {endpoints.reason}")
-        return endpoints
-
     def _amqp_address(self, endpoints: BrokerEndpoints) -> tuple[str | None, int | None]:
         if not endpoints.amqp_url:
             return None, None
@@ -437,83 +441,6 @@ class LoadRun:
         if endpoints.amqp_url:
             return endpoints.amqp_url.startswith("amqps:")
         return self.scenario.platform.mode == "remote"
-
-    @contextlib.contextmanager
-    def _platform(
-        self, endpoints: BrokerEndpoints, need: int
-    ) -> Iterator[tuple[str, list[dict[str, str]], Any, Callable[[], int] | None]]:
-        sc = self.scenario
-        p = sc.platform
-        if p.mode == "remote":
-            yield self._remote(need)
-            return
-        from bk_sim.platform import start_platform
-
-        broker_urls = (
-            {"amqp_url": endpoints.amqp_url, "management_url": endpoints.management_url}
-            if endpoints.amqp_url and endpoints.management_url
-            else {"no_amqp": True}
-        )
-        adv = self.options.advertise_host
-        bind = "0.0.0.0" if adv and adv not in ("127.0.0.1", "localhost") else "127.0.0.1"
-        self._say("starting the reference platform")
-        handle = start_platform(
-            self.run_dir / "platform",
-            admin_token=secrets.token_urlsafe(24),
-            host=bind,
-            **broker_urls,  # type: ignore[arg-type]
-        )
-        try:
-            url = handle.url
-            if bind == "0.0.0.0" and adv:
-                url = url.replace("0.0.0.0", adv).replace("127.0.0.1", adv)
-            admin = handle.admin
-            tree_id = admin.create_tree(f"bk-sim-load-{sc.name}")
-            timeout = p.round_timeout_s or DEFAULT_ROUND_TIMEOUT_S
-            branch = admin.create_branch(
-                tree_id,
-                name=sc.name,
-                strategy=p.strategy,
-                quorum=p.quorum or 1,
-                round_timeout_s=timeout,
-                trim_fraction=p.trim_fraction,
-            )
-            branch_id = str(branch["branch_id"])
-            creds = admin.create_leaves(branch_id, need)
-            admin.set_faults(branch_id, dataclasses.asdict(sc.platform.faults))
-            admin.set_run_status(branch_id, "start")
-            self._say(f"platform at {url}: branch {branch_id}, {len(creds)} leaves")
-            try:
-                yield (
-                    url,
-                    creds,
-                    admin,
-                    lambda: sum(r["status"] == "aggregated" for r in admin.rounds(branch_id)),
-                )
-            finally:
-                with contextlib.suppress(BkSimError):
-                    admin.delete_tree(tree_id)
-        finally:
-            handle.stop()
-
-    def _remote(self, need: int) -> tuple[str, list[dict[str, str]], Any, None]:
-        p = self.scenario.platform
-        assert p.host is not None and p.credentials_file is not None
-        try:
-            raw = json.loads(Path(p.credentials_file).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ScenarioError(
-                f"platform.credentials_file {p.credentials_file}: cannot read: {exc}"
-            ) from exc
-        if not isinstance(raw, list) or len(raw) < need:
-            have = len(raw) if isinstance(raw, list) else 0
-            raise ScenarioError(
-                f"platform.credentials_file {p.credentials_file}: holds {have} leaves, "
-                f"the load needs {need} (peak users, leaves.count, one spare per worker)"
-            )
-        creds = [Credentials.from_dict(c).to_dict() for c in raw[:need]]
-        self._say(f"remote platform {p.host}: {len(creds)} leaves")
-        return p.host, creds, None, None
 
     # ------------------------------------------------------------------ worker
 
@@ -623,11 +550,11 @@ def judge(
     platform_stats: dict[str, dict[str, int]] | None,
     *,
     reconcile: bool,
-) -> list[dict[str, Any]]:
+) -> list[Check]:
     """The run's checks: some load reached the platform, thresholds, reconciliation."""
     http = summary["http"]
     checks = [
-        _check(
+        Check(
             "load: HTTP requests made",
             http["requests"] > 0,
             f"{http['requests']} HTTP attempts",
@@ -637,7 +564,7 @@ def judge(
     if spec.p95_ms is not None:
         p95 = http["p95_ms"]
         checks.append(
-            _check(
+            Check(
                 "threshold: p95_ms",
                 p95 is not None and p95 <= spec.p95_ms,
                 f"p95 {_fmt(p95)} ms, limit {spec.p95_ms:g} ms",
@@ -646,7 +573,7 @@ def judge(
     if spec.error_rate is not None:
         rate = http["error_rate"]
         checks.append(
-            _check(
+            Check(
                 "threshold: error_rate",
                 rate is not None and rate <= spec.error_rate,
                 f"{http['failures']} of {http['requests']} HTTP attempts failed "
@@ -658,9 +585,7 @@ def judge(
     return checks
 
 
-def _reconcile(
-    rows: list[dict[str, Any]], platform_stats: dict[str, dict[str, int]]
-) -> dict[str, Any]:
+def _reconcile(rows: list[dict[str, Any]], platform_stats: dict[str, dict[str, int]]) -> Check:
     ours: dict[str, int] = {}
     for r in rows:
         if r["type"] in HTTP_TYPES:
@@ -675,25 +600,13 @@ def _reconcile(
     }
     total = sum(ours.values())
     if not diffs:
-        return _check(
+        return Check(
             "reconciliation: Locust counted every attempt the platform answered",
             True,
             f"{total} HTTP attempts on both sides",
         )
     text = ", ".join(f"{n}: Locust {a}, platform {b}" for n, (a, b) in diffs.items())
-    return _check("reconciliation: Locust counted every attempt the platform answered", False, text)
-
-
-def _check(name: str, passed: bool, message: str) -> dict[str, Any]:
-    return {"name": name, "passed": passed, "message": message}
-
-
-def _verdict(checks: list[dict[str, Any]]) -> str:
-    failed = [c for c in checks if not c["passed"]]
-    if not failed:
-        return f"passed: all {len(checks)} checks"
-    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-    return f"failed: {failed[0]['name']}: {failed[0]['message']}{more}"
+    return Check("reconciliation: Locust counted every attempt the platform answered", False, text)
 
 
 def _fmt(value: float | None, *, pct: bool = False) -> str:
@@ -702,23 +615,26 @@ def _fmt(value: float | None, *, pct: bool = False) -> str:
     return f"{value:.2%}" if pct else f"{value:,.0f}"
 
 
-def _progress_line(env: Environment, elapsed: float) -> str:
+def _progress(env: Environment, elapsed: float) -> tuple[str, dict[str, str]]:
+    """The load's status: a plain line, and the live display's fields."""
     total = _http_total(env)
     runner = env.runner
     users = runner.user_count if runner is not None else 0
     p95 = total.get_response_time_percentile(0.95) if total.num_requests else None
     stats = runner.stats if runner is not None else env.stats
     notes = sum(e.num_requests for e in stats.entries.values() if e.method == NOTIFY)
-    return (
+    line = (
         f"[{elapsed:6.1f}s] users {users}  HTTP {total.num_requests} "
         f"({total.current_rps:.0f}/s)  failed {total.num_failures}  p95 {_fmt(p95)} ms  "
         f"notifications {notes}"
     )
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=str))
+    fields = {
+        "elapsed s": f"{elapsed:.1f}",
+        "users": str(users),
+        "HTTP": str(total.num_requests),
+        "per s": f"{total.current_rps:.0f}",
+        "failed": str(total.num_failures),
+        "p95 ms": _fmt(p95),
+        "notifications": str(notes),
+    }
+    return line, fields

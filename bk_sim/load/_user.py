@@ -11,12 +11,12 @@ Locust wants ``request`` events. Both drive the same ``Client``, so every HTTP a
 retry and notification is the client's own.
 
 Under Locust, gevent has monkey-patched ``threading``, ``socket``, ``select`` and
-``queue``. The client's AMQP consumer (pika ``SelectConnection`` on a private IOLoop in a
-"thread") then runs as a greenlet whose ``select`` is cooperative: it works unchanged,
-hundreds of consumers in one process; ``client.queue`` uses only the public ``Queue`` API,
-so gevent's ``Queue`` serves it too. One thing does not: for the WebSocket transport
-``_GeventClient`` uses ``_ws.GeventWebSocketConsumer`` (the client's runs one asyncio loop
-per thread, and greenlets share one OS thread).
+``queue``. The client's consumers then run as greenlets: the AMQP one (pika
+``SelectConnection`` on a private IOLoop) with a cooperative ``select``, the WebSocket one
+(blocking ``websockets.sync`` sockets) with cooperative sockets; hundreds of consumers in
+one process. ``client.queue`` uses only the public ``Queue`` API, so gevent's ``Queue``
+serves it too. The user picks its consumer through the client's ``consumer_factory``
+extension point (``LoadContext.consumer_factory``), never by overriding the client.
 """
 
 from __future__ import annotations
@@ -30,17 +30,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from locust import User, between
 from locust.exception import StopUser
-from locust.user.users import LOCUST_STATE_STOPPING
+from locust.user.task import LOCUST_STATE_STOPPING
 
-from bk_sim.client import APIConfig, Client, RabbitMQConfig, RetryConfig, WebSocketConfig
+from bk_sim.client import (
+    APIConfig,
+    Client,
+    ConsumerFactory,
+    RabbitMQConfig,
+    RetryConfig,
+    WebSocketConfig,
+    amqp_consumer,
+    websocket_consumer,
+)
 from bk_sim.errors import BkSimError, RunBlockedError
 from bk_sim.load._observer import NOTIFY, Counters, LocustObserver, NotificationFailed
 from bk_sim.load._payloads import PayloadCache
-from bk_sim.load._ws import GeventWebSocketConsumer
 from bk_sim.scenario import Scenario
 
 _log = logging.getLogger(__name__)
@@ -49,27 +56,6 @@ _log = logging.getLogger(__name__)
 _WAIT_SLICE_S = 0.25
 #: How long a user waits for a worker's setup from the master before it gives up.
 SETUP_TIMEOUT_S = 60.0
-
-
-class _GeventClient(Client):
-    """``Client`` whose WebSocket consumer works under gevent.
-
-    The AMQP consumer is the client's own; the WebSocket one is ``_ws``'s (the client's
-    runs an asyncio loop per thread, which greenlets sharing one OS thread cannot host).
-    """
-
-    def _make_consumer(self) -> Any:
-        s = self.settings
-        if not s.use_websocket:
-            return super()._make_consumer()
-        return GeventWebSocketConsumer(
-            s.websocket_url,
-            s.websocket,
-            self.get_ws_ticket,
-            self._on_notification,
-            self._events,
-            verify_ssl=s.api.ssl,
-        )
 
 
 @dataclass
@@ -126,10 +112,15 @@ class LoadContext:
     def release_slot(self, slot: int) -> None:
         self._free.append(slot)
 
+    @property
+    def consumer_factory(self) -> ConsumerFactory:
+        """The notification consumer of this run's transport (both serve gevent)."""
+        return websocket_consumer if self.transport == "websocket" else amqp_consumer
+
     def new_client(self, slot: int, observer: LocustObserver) -> Client:
         sc = self.scenario
         rc = sc.client.reconnect
-        client = _GeventClient(
+        client = Client(
             self.credentials[slot % len(self.credentials)],
             api_config=APIConfig(host=self.api_url, ssl=self.api_url.startswith("https")),
             rabbitmq_config=RabbitMQConfig(
@@ -155,6 +146,7 @@ class LoadContext:
             notifications=sc.load.notifications,
             output_dir=self.work_dir / f"leaf-{slot}",
             observer=observer,
+            consumer_factory=self.consumer_factory,
         )
         self._clients.add(client)
         return client
@@ -173,10 +165,11 @@ class LeafUser(User):
     """One leaf; the concrete class (tasks, wait time, context) comes from ``user_class``."""
 
     abstract = True
-    context: LoadContext
+    # Not ``context``: that name is Locust's ``User.context()`` (request-event context).
+    load_context: LoadContext
 
     def on_start(self) -> None:
-        ctx = self.context
+        ctx = self.load_context
         if not ctx.ready.wait(SETUP_TIMEOUT_S):
             _log.error("no setup from the master within %.0f s: user stops", SETUP_TIMEOUT_S)
             raise StopUser()
@@ -198,8 +191,8 @@ class LeafUser(User):
         if client is None:
             return
         client.close()
-        self.context.forget(client)
-        self.context.release_slot(self.slot)
+        self.load_context.forget(client)
+        self.load_context.release_slot(self.slot)
         shutil.rmtree(client.settings.output_dir, ignore_errors=True)
         self.client = None
 
@@ -207,9 +200,9 @@ class LeafUser(User):
 
     def upload(self) -> None:
         client = self._client()
-        assert self.context.payloads is not None
+        assert self.load_context.payloads is not None
         try:
-            client.file_upload(self.context.payloads.path(self.slot))
+            client.file_upload(self.load_context.payloads.path(self.slot))
         except RunBlockedError as exc:
             self._refused("upload", exc)
         except BkSimError as exc:
@@ -217,7 +210,7 @@ class LeafUser(User):
 
     def download(self) -> None:
         client = self._client()
-        if not self.context.scenario.load.notifications:
+        if not self.load_context.scenario.load.notifications:
             if self.last_aggregation_id is None:
                 return  # nothing to download: without notifications no id ever arrives
             aggregation_id: str | None = self.last_aggregation_id
@@ -227,8 +220,7 @@ class LeafUser(User):
                 return
         assert aggregation_id is not None
         try:
-            path = client.file_download(aggregation_id)
-            path.unlink(missing_ok=True)
+            Path(client.file_download(aggregation_id)).unlink(missing_ok=True)
         except BkSimError as exc:
             _log.debug("download of %s failed: %s", aggregation_id, exc)
 
@@ -255,13 +247,13 @@ class LeafUser(User):
 
     def _await_aggregation(self, client: Client) -> str | None:
         """The newest aggregation id (waiting for one if none is unread); None on stop."""
-        wait = self.context.scenario.load.aggregate_wait_s
+        wait = self.load_context.scenario.load.aggregate_wait_s
         t0 = time.monotonic()
         while time.monotonic() - t0 < wait:
             if self._state == LOCUST_STATE_STOPPING:
                 return None
             try:
-                agg = client.queue.get(timeout=min(_WAIT_SLICE_S, wait))
+                agg: str = client.queue.get(timeout=min(_WAIT_SLICE_S, wait))
             except queue.Empty:
                 continue
             self.last_aggregation_id = agg
@@ -303,7 +295,7 @@ def user_class(context: LoadContext) -> type[LeafUser]:
     }
     attrs = {
         "abstract": False,
-        "context": context,
+        "load_context": context,
         "tasks": tasks,
         "wait_time": between(spec.wait_min_s, spec.wait_max_s),
         "__module__": __name__,

@@ -9,7 +9,7 @@ import requests
 
 from bk_sim.errors import PlatformError
 
-_DONE = ("aggregated", "failed")
+_DONE = ("aggregated", "failed", "abandoned")
 
 
 class AdminClient:
@@ -70,8 +70,9 @@ class AdminClient:
         round_timeout_s: float | None = None,
         trim_fraction: float = 0.1,
         model_config: dict[str, Any] | None = None,
+        field_ops: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        body = {
+        body: dict[str, Any] = {
             "tree_id": tree_id,
             "name": name,
             "strategy": strategy,
@@ -80,6 +81,8 @@ class AdminClient:
             "trim_fraction": trim_fraction,
             "model_config": model_config or {},
         }
+        if field_ops:  # FA: {field name: sum | min | max | must_match}
+            body["field_ops"] = field_ops
         result: dict[str, Any] = self._call("POST", "/admin/v1/branches", body)
         return result
 
@@ -110,7 +113,18 @@ class AdminClient:
 
     # -- rounds
     def rounds(self, branch_id: str) -> list[dict[str, Any]]:
-        return list(self._call("GET", f"/admin/v1/branches/{branch_id}/rounds")["rounds"])
+        """Every round record of the branch (the listing is paginated: all pages)."""
+        return self._all_pages(f"/admin/v1/branches/{branch_id}/rounds", "rounds")
+
+    def _all_pages(self, path: str, key: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        after: Any = 0
+        while True:
+            page = self._call("GET", f"{path}?after={after}")
+            out.extend(page[key])
+            after = page.get("next_after")
+            if after is None:
+                return out
 
     def round(self, branch_id: str, number: int) -> dict[str, Any]:
         result: dict[str, Any] = self._call(
@@ -125,9 +139,11 @@ class AdminClient:
         deadline = time.monotonic() + timeout
         record: dict[str, Any] | None = None
         while time.monotonic() < deadline:
-            records = self.rounds(branch_id)
-            if len(records) >= number:
-                record = records[number - 1]
+            page = self._call(
+                "GET", f"/admin/v1/branches/{branch_id}/rounds?after={number - 1}&limit=1"
+            )["rounds"]
+            if page and page[0]["round"] == number:
+                record = page[0]
                 if record["status"] in _DONE:
                     return record
             time.sleep(interval)
@@ -151,8 +167,14 @@ class AdminClient:
     def stats(self) -> dict[str, dict[str, int]]:
         return dict(self._call("GET", "/admin/v1/stats")["requests"])
 
+    def limits_stats(self) -> dict[str, Any]:
+        """The connection guard's and the memory budget's counters."""
+        data = self._call("GET", "/admin/v1/stats")
+        return {"connections": data["connections"], "inflight_bytes": data["inflight_bytes"]}
+
     def reset_stats(self) -> None:
         self._call("DELETE", "/admin/v1/stats")
 
     def metrics(self, branch_id: str) -> list[dict[str, Any]]:
-        return list(self._call("GET", f"/admin/v1/branches/{branch_id}/metrics")["metrics"])
+        """Every metrics row of the branch (all pages)."""
+        return self._all_pages(f"/admin/v1/branches/{branch_id}/metrics", "metrics")

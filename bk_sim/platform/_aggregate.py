@@ -39,7 +39,7 @@ import math
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +209,7 @@ class _Pending:
 
 def _decoded(
     uploads: Sequence[Upload], max_decompressed_bytes: int | None
-) -> Iterator[tuple[Upload, list[np.ndarray]]]:
+) -> Generator[tuple[Upload, list[np.ndarray]], None, None]:
     """Each upload with its layers, in order, decoded ahead by ``READ_THREADS`` helpers.
 
     Inflate and numpy release the GIL, so decoding overlaps adding. When the next upload

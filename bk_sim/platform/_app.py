@@ -9,10 +9,7 @@ round manager, answer.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
-import hashlib
 import hmac
 import json
 import logging
@@ -26,15 +23,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from bk_sim import __version__
-from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
+from bk_sim.broker import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import BrokerError, PlatformError, WeightsFormatError
-from bk_sim.files import atomic_write
 from bk_sim.platform._aggregate import STRATEGIES
+from bk_sim.platform._analytics import (
+    FEDERATED_ANALYTICS,
+    AnalyticsRefusal,
+    FieldsInfo,
+    check_field_ops,
+    metadata_kind,
+    upload_kind,
+    validate_fields,
+)
 from bk_sim.platform._faults import BranchFaults, FaultSpecError, HttpFault, is_finite
+from bk_sim.platform._guard import ConnectionGuard
+from bk_sim.platform._limits import UPLOAD_BUFFER_BYTES, BudgetExhausted, ByteBudget, Limits
+from bk_sim.platform._logsafe import install_log_filters
 from bk_sim.platform._notify import (
     WS_HEARTBEAT_S,
     AmqpPublisher,
@@ -43,20 +51,20 @@ from bk_sim.platform._notify import (
     WsHub,
     message,
 )
+from bk_sim.platform._requests import ascii_header, busy, json_body, parse_json
 from bk_sim.platform._rounds import RequestRejected, RoundManager
 from bk_sim.platform._signing import UrlSigner, load_or_create_secret
 from bk_sim.platform._store import Leaf, Store, is_file_id, new_id
-from bk_sim.weights import WeightsInfo, validate_weights
+from bk_sim.platform._upload import MULTIPART_SLACK, Received, check_digest, receive_upload
+from bk_sim.platform._zipstream import validate_stored
+from bk_sim.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_DECOMPRESSED_BYTES = 2 * 1024 * 1024 * 1024
-_MULTIPART_SLACK = 64 * 1024  # form field + multipart framing on top of the file
-_MAX_FORM_FIELD = 32 * 1024
 _MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; a larger Python int raises OverflowError (a 500)
-_CHUNK = 256 * 1024
 _HEALTH_CACHE_S = 2.0
 # Endpoint names as the client's events use them: "download_url" asks for a signed URL,
 # "download" fetches the bytes from it.
@@ -83,6 +91,7 @@ class PlatformConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES
     url_ttl_s: float = 300.0
+    limits: Limits = Limits()
 
     def __post_init__(self) -> None:
         # An empty token would let "Authorization: Bearer " (or "Bearer") into the admin API.
@@ -105,39 +114,40 @@ def _error(status: int, text: str, headers: dict[str, str] | None = None) -> web
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestRejected(400, f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise RequestRejected(400, "request body must be a JSON object")
-    return body
+    """The request's JSON object, read under the platform's memory budget (for handlers
+    that are not ``Platform`` methods; methods use ``self._json``)."""
+    platform = request.app[PLATFORM_KEY]
+    return await json_body(request, platform.budget, platform.config.limits.max_json_bytes)
 
 
-def _validate_and_store(
-    data: bytes, target: Path, claimed_digest: str | None, max_decompressed: int
-) -> tuple[str, WeightsInfo]:
-    """Runs in a worker thread: digest check, strict validation, then the bytes to disk."""
-    raw_digest = hashlib.sha256(data).digest()
-    digest = "sha256=" + base64.b64encode(raw_digest).decode("ascii")
-    if claimed_digest is not None:
-        claimed = claimed_digest.strip()
-        if not claimed.startswith("sha256="):
-            raise RequestRejected(400, "x-bk-file-digest must look like sha256=<base64>")
-        try:
-            raw = base64.b64decode(claimed[len("sha256=") :], validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise RequestRejected(400, "x-bk-file-digest is not valid base64") from exc
-        if not hmac.compare_digest(raw, raw_digest):
-            raise RequestRejected(
-                400, "x-bk-file-digest does not match the uploaded file (corrupted in transit?)"
-            )
+def _validate_and_keep(
+    received: Received, target: Path, max_decompressed: int, declared_kind: str | None = None
+) -> WeightsInfo | FieldsInfo:
+    """Runs in a validation thread: validate the stored upload by its kind, then move it in."""
+    # -- FA hook: the payload kind picks the validation (docs/analytics.md)
     try:
-        info = validate_weights(data, strict=True, max_decompressed_bytes=max_decompressed)
+        if upload_kind(received.path, declared_kind) == FEDERATED_ANALYTICS:
+            fields = validate_fields(received.path, max_decompressed)
+            received.path.replace(target)
+            return fields
+    except AnalyticsRefusal as exc:
+        raise RequestRejected(400, f"federated analytics upload refused: {exc}") from exc
+    # -- end FA hook
+    try:
+        info = validate_stored(received.path, max_decompressed)
     except WeightsFormatError as exc:
         raise RequestRejected(400, f"invalid weights file: {exc}") from exc
-    atomic_write(target, data)
-    return digest, info
+    received.path.replace(target)
+    return info
+
+
+def _client_gone(request: web.BaseRequest, exc: BaseException) -> bool:
+    """The client hung up (mid-body or before the answer): not the platform's error."""
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return True
+    transport = request.transport
+    gone = transport is None or transport.is_closing()
+    return gone and isinstance(exc, (ConnectionError, OSError, EOFError, ValueError))
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -170,6 +180,14 @@ class Platform:
         )
         self.leaves: dict[str, Leaf] = {leaf.id: leaf for leaf in self.store.leaves()}
         self.io_pool = ThreadPoolExecutor(4, thread_name_prefix="bk-sim-io")
+        # Upload bytes to disk on their own threads: a slow broker call (provisioning on
+        # io_pool) must not hold up every tenant's uploads.
+        self.disk_pool = ThreadPoolExecutor(4, thread_name_prefix="bk-sim-disk")
+        self.validate_pool = ThreadPoolExecutor(
+            config.limits.validation_workers, thread_name_prefix="bk-sim-validate"
+        )
+        self.guard = ConnectionGuard(config.limits)
+        self.budget = ByteBudget(config.limits.max_inflight_bytes, config.limits.inflight_wait_s)
         self.agg_pool = ThreadPoolExecutor(1, thread_name_prefix="bk-sim-aggregate")
         self.rounds = RoundManager(
             self.store,
@@ -184,7 +202,15 @@ class Platform:
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
+    async def on_disk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.disk_pool, fn, *args)
+
+    async def in_validator(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.validate_pool, fn, *args)
+
     async def startup(self, _app: web.Application) -> None:
+        self.guard.start()
+        self.store.clear_incoming()
         if self.publisher is not None and self.provisioner is not None:
             await self.in_thread(self.provisioner.check)
             await self.in_thread(self.publisher.check)
@@ -199,6 +225,7 @@ class Platform:
 
     async def cleanup(self, _app: web.Application) -> None:
         await self.rounds.shutdown()
+        await self.guard.stop()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
         if self.publisher is not None:
@@ -206,6 +233,8 @@ class Platform:
         if self.provisioner is not None:
             self.provisioner.close()
         self.io_pool.shutdown(wait=True)
+        self.validate_pool.shutdown(wait=True)
+        self.disk_pool.shutdown(wait=True)
         self.agg_pool.shutdown(wait=True)
         self.store.close()
 
@@ -252,6 +281,32 @@ class Platform:
     ) -> web.StreamResponse:
         route = request.match_info.route
         name = getattr(route, "name", None)
+        self.guard.request_started(request)
+        task = asyncio.current_task()
+        if task is not None:
+            # aiohttp runs each request in its own task, which ends once the answer is
+            # written: only then is the connection idle (a long download is not).
+            task.add_done_callback(lambda _t: self._request_done(request))
+        return await self._answer(request, handler, name)
+
+    def _request_done(self, request: web.Request) -> None:
+        """After the answer was written (or not): the connection is idle, and a counted
+        upload whose 201 reached the socket is acknowledged."""
+        self.guard.request_finished(request)
+        file_id = request.get("counted_upload")
+        transport = request.transport
+        if file_id is not None and transport is not None and not transport.is_closing():
+            try:
+                self.store.mark_acked(file_id)
+            except Exception:  # the store is closing (shutdown): the retry rule copes
+                log.debug("could not mark upload %s acknowledged", file_id, exc_info=True)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        name: str | None,
+    ) -> web.StreamResponse:
         try:
             response = await self._guarded(request, handler, name)
         except _Dropped:
@@ -266,7 +321,12 @@ class Platform:
             response = _error(exc.status, exc.reason)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if _client_gone(request, exc):
+                log.info("client hung up during %s %s: %r", request.method, request.path, exc)
+                if name in LEAF_ENDPOINTS:
+                    self.stats[name]["disconnected"] += 1
+                return _error(499, "client closed the connection")
             log.exception("unexpected error in %s %s", request.method, request.path)
             response = _error(500, "internal platform error (see the platform log)")
         if name in LEAF_ENDPOINTS:
@@ -319,7 +379,7 @@ class Platform:
             raise RequestRejected(rule.status, f"injected fault: HTTP {rule.status}", headers)
 
     def _authenticate(self, request: web.Request) -> Leaf:
-        header = request.headers.get("Authorization", "")
+        header = ascii_header(request, "Authorization")
         scheme, _, cred = header.partition(" ")
         leaf_id, sep, token = cred.strip().partition(":")
         if scheme.lower() != "bearer" or not sep or not leaf_id or not token:
@@ -334,13 +394,16 @@ class Platform:
         return leaf
 
     def _admin(self, request: web.Request) -> None:
-        header = request.headers.get("Authorization", "")
+        header = ascii_header(request, "Authorization")
         scheme, _, token = header.partition(" ")
         ok = scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode(), self.config.admin_token.encode()
         )
         if not ok:
             raise RequestRejected(401, "missing or wrong admin bearer token")
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        return await json_body(request, self.budget, self.config.limits.max_json_bytes)
 
     def _own_branch(self, request: web.Request) -> dict[str, Any]:
         leaf: Leaf = request["leaf"]
@@ -397,7 +460,7 @@ class Platform:
     async def upload(self, request: web.Request) -> web.Response:
         leaf: Leaf = request["leaf"]
         limit = self.config.max_upload_bytes
-        if request.content_length is not None and request.content_length > limit + _MULTIPART_SLACK:
+        if request.content_length is not None and request.content_length > limit + MULTIPART_SLACK:
             raise RequestRejected(
                 413,
                 f"request body of {request.content_length} bytes is over the upload "
@@ -408,36 +471,62 @@ class Platform:
         if branch is None or branch["run_status"] != "start":
             status = branch["run_status"] if branch else "gone"
             raise RequestRejected(409, f"the run is not started (run_status is {status!r})")
-        data, form = await _read_upload_form(request, limit)
-        if declared is not None and declared != len(data):
-            raise RequestRejected(
-                400, f"x-bk-file-size says {declared} bytes but the file part has {len(data)}"
+        try:
+            held = await self.budget.acquire(
+                min(request.content_length or UPLOAD_BUFFER_BYTES, UPLOAD_BUFFER_BYTES)
             )
-        if form is not None:
-            try:
-                meta = json.loads(form)
-            except json.JSONDecodeError as exc:
-                raise RequestRejected(400, f"form field 'data' is not valid JSON: {exc}") from exc
+        except BudgetExhausted as exc:
+            raise busy(exc) from exc
+        received: Received | None = None
+        try:
+            received = await receive_upload(
+                request, incoming=self.store.incoming_dir, limit=limit, run=self.on_disk
+            )
+            await self.budget.release(held)
+            held = 0
+            return await self._keep_upload(request, leaf, received, declared)
+        finally:
+            await self.budget.release(held)
+            if received is not None:
+                received.path.unlink(missing_ok=True)  # moved into place unless refused
+
+    async def _keep_upload(
+        self, request: web.Request, leaf: Leaf, received: Received, declared: int | None
+    ) -> web.Response:
+        if declared is not None and declared != received.size:
+            raise RequestRejected(
+                400, f"x-bk-file-size says {declared} bytes but the file part has {received.size}"
+            )
+        declared_kind: str | None = None
+        if received.form is not None:
+            meta = parse_json(received.form, "form field 'data'")
             if not isinstance(meta, dict):
                 raise RequestRejected(400, "form field 'data' must be a JSON object")
+            try:  # FA hook: the kind the metadata declares
+                declared_kind = metadata_kind(meta)
+            except AnalyticsRefusal as exc:
+                raise RequestRejected(400, f"federated analytics upload refused: {exc}") from exc
+        check_digest(request.headers.get("x-bk-file-digest"), received.sha256)
         file_id = new_id()
         target = self.store.file_path(file_id)
-        digest, info = await self.in_thread(
-            _validate_and_store,
-            data,
+        info = await self.in_validator(
+            _validate_and_keep,
+            received,
             target,
-            request.headers.get("x-bk-file-digest"),
             self.config.max_decompressed_bytes,
+            declared_kind,
         )
         try:
             kept_id, is_new = await self.rounds.submit(
-                leaf, file_id=file_id, digest=digest, size=len(data), info=info
+                leaf, file_id=file_id, digest=received.digest, size=received.size, info=info
             )
         except BaseException:
             target.unlink(missing_ok=True)
             raise
         if not is_new:
             target.unlink(missing_ok=True)
+        else:
+            request["counted_upload"] = kept_id
         return _ok({"file_id": kept_id}, status=201)
 
     async def download(self, request: web.Request) -> web.Response:
@@ -466,7 +555,7 @@ class Platform:
 
     async def metrics(self, request: web.Request) -> web.Response:
         leaf: Leaf = request["leaf"]
-        body = await _json_body(request)
+        body = await self._json(request)
         mode = body.get("mode")
         if mode not in METRIC_MODES:
             raise RequestRejected(400, f"mode must be one of {', '.join(METRIC_MODES)}")
@@ -481,6 +570,22 @@ class Platform:
         if not isinstance(data, str):
             data = json.dumps(data)
         agg = body.get("aggregation_id")
+        lim = self.config.limits
+        count, used = self.store.metrics_usage(leaf.id)
+        if count >= lim.max_metrics_per_leaf:
+            raise RequestRejected(
+                429,
+                f"this leaf already stored {count} metrics, the limit is "
+                f"{lim.max_metrics_per_leaf}",
+                {"Retry-After": "60"},
+            )
+        size = len(data.encode("utf-8", "surrogatepass"))
+        if used + size > lim.max_metrics_bytes_per_leaf:
+            raise RequestRejected(
+                413,
+                f"this leaf's metrics would take {used + size} bytes, over the limit of "
+                f"{lim.max_metrics_bytes_per_leaf}",
+            )
         metric_id = self.store.add_metrics(
             leaf.branch_id, leaf.id, mode, None if agg is None else str(agg), data
         )
@@ -505,6 +610,7 @@ class Platform:
         if leaf_id is None or leaf_id not in self.leaves:
             raise RequestRejected(401, "WebSocket ticket is unknown, used or expired")
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
+        self.guard.exempt(request)  # long-lived: the heartbeat bounds it, not a timeout
         await ws.prepare(request)
         try:
             await self.hub.attach(leaf_id, ws)
@@ -518,7 +624,7 @@ class Platform:
 
     async def admin_create_tree(self, request: web.Request) -> web.Response:
         self._admin(request)
-        body = await _json_body(request)
+        body = await self._json(request)
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise RequestRejected(400, "name must be a non-empty string")
@@ -536,9 +642,16 @@ class Platform:
         tree_id = request.match_info["tree_id"]
         if self.store.tree(tree_id) is None:
             raise RequestRejected(404, f"no tree {tree_id}")
+        branch_ids = self.store.branch_ids(tree_id)
         leaf_ids, file_ids = self.store.delete_tree(tree_id)
+        # At once, before the broker calls: the tree's aggregations, publishes and
+        # WebSockets stop now, and nothing of it waits in front of another tree.
+        self.rounds.forget_branches(branch_ids)
+        for branch_id in branch_ids:
+            self.faults.pop(branch_id, None)
         for leaf_id in leaf_ids:
             self.leaves.pop(leaf_id, None)
+        self.hub.drop_leaves(leaf_ids)
         if self.publisher is not None:
             self.publisher.forget_vhost(tree_id)
         if self.provisioner is not None:
@@ -549,7 +662,7 @@ class Platform:
 
     async def admin_create_branch(self, request: web.Request) -> web.Response:
         self._admin(request)
-        body = await _json_body(request)
+        body = await self._json(request)
         tree_id = body.get("tree_id")
         if not isinstance(tree_id, str) or self.store.tree(tree_id) is None:
             raise RequestRejected(404, f"no tree {tree_id!r}")
@@ -564,6 +677,7 @@ class Platform:
                 "round_timeout_s": None,
                 "trim_fraction": 0.1,
                 "model_config": {},
+                "field_ops": {},
             },
         )
         branch = self.store.create_branch(tree_id, name, config)
@@ -578,7 +692,7 @@ class Platform:
     async def admin_create_leaves(self, request: web.Request) -> web.Response:
         self._admin(request)
         branch = self._branch(request)
-        body = await _json_body(request)
+        body = await self._json(request)
         count = body.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 10_000:
             raise RequestRejected(400, "count must be an integer from 1 to 10000")
@@ -610,12 +724,18 @@ class Platform:
     async def admin_set_run(self, request: web.Request) -> web.Response:
         self._admin(request)
         branch = self._branch(request)
-        body = await _json_body(request)
+        body = await self._json(request)
         status = body.get("run_status")
         if status not in RUN_STATUSES:
             raise RequestRejected(400, f"run_status must be one of {', '.join(RUN_STATUSES)}")
+        previous = branch["run_status"]
         number = branch["run_number"] + (1 if status == "start" else 0)
         branch = self.store.update_branch(branch["id"], run_status=status, run_number=number)
+        if status == "start" and previous == "stop":
+            # A stopped run's open round would wait for ever for uploads that are not
+            # coming (or arrive with another layout): a start after a stop abandons it.
+            # A start after a pause resumes the round.
+            await self.rounds.run_started(branch["id"], number)
         await self.notify(branch, message("run_status", run_status=status))
         return _ok({"run_status": status, "run_number": number})
 
@@ -623,7 +743,7 @@ class Platform:
         self._admin(request)
         branch = self._branch(request)
         if request.method == "PUT":
-            config = _parse_config(await _json_body(request), base=_config_view(branch))
+            config = _parse_config(await self._json(request), base=_config_view(branch))
             branch = self.store.update_branch(branch["id"], **config)
             await self.rounds.config_changed(branch["id"])
         return _ok(_config_view(branch))
@@ -631,10 +751,12 @@ class Platform:
     async def admin_rounds(self, request: web.Request) -> web.Response:
         self._admin(request)
         branch = self._branch(request)
-        records = [
-            self.store.round_record(branch["id"], n) for n in self.store.round_numbers(branch["id"])
-        ]
-        return _ok({"rounds": records})
+        after, limit = self._page(request)
+        numbers = self.store.round_numbers(branch["id"], after=after, limit=limit + 1)
+        more = len(numbers) > limit
+        numbers = numbers[:limit]
+        records = [self.store.round_record(branch["id"], n) for n in numbers]
+        return _ok({"rounds": records, "next_after": numbers[-1] if more else None})
 
     async def admin_round(self, request: web.Request) -> web.Response:
         self._admin(request)
@@ -655,7 +777,7 @@ class Platform:
         branch = self._branch(request)
         if request.method == "PUT":
             try:
-                self.faults[branch["id"]] = BranchFaults.from_json(await _json_body(request))
+                self.faults[branch["id"]] = BranchFaults.from_json(await self._json(request))
             except FaultSpecError as exc:
                 raise RequestRejected(400, f"bad faults: {exc}") from exc
         current = self.faults.get(branch["id"]) or BranchFaults()
@@ -665,12 +787,36 @@ class Platform:
         self._admin(request)
         if request.method == "DELETE":
             self.stats.clear()
-        return _ok({"requests": {k: dict(v) for k, v in self.stats.items()}})
+        return _ok(
+            {
+                "requests": {k: dict(v) for k, v in self.stats.items()},
+                "connections": self.guard.snapshot(),
+                "inflight_bytes": {"used": self.budget.used, "peak": self.budget.peak},
+            }
+        )
 
     async def admin_metrics(self, request: web.Request) -> web.Response:
         self._admin(request)
         branch = self._branch(request)
-        return _ok({"metrics": self.store.metrics(branch["id"])})
+        after, limit = self._page(request)
+        rows = self.store.metrics(branch["id"], after=after, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return _ok({"metrics": rows, "next_after": rows[-1]["id"] if more else None})
+
+    def _page(self, request: web.Request) -> tuple[int, int]:
+        """``?after=<cursor>&limit=<n>`` of an admin listing, checked."""
+        lim = self.config.limits
+        try:
+            after = int(request.query.get("after", "0"))
+            limit = int(request.query.get("limit", str(lim.page_size)))
+        except ValueError as exc:
+            raise RequestRejected(400, "after and limit must be integers") from exc
+        if not 0 <= after <= _MAX_SQL_INT:
+            raise RequestRejected(400, "after must be an integer >= 0")
+        if not 1 <= limit <= lim.max_page_size:
+            raise RequestRejected(400, f"limit must be from 1 to {lim.max_page_size}")
+        return after, limit
 
     def _branch(self, request: web.Request) -> dict[str, Any]:
         branch_id = request.match_info["branch_id"]
@@ -702,52 +848,6 @@ def _declared_size(header: str | None, limit: int) -> int | None:
     return size
 
 
-async def _read_upload_form(request: web.Request, limit: int) -> tuple[bytes, str | None]:
-    """The ``file`` part (bounded by ``limit``) and the ``data`` form field of an upload."""
-    try:
-        reader = await request.multipart()
-    except (AssertionError, ValueError, KeyError) as exc:
-        raise RequestRejected(400, f"upload must be multipart/form-data: {exc}") from exc
-    data: bytearray | None = None
-    form: str | None = None
-    skipped = 0
-    try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise RequestRejected(400, "nested multipart is not supported")
-            if part.name == "file":
-                data = bytearray()
-                while chunk := await part.read_chunk(_CHUNK):
-                    data.extend(chunk)
-                    if len(data) > limit:
-                        raise RequestRejected(
-                            413, f"file part is over the upload limit of {limit} bytes"
-                        )
-            elif part.name == "data":
-                raw = bytearray()
-                while chunk := await part.read_chunk(_CHUNK):
-                    raw.extend(chunk)
-                    if len(raw) > _MAX_FORM_FIELD:
-                        raise RequestRejected(413, "form field 'data' is over 32 KiB")
-                form = raw.decode("utf-8", errors="replace")
-            else:  # drained, but counted: a chunked body has no Content-Length to check
-                while chunk := await part.read_chunk(_CHUNK):
-                    skipped += len(chunk)
-                    if skipped > _MULTIPART_SLACK:
-                        raise RequestRejected(
-                            413,
-                            f"form parts other than 'file' and 'data' are over "
-                            f"{_MULTIPART_SLACK // 1024} KiB",
-                        )
-    except (ValueError, AssertionError) as exc:
-        raise RequestRejected(400, f"malformed multipart body: {exc}") from exc
-    if data is None:
-        raise RequestRejected(400, "multipart part 'file' is missing")
-    if not data:
-        raise RequestRejected(400, "the uploaded file is empty")
-    return bytes(data), form
-
-
 def _config_view(branch: dict[str, Any]) -> dict[str, Any]:
     return {
         "strategy": branch["strategy"],
@@ -755,6 +855,7 @@ def _config_view(branch: dict[str, Any]) -> dict[str, Any]:
         "round_timeout_s": branch["round_timeout_s"],
         "trim_fraction": branch["trim_fraction"],
         "model_config": branch["model_config"],
+        "field_ops": branch.get("field_ops", {}),  # FA
     }
 
 
@@ -797,6 +898,11 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
         raise RequestRejected(400, "trim_fraction must be a number in [0, 0.5)")
     if not isinstance(config["model_config"], dict):
         raise RequestRejected(400, "model_config must be a JSON object")
+    if "field_ops" in config:  # FA: {field name: sum | min | max | must_match}
+        try:
+            config["field_ops"] = check_field_ops(config["field_ops"])
+        except ValueError as exc:
+            raise RequestRejected(400, str(exc)) from exc
     config["trim_fraction"] = float(trim)
     config["round_timeout_s"] = None if timeout is None else float(timeout)
     return config
@@ -804,8 +910,11 @@ def _parse_config(body: dict[str, Any], *, base: dict[str, Any]) -> dict[str, An
 
 def build_app(config: PlatformConfig) -> web.Application:
     """The aiohttp application; its startup connects to the broker and resumes rounds."""
+    install_log_filters()
     platform = Platform(config)
-    app = web.Application(middlewares=[platform.middleware], client_max_size=4 * 1024 * 1024)
+    app = web.Application(
+        middlewares=[platform.middleware], client_max_size=config.limits.max_json_bytes
+    )
     app[PLATFORM_KEY] = platform
     app.on_startup.append(platform.startup)
     app.on_shutdown.append(platform.shutdown)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bk_sim.platform._aggregate import AGGREGATION_BUGS
+from bk_sim.platform._analytics import ANALYTICS_FAULTS
 
 ENDPOINTS = (
     "upload",
@@ -62,6 +63,8 @@ class BranchFaults:
     http: list[HttpFault] = field(default_factory=list)
     notifications: NotificationFaults = field(default_factory=NotificationFaults)
     aggregation: str | None = None
+    #: FA rounds only (docs/analytics.md): mean_of_means, drop_leaf, nan_poisoned, double_count
+    analytics: str | None = None
     dedupe: bool = True
     seed: int = DEFAULT_SEED
     _rng: random.Random = field(default_factory=lambda: random.Random(DEFAULT_SEED), repr=False)
@@ -71,7 +74,14 @@ class BranchFaults:
         """Parse the admin API's fault body; raises ``FaultSpecError`` naming the bad field."""
         if not isinstance(payload, dict):
             raise FaultSpecError("faults must be a JSON object")
-        unknown = set(payload) - {"http", "notifications", "aggregation", "dedupe", "seed"}
+        unknown = set(payload) - {
+            "http",
+            "notifications",
+            "aggregation",
+            "analytics",
+            "dedupe",
+            "seed",
+        }
         if unknown:
             raise FaultSpecError(f"unknown fault keys: {', '.join(sorted(unknown))}")
         rules = payload.get("http")
@@ -96,6 +106,11 @@ class BranchFaults:
                 f"aggregation must be null or one of {', '.join(AGGREGATION_FAULTS)}, "
                 f"got {aggregation!r}"
             )
+        analytics = payload.get("analytics")  # FA faults
+        if analytics is not None and analytics not in ANALYTICS_FAULTS:
+            raise FaultSpecError(
+                f"analytics must be null or one of {', '.join(ANALYTICS_FAULTS)}, got {analytics!r}"
+            )
         dedupe = payload.get("dedupe", True)
         if not isinstance(dedupe, bool):
             raise FaultSpecError("dedupe must be true or false")
@@ -106,6 +121,7 @@ class BranchFaults:
             http=http,
             notifications=notifications,
             aggregation=aggregation,
+            analytics=analytics,
             dedupe=dedupe,
             seed=seed,
             _rng=random.Random(seed),
@@ -116,6 +132,7 @@ class BranchFaults:
             "http": [asdict(r) for r in self.http],
             "notifications": asdict(self.notifications),
             "aggregation": self.aggregation,
+            "analytics": self.analytics,
             "dedupe": self.dedupe,
             "seed": self.seed,
         }

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from bk_sim.broker._management import DEFAULT_MANAGEMENT_URL
+from bk_sim.broker import DEFAULT_MANAGEMENT_URL
 from bk_sim.errors import PlatformError
 from bk_sim.platform._admin_client import AdminClient
 from bk_sim.platform._app import DEFAULT_AMQP_URL
+from bk_sim.platform._limits import Limits
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -172,6 +173,7 @@ def start_platform(
     public_url: str | None = None,
     max_upload_bytes: int | None = None,
     max_decompressed_bytes: int | None = None,
+    limits: Limits | None = None,
     startup_timeout: float = STARTUP_TIMEOUT_S,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
@@ -182,6 +184,7 @@ def start_platform(
     ``tls_cert`` / ``tls_key``: serve HTTPS and WSS; ``tls_ca`` is what ``handle.admin``
     verifies the platform against (a run's own CA).
 
+    ``limits``: timeouts, connection cap, bytes in flight, quotas (``Limits``).
     ``port=0`` picks a free port (see ``handle.url``); the log is
     ``<data_dir>/platform.log``. Raises ``PlatformError`` with the log's tail if it fails.
     """
@@ -201,6 +204,6 @@ def start_platform(
         args += ["--max-upload-bytes", str(max_upload_bytes)]
     if max_decompressed_bytes is not None:
         args += ["--max-decompressed-bytes", str(max_decompressed_bytes)]
-    if tls_cert is not None or tls_key is not None:
-        args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
-    return PlatformHandle(path, args, env, token, host, port, startup_timeout, tls_ca)
+    if limits is not None:
+        args += limits.as_args()
+    return PlatformHandle(path, args, env, token, host, port, startup_timeout)

@@ -6,9 +6,10 @@ branch id, per leaf a durable queue named by the leaf id bound to it. Messages a
 persistent and every publish waits for the broker's confirm, so an ``aggregation_status``
 the platform reports as sent is on disk in the broker.
 
-The publisher is pika's ``BlockingConnection`` in one dedicated thread fed by a queue
-(aio-pika is not a dependency and one thread is plenty for a handful of messages per
-round); a connection is per vhost because an AMQP connection is bound to one vhost.
+The publisher is pika's ``BlockingConnection`` in one thread per vhost, each fed by its
+own queue (aio-pika is not a dependency): an AMQP connection is bound to one vhost, and a
+vhost whose publishes fail (deleted, or refused by the broker) retries only in front of
+its own messages, never another tree's.
 
 WebSocket (4b): single-use tickets that expire after ``TICKET_TTL_S``; the server pings.
 Once a leaf has asked for a ticket, up to ``WS_BACKLOG`` messages wait for it in memory
@@ -34,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 import pika
 import pika.exceptions
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from bk_sim.broker import ManagementAPI
 from bk_sim.errors import BrokerError, PlatformError
@@ -46,6 +47,8 @@ TICKET_TTL_S = 30.0
 WS_HEARTBEAT_S = 20.0
 WS_BACKLOG = 32
 PUBLISH_RETRY_WINDOW_S = 30.0
+#: A vhost's publishing thread and connection end after this long without a publish.
+VHOST_IDLE_S = 60.0
 _PROVISION_WORKERS = 4
 
 
@@ -69,25 +72,143 @@ def amqp_user(amqp_url: str) -> str:
 
 @dataclass
 class _Job:
-    vhost: str
     exchange: str
     routing_key: str
     body: bytes
     future: concurrent.futures.Future[None]
-    close_only: bool = False  # close the vhost's connection instead of publishing
+
+
+class _VhostWorker:
+    """One vhost's publishes, in order, from its own thread and connection.
+
+    A vhost's retries (the broker refuses it, or the tree was just deleted) wait only in
+    front of that vhost's later messages, never in front of another tree's. ``cancel``
+    fails what is queued and ends the retries at once.
+    """
+
+    def __init__(self, owner: AmqpPublisher, vhost: str) -> None:
+        self.vhost = vhost
+        self._owner = owner
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.cancelled = threading.Event()
+        self._conn: tuple[pika.BlockingConnection, Any] | None = None
+        self.thread = threading.Thread(
+            target=self._run, name=f"bk-sim-amqp-{vhost[:8]}", daemon=True
+        )
+
+    def cancel(self, why: str) -> None:
+        self.cancelled.set()
+        self.jobs.put(None)
+        self._fail_queued(why)
+
+    def _fail_queued(self, why: str) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and not job.future.done():
+                job.future.set_exception(BrokerError(f"publish to vhost {self.vhost}: {why}"))
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while not self.cancelled.is_set() and not self._owner.stopping.is_set():
+            try:
+                job = self.jobs.get(timeout=1.0)
+            except queue.Empty:
+                self._heartbeat()
+                if time.monotonic() - idle_since > VHOST_IDLE_S and self._owner.retire(self):
+                    break
+                continue
+            if job is None:
+                continue
+            try:
+                self._publish_with_retry(job)
+            except Exception as exc:  # anything else must not kill the thread
+                # A dead thread would leave this and every later future unresolved, and
+                # whoever awaits them (a round's notification, a run-status call) hangs.
+                log.exception("publisher: unexpected error publishing to vhost %s", self.vhost)
+                self._drop()
+                if not job.future.done():
+                    job.future.set_exception(
+                        BrokerError(f"publish to vhost {self.vhost} failed: {exc!r}")
+                    )
+            idle_since = time.monotonic()
+        self._drop()
+        why = "the tree was deleted" if self.cancelled.is_set() else "the publisher is stopped"
+        self._fail_queued(why)
+
+    def _heartbeat(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn[0].process_data_events(time_limit=0)
+        except pika.exceptions.AMQPError:
+            self._drop()
+
+    def _channel(self) -> Any:
+        if self._conn is not None:
+            conn, ch = self._conn
+            if conn.is_open and ch.is_open:
+                return ch
+            self._drop()
+        conn = pika.BlockingConnection(self._owner.params(self.vhost))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        self._conn = (conn, ch)
+        return ch
+
+    def _drop(self) -> None:
+        conn, self._conn = (self._conn or (None, None))[0], None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # closing a dead connection; nothing to do
+                pass
+
+    def _publish_with_retry(self, job: _Job) -> None:
+        deadline = time.monotonic() + PUBLISH_RETRY_WINDOW_S
+        delay = 0.2
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        while True:
+            try:
+                ch = self._channel()
+                ch.basic_publish(job.exchange, job.routing_key, job.body, properties=props)
+                job.future.set_result(None)
+                return
+            except pika.exceptions.AMQPError as exc:
+                self._drop()
+                ending = self.cancelled.is_set() or self._owner.stopping.is_set()
+                if ending or time.monotonic() + delay > deadline:
+                    if not self.cancelled.is_set():
+                        log.error(
+                            "notification to vhost %s exchange %r lost: %r",
+                            self.vhost,
+                            job.exchange,
+                            exc,
+                        )
+                    job.future.set_exception(
+                        BrokerError(f"publish to vhost {self.vhost} failed: {exc!r}")
+                    )
+                    return
+                log.warning(
+                    "publish to vhost %s failed (%r); retrying in %.1fs", self.vhost, exc, delay
+                )
+                self.cancelled.wait(delay)
+                delay = min(delay * 2, 5.0)
 
 
 class AmqpPublisher:
-    """Publishes persistent messages with publisher confirms from one thread."""
+    """Publishes persistent messages with publisher confirms, one thread per vhost."""
 
     def __init__(self, amqp_url: str) -> None:
         self._url = amqp_url
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._conns: dict[str, tuple[pika.BlockingConnection, Any]] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._workers: dict[str, _VhostWorker] = {}
+        self._deleted: set[str] = set()  # tree ids are never reused
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
 
-    def _params(self, vhost: str | None) -> pika.URLParameters:
+    def params(self, vhost: str | None) -> pika.URLParameters:
         """Connection parameters for ``vhost`` (None: the URL's own)."""
         try:
             params = pika.URLParameters(self._url)
@@ -103,123 +224,60 @@ class AmqpPublisher:
 
     def check(self) -> None:
         """Connect once to the URL's own vhost: raises ``BrokerError`` when unreachable."""
-        params = self._params(None)
+        params = self.params(None)
         try:
             pika.BlockingConnection(params).close()
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"cannot connect to RabbitMQ for publishing: {exc!r}") from exc
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="bk-sim-amqp-publisher", daemon=True)
-        self._thread.start()
+        """Nothing to start: a vhost's worker starts with its first publish."""
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        self._jobs.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.stopping.set()
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for w in workers:
+            w.jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for w in workers:
+            w.thread.join(max(0.0, deadline - time.monotonic()))
 
     def publish(
         self, vhost: str, exchange: str, routing_key: str, body: bytes
     ) -> concurrent.futures.Future[None]:
         """Queue one persistent publish; the future resolves when the broker confirms."""
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
-        if self._stopping.is_set():
-            fut.set_exception(PlatformError("the publisher is stopped"))
-            return fut
-        self._jobs.put(_Job(vhost, exchange, routing_key, body, fut))
+        with self._lock:
+            if self.stopping.is_set():
+                fut.set_exception(PlatformError("the publisher is stopped"))
+                return fut
+            if vhost in self._deleted:
+                fut.set_exception(BrokerError(f"vhost {vhost} belongs to a deleted tree"))
+                return fut
+            worker = self._workers.get(vhost)
+            if worker is None:
+                worker = self._workers[vhost] = _VhostWorker(self, vhost)
+                worker.thread.start()
+            worker.jobs.put(_Job(exchange, routing_key, body, fut))
         return fut
 
     def forget_vhost(self, vhost: str) -> None:
-        """Close the connection to a vhost about to be deleted (queued, so thread-safe)."""
-        self._jobs.put(_Job(vhost, "", "", b"", concurrent.futures.Future(), close_only=True))
+        """A tree is deleted: its queued and retrying publishes fail now, its thread ends."""
+        with self._lock:
+            self._deleted.add(vhost)
+            worker = self._workers.pop(vhost, None)
+        if worker is not None:
+            worker.cancel("the tree was deleted")
 
-    # -- publisher thread
-    def _run(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get(timeout=1.0)
-            except queue.Empty:
-                self._heartbeat()
-                continue
-            if job is None:
-                break
-            if job.close_only:
-                self._drop(job.vhost)
-                continue
-            try:
-                self._publish_with_retry(job)
-            except Exception as exc:  # anything else must not kill the thread
-                # A dead thread would leave this and every later future unresolved, and
-                # whoever awaits them (a round's notification, a run-status call) hangs.
-                log.exception("publisher: unexpected error publishing to vhost %s", job.vhost)
-                self._drop(job.vhost)
-                if not job.future.done():
-                    job.future.set_exception(
-                        BrokerError(f"publish to vhost {job.vhost} failed: {exc!r}")
-                    )
-        for vhost in list(self._conns):
-            self._drop(vhost)
-        while not self._jobs.empty():  # published after stop() raced its check: refuse
-            late = self._jobs.get_nowait()
-            if late is not None and not late.future.done():
-                late.future.set_exception(PlatformError("the publisher is stopped"))
-
-    def _heartbeat(self) -> None:
-        for vhost, (conn, _) in list(self._conns.items()):
-            try:
-                conn.process_data_events(time_limit=0)
-            except pika.exceptions.AMQPError:
-                self._drop(vhost)
-
-    def _channel(self, vhost: str) -> Any:
-        if vhost in self._conns:
-            conn, ch = self._conns[vhost]
-            if conn.is_open and ch.is_open:
-                return ch
-            self._drop(vhost)
-        conn = pika.BlockingConnection(self._params(vhost))
-        ch = conn.channel()
-        ch.confirm_delivery()
-        self._conns[vhost] = (conn, ch)
-        return ch
-
-    def _drop(self, vhost: str) -> None:
-        conn, _ = self._conns.pop(vhost, (None, None))
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # closing a dead connection; nothing to do
-                pass
-
-    def _publish_with_retry(self, job: _Job) -> None:
-        deadline = time.monotonic() + PUBLISH_RETRY_WINDOW_S
-        delay = 0.2
-        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        while True:
-            try:
-                ch = self._channel(job.vhost)
-                ch.basic_publish(job.exchange, job.routing_key, job.body, properties=props)
-                job.future.set_result(None)
-                return
-            except pika.exceptions.AMQPError as exc:
-                self._drop(job.vhost)
-                if self._stopping.is_set() or time.monotonic() + delay > deadline:
-                    log.error(
-                        "notification to vhost %s exchange %r lost: %r",
-                        job.vhost,
-                        job.exchange,
-                        exc,
-                    )
-                    job.future.set_exception(
-                        BrokerError(f"publish to vhost {job.vhost} failed: {exc!r}")
-                    )
-                    return
-                log.warning(
-                    "publish to vhost %s failed (%r); retrying in %.1fs", job.vhost, exc, delay
-                )
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 5.0)
+    def retire(self, worker: _VhostWorker) -> bool:
+        """An idle worker leaves, unless a publish was queued for it meanwhile."""
+        with self._lock:
+            if not worker.jobs.empty() or self._workers.get(worker.vhost) is not worker:
+                return worker.cancelled.is_set()
+            del self._workers[worker.vhost]
+            return True
 
 
 class Provisioner:
@@ -286,17 +344,24 @@ class WsHub:
 
     def __init__(self) -> None:
         self._tickets: dict[str, tuple[str, str, float]] = {}
+        self._expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._conns: dict[str, set[web.WebSocketResponse]] = collections.defaultdict(set)
         self._backlog: dict[str, collections.deque[str]] = {}
+        self._closing: set[asyncio.Task[bool]] = set()
 
     def issue_ticket(self, leaf_id: str, ticket_id: str, request_id: str) -> float:
         """Register a ticket; returns its expiry as a Unix time."""
         now = time.time()
-        for tid, (_, _, exp) in list(self._tickets.items()):
-            if exp < now:
-                del self._tickets[tid]
+        # Tickets expire in the order they were issued (one TTL), so only the oldest are
+        # looked at: O(1) amortised, however many tickets are outstanding.
+        while self._expiry and self._expiry[0][0] < now:
+            _, old = self._expiry.popleft()
+            entry = self._tickets.get(old)
+            if entry is not None and entry[2] < now:
+                del self._tickets[old]
         expires = now + TICKET_TTL_S
         self._tickets[ticket_id] = (leaf_id, request_id, expires)
+        self._expiry.append((expires, ticket_id))
         if leaf_id not in self._conns:
             # Messages sent between the ticket and the connection wait for it: a leaf that
             # uploads right after asking for its first ticket lost its first notification.
@@ -353,6 +418,20 @@ class WsHub:
                 await ws.send_str(text)
             except (ConnectionError, RuntimeError) as exc:
                 log.debug("WebSocket send to a leaf failed: %r", exc)
+
+    def drop_leaves(self, leaf_ids: Iterable[str]) -> None:
+        """Deleted leaves: close their WebSockets now (in the background), forget them."""
+        gone = set(leaf_ids)
+        for leaf_id in gone:
+            self._backlog.pop(leaf_id, None)
+            for ws in self._conns.pop(leaf_id, set()):
+                task = asyncio.get_running_loop().create_task(
+                    ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"leaf deleted")
+                )
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        for tid in [t for t, entry in self._tickets.items() if entry[0] in gone]:
+            del self._tickets[tid]
 
     async def close_all(self) -> None:
         for conns in list(self._conns.values()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -15,12 +16,19 @@ from aiohttp import web
 
 from bk_sim.errors import BkSimError, PlatformError
 from bk_sim.files import atomic_write
-from bk_sim.platform._app import ACCESS_LOGGER, PlatformConfig, build_app
+from bk_sim.npzstream import return_freed_chunks
+from bk_sim.platform._app import ACCESS_LOGGER, PLATFORM_KEY, PlatformConfig, build_app
+from bk_sim.platform._guard import GuardedSite
 
 log = logging.getLogger(__name__)
 
 #: How long a stop waits for requests in flight (an upload mid-body) before cutting them.
 SHUTDOWN_GRACE_S = 5.0
+#: Header lines a request may have (aiohttp's default is 128) and the longest header name
+#: or value (aiohttp's: 8190): a request head holds at most 8 KiB (request line) + 32 x 2 x
+#: 4 KiB = 264 KiB, the bound docs/platform-hardening.md counts per connection.
+MAX_HEADERS = 32
+MAX_FIELD_SIZE = 4096
 
 
 def serve(
@@ -42,6 +50,7 @@ def serve(
     """
     # pika logs tracebacks for failures this module translates and logs itself.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+    return_freed_chunks()  # aggregation streams 4 MiB chunks: give them back (issue 17)
     try:
         context = tls_context(tls_cert, tls_key)
         asyncio.run(_serve(config, host, port, ready_file, exit_on_stdin_eof, context))
@@ -78,12 +87,36 @@ async def _serve(
 ) -> None:
     app = build_app(config)
     runner = web.AppRunner(
-        app, access_log_class=ACCESS_LOGGER, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+        app,
+        access_log_class=ACCESS_LOGGER,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        keepalive_timeout=config.limits.keepalive_timeout_s,
+        max_headers=MAX_HEADERS,
+        max_field_size=MAX_FIELD_SIZE,
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=context)
+        guard = app[PLATFORM_KEY].guard  # header/body/keep-alive timeouts, connection cap
+        # A deep accept queue: a burst of reconnects (thousands of slow connections closed
+        # by their timeout) must not overflow it, or a client's SYN is dropped and retried
+        # a second later.
+        backlog = min(4096, config.limits.max_connections)
+        site = GuardedSite(
+            runner,
+            guard,
+            host=host,
+            port=port,
+            reuse_address=True,
+            backlog=backlog,
+            ssl_context=context,
+        )
         await site.start()
+        # What startup created (modules, numpy, the app) lives for ever: out of the
+        # collector's full passes, which otherwise stall the loop for tens of ms with
+        # thousands of connections open.
+        gc.collect()
+        gc.freeze()
         bound = runner.addresses[0]
         url = f"{'https' if context is not None else 'http'}://{host}:{bound[1]}"
         log.info("bk-sim platform listening on %s", url)

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER NOT NULL, run_number INTEGER NOT NULL, status TEXT NOT NULL,
     strategy TEXT NOT NULL, aggregation_id TEXT, opened_at TEXT NOT NULL, closed_at TEXT,
     close_reason TEXT, error TEXT, fault TEXT, signature TEXT NOT NULL,
-    timed_out INTEGER NOT NULL DEFAULT 0,
+    timed_out INTEGER NOT NULL DEFAULT 0, closed_by TEXT,
     PRIMARY KEY (branch_id, round)
 );
 CREATE TABLE IF NOT EXISTS files (
@@ -54,13 +54,29 @@ CREATE TABLE IF NOT EXISTS uploads (
     file_id TEXT PRIMARY KEY REFERENCES files(id), branch_id TEXT NOT NULL,
     round INTEGER NOT NULL, leaf_id TEXT NOT NULL, digest TEXT NOT NULL,
     weighting REAL NOT NULL, received_at TEXT NOT NULL, size INTEGER NOT NULL,
-    active INTEGER NOT NULL DEFAULT 1, seq INTEGER NOT NULL
+    active INTEGER NOT NULL DEFAULT 1, seq INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS uploads_round ON uploads (branch_id, round, active);
+-- federated analytics (docs/analytics.md): branch field_ops, the schema frozen per run,
+-- and per round its must_match reference and its result (fields + derived statistics)
+CREATE TABLE IF NOT EXISTS fa_field_ops (
+    branch_id TEXT PRIMARY KEY REFERENCES branches(id) ON DELETE CASCADE, ops TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fa_schemas (
+    branch_id TEXT NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+    run_number INTEGER NOT NULL, schema TEXT NOT NULL, PRIMARY KEY (branch_id, run_number)
+);
+CREATE TABLE IF NOT EXISTS fa_rounds (
+    branch_id TEXT NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+    round INTEGER NOT NULL, reference TEXT, result TEXT, PRIMARY KEY (branch_id, round)
+);
 CREATE TABLE IF NOT EXISTS metrics (
     id INTEGER PRIMARY KEY AUTOINCREMENT, branch_id TEXT NOT NULL, leaf_id TEXT NOT NULL,
     mode TEXT NOT NULL, aggregation_id TEXT, data TEXT NOT NULL, received_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS metrics_leaf ON metrics (leaf_id);
+CREATE INDEX IF NOT EXISTS metrics_branch ON metrics (branch_id, id);
 """
 
 _FILE_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -119,10 +135,18 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)")}
+            if "closed_by" not in columns:  # a store written before the column existed
+                self._db.execute("ALTER TABLE rounds ADD COLUMN closed_by TEXT")
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(uploads)")}
+            if "acked" not in columns:
+                self._db.execute("ALTER TABLE uploads ADD COLUMN acked INTEGER NOT NULL DEFAULT 1")
         except (OSError, sqlite3.Error) as exc:
             raise PlatformError(
                 f"cannot open the platform store in {self.data_dir}: {exc}"
             ) from exc
+
+        self._usage: dict[str, tuple[int, int]] = {}  # leaf -> metrics rows, bytes
 
     def close(self) -> None:
         self._db.close()
@@ -149,6 +173,17 @@ class Store:
             self.set_meta("owner_id", owner)
         return owner
 
+    @property
+    def incoming_dir(self) -> Path:
+        """Uploads being received (same file system as ``files/``: moved in by rename)."""
+        return self.files_dir / "incoming"
+
+    def clear_incoming(self) -> None:
+        """Remove partial uploads a previous process left behind."""
+        if self.incoming_dir.is_dir():
+            for part in self.incoming_dir.glob("*.part"):
+                part.unlink(missing_ok=True)
+
     def file_path(self, file_id: str) -> Path:
         if not is_file_id(file_id):
             raise PlatformError(f"unsafe file id {file_id!r}")
@@ -166,6 +201,9 @@ class Store:
     def tree(self, tree_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM trees WHERE id = ?", tree_id)
 
+    def branch_ids(self, tree_id: str) -> list[str]:
+        return [r["id"] for r in self._all("SELECT id FROM branches WHERE tree_id = ?", tree_id)]
+
     def delete_tree(self, tree_id: str) -> tuple[list[str], list[str]]:
         """Remove a tree with its branches, leaves, rounds and file rows.
 
@@ -175,6 +213,8 @@ class Store:
         leaves = [r["id"] for r in self._all("SELECT id FROM leaves WHERE tree_id = ?", tree_id)]
         in_tree = "branch_id IN (SELECT id FROM branches WHERE tree_id = ?)"
         files = [r["id"] for r in self._all(f"SELECT id FROM files WHERE {in_tree}", tree_id)]
+        for leaf in leaves:
+            self._usage.pop(leaf, None)
         with self._db:
             self._db.execute("BEGIN")
             for table in ("uploads", "files", "metrics"):
@@ -202,6 +242,7 @@ class Store:
                 ts,
             ),
         )
+        self.set_field_ops(branch_id, config.get("field_ops") or {})  # FA
         branch = self.branch(branch_id)
         assert branch is not None
         return branch
@@ -210,9 +251,12 @@ class Store:
         row = self._one("SELECT * FROM branches WHERE id = ?", branch_id)
         if row is not None:
             row["model_config"] = json.loads(row["model_config"])
+            row["field_ops"] = self.field_ops(branch_id)  # FA
         return row
 
     def update_branch(self, branch_id: str, **fields: Any) -> dict[str, Any]:
+        if "field_ops" in fields:  # FA: its own table
+            self.set_field_ops(branch_id, fields.pop("field_ops") or {})
         if "model_config" in fields:
             fields["model_config"] = json.dumps(fields["model_config"])
         fields["updated_at"] = now_iso()
@@ -342,6 +386,7 @@ class Store:
             "opened_at": row["opened_at"],
             "closed_at": row["closed_at"],
             "close_reason": row["close_reason"],
+            "closed_by": row["closed_by"],
             "error": row["error"],
             "uploads": [
                 {
@@ -355,11 +400,41 @@ class Store:
                 for u in uploads
             ],
             "fault": fault,
+            **self._fa_record(row),
         }
 
-    def round_numbers(self, branch_id: str) -> list[int]:
-        rows = self._all("SELECT round FROM rounds WHERE branch_id = ? ORDER BY round", branch_id)
+    def round_numbers(self, branch_id: str, *, after: int = 0, limit: int = -1) -> list[int]:
+        """Round numbers above ``after``, ascending, at most ``limit`` (-1: all)."""
+        rows = self._all(
+            "SELECT round FROM rounds WHERE branch_id = ? AND round > ? ORDER BY round LIMIT ?",
+            branch_id,
+            after,
+            limit,
+        )
         return [r["round"] for r in rows]
+
+    def abandon_open_rounds(self, branch_id: str, reason: str) -> list[tuple[int, list[str]]]:
+        """Close the branch's open rounds without aggregating them; returns each round's
+        number and upload file ids (no round needs those files any more)."""
+        rows = self._all(
+            "SELECT round FROM rounds WHERE branch_id = ? AND closed_at IS NULL", branch_id
+        )
+        out = []
+        for r in rows:
+            files = self._all(
+                "SELECT file_id FROM uploads WHERE branch_id = ? AND round = ?",
+                branch_id,
+                r["round"],
+            )
+            self.update_round(
+                branch_id,
+                r["round"],
+                status="abandoned",
+                closed_at=now_iso(),
+                close_reason=reason,
+            )
+            out.append((int(r["round"]), [f["file_id"] for f in files]))
+        return out
 
     # -- uploads
     def active_uploads(self, branch_id: str, number: int) -> list[dict[str, Any]]:
@@ -412,11 +487,23 @@ class Store:
         weighting: float,
         size: int,
         replace: bool,
-    ) -> None:
-        """Record an upload in a round; ``replace`` retires the leaf's earlier ones."""
+    ) -> list[str]:
+        """Record an upload in a round; ``replace`` retires the leaf's earlier ones.
+
+        Returns the file ids it retired: no round needs their bytes any more.
+        """
+        retired: list[str] = []
         with self._db:
             self._db.execute("BEGIN")
             if replace:
+                retired = [
+                    r[0]
+                    for r in self._db.execute(
+                        "SELECT file_id FROM uploads WHERE branch_id = ? AND round = ? "
+                        "AND leaf_id = ? AND active = 1",
+                        (branch_id, number, leaf_id),
+                    ).fetchall()
+                ]
                 self._db.execute(
                     "UPDATE uploads SET active = 0 WHERE branch_id = ? AND round = ? "
                     "AND leaf_id = ?",
@@ -433,7 +520,7 @@ class Store:
             )
             self._db.execute(
                 "INSERT INTO uploads (file_id, branch_id, round, leaf_id, digest, weighting, "
-                "received_at, size, active, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                "received_at, size, active, seq, acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, 0)",
                 (
                     file_id,
                     branch_id,
@@ -446,17 +533,118 @@ class Store:
                     seq_row[0],
                 ),
             )
+        return retired
+
+    def only_uploader(self, branch_id: str, number: int, leaf_id: str) -> bool:
+        """No other leaf has an active upload in the round."""
+        row = self._one(
+            "SELECT 1 AS x FROM uploads WHERE branch_id = ? AND round = ? AND leaf_id != ? "
+            "AND active = 1 LIMIT 1",
+            branch_id,
+            number,
+            leaf_id,
+        )
+        return row is None
+
+    def mark_acked(self, file_id: str) -> None:
+        """The upload's 201 was written to the leaf: a resend of it is no longer a retry
+        once its round has closed (unless it completed the round)."""
+        self._db.execute("UPDATE uploads SET acked = 1 WHERE file_id = ?", (file_id,))
+
+    def upload_row(self, file_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM uploads WHERE file_id = ?", file_id)
+
+    # -- federated analytics (FA hook: the fa helper's tables, docs/analytics.md)
+    def field_ops(self, branch_id: str) -> dict[str, str]:
+        row = self._one("SELECT ops FROM fa_field_ops WHERE branch_id = ?", branch_id)
+        return dict(json.loads(row["ops"])) if row else {}
+
+    def set_field_ops(self, branch_id: str, ops: dict[str, str]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO fa_field_ops (branch_id, ops) VALUES (?, ?)",
+            (branch_id, json.dumps(ops, sort_keys=True)),
+        )
+
+    def fa_schema(self, branch_id: str, run_number: int) -> dict[str, Any] | None:
+        row = self._one(
+            "SELECT schema FROM fa_schemas WHERE branch_id = ? AND run_number = ?",
+            branch_id,
+            run_number,
+        )
+        return dict(json.loads(row["schema"])) if row else None
+
+    def set_fa_schema(self, branch_id: str, run_number: int, schema: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO fa_schemas (branch_id, run_number, schema) VALUES (?, ?, ?)",
+            (branch_id, run_number, json.dumps(schema)),
+        )
+
+    def fa_round(self, branch_id: str, number: int) -> dict[str, Any]:
+        """``{"reference": ..., "result": ...}`` of an FA round (None where not set)."""
+        row = self._one(
+            "SELECT reference, result FROM fa_rounds WHERE branch_id = ? AND round = ?",
+            branch_id,
+            number,
+        )
+        return {
+            k: (json.loads(row[k]) if row and row[k] else None) for k in ("reference", "result")
+        }
+
+    def set_fa_round(self, branch_id: str, number: int, **fields: Any) -> None:
+        """Set ``reference`` and/or ``result`` of an FA round."""
+        current = self.fa_round(branch_id, number)
+        current.update(fields)
+        self._db.execute(
+            "INSERT OR REPLACE INTO fa_rounds (branch_id, round, reference, result) "
+            "VALUES (?, ?, ?, ?)",
+            (
+                branch_id,
+                number,
+                None if current["reference"] is None else json.dumps(current["reference"]),
+                None if current["result"] is None else json.dumps(current["result"]),
+            ),
+        )
+
+    def _fa_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The round record's ``kind`` and, for an FA round, its ``analytics`` result."""
+        signature = json.loads(row["signature"])
+        if isinstance(signature, dict) and signature.get("kind") == "federated_analytics":
+            result = self.fa_round(row["branch_id"], row["round"])["result"]
+            return {"kind": "federated_analytics", "analytics": result}
+        return {"kind": "federated_learning"}
 
     # -- metrics
     def add_metrics(
         self, branch_id: str, leaf_id: str, mode: str, aggregation_id: str | None, data: str
     ) -> int:
+        count, used = self.metrics_usage(leaf_id)
         cur = self._db.execute(
             "INSERT INTO metrics (branch_id, leaf_id, mode, aggregation_id, data, received_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (branch_id, leaf_id, mode, aggregation_id, data, now_iso()),
         )
+        self._usage[leaf_id] = (count + 1, used + len(data.encode("utf-8", "surrogatepass")))
         return int(cur.lastrowid or 0)
 
-    def metrics(self, branch_id: str) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM metrics WHERE branch_id = ? ORDER BY id", branch_id)
+    def metrics(self, branch_id: str, *, after: int = 0, limit: int = -1) -> list[dict[str, Any]]:
+        """Metrics rows with id above ``after``, oldest first, at most ``limit`` (-1: all)."""
+        return self._all(
+            "SELECT * FROM metrics WHERE branch_id = ? AND id > ? ORDER BY id LIMIT ?",
+            branch_id,
+            after,
+            limit,
+        )
+
+    def metrics_usage(self, leaf_id: str) -> tuple[int, int]:
+        """How many metrics rows the leaf stored, and their bytes (counted once, then kept)."""
+        cached = self._usage.get(leaf_id)
+        if cached is not None:
+            return cached
+        row = self._one(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(CAST(data AS BLOB))), 0) AS b "
+            "FROM metrics WHERE leaf_id = ?",
+            leaf_id,
+        )
+        usage = (int(row["n"]), int(row["b"])) if row else (0, 0)
+        self._usage[leaf_id] = usage
+        return usage

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from bk_sim.report._compare import Delta, scenario_mismatch
+from bk_sim.report._implementations import implementations_html
 from bk_sim.report._load import RunData
 from bk_sim.report._metrics import FaultSpan
 from bk_sim.report._summary import headline
@@ -202,7 +203,11 @@ def _header(run: RunData) -> str:
         f"{esc(leaves)} leaves" if leaves is not None else "",
         f"{esc(sc.get('rounds'))} rounds" if sc.get("rounds") is not None else "",
         f"transport {esc(sc.get('transport'))}" if sc.get("transport") else "",
-        f"strategy {esc(plat.get('strategy'))}" if plat.get("strategy") else "",
+        "federated analytics"
+        if (sc.get("payload") or {}).get("kind") == "federated_analytics"
+        else f"strategy {esc(plat.get('strategy'))}"
+        if plat.get("strategy")
+        else "",
         f"exit code {esc(r.get('exit_code'))}",
     ]
     if meta.get("interrupted"):
@@ -430,8 +435,10 @@ def render_html(
     comparison: tuple[RunData, Sequence[Delta]] | None = None,
     faults: Sequence[FaultSpan] = (),
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    rounds_html: str | None = None,
 ) -> str:
-    """The whole page. ``plots`` maps a section key to inline SVG, ``notes`` to a caption."""
+    """The whole page. ``plots`` maps a section key to inline SVG, ``notes`` to a caption;
+    ``rounds_html`` replaces the rounds section (federated analytics has its own)."""
 
     def plot(key: str, title: str) -> str:
         note = notes.get(key)
@@ -452,7 +459,10 @@ def render_html(
         _tiles(run, metrics),
         _compare(run, *comparison) if comparison else "",
         _checks(run),
-        _rounds(run, names, plots.get("round_errors", "")),
+        implementations_html(run.results),
+        rounds_html
+        if rounds_html is not None
+        else _rounds(run, names, plots.get("round_errors", "")),
         "<section><h2>What happened over time</h2>",
         _faults_table(faults),
         plot("timeline", "Per-leaf timeline"),
@@ -461,6 +471,7 @@ def render_html(
         plot("throughput", "Throughput"),
         plot("retries", "HTTP statuses and retries"),
         plot("reconnects", "Reconnect timeline"),
+        plot("memory", "Memory per process"),
         "</section>",
         f"<footer>Rendered by <code>bk-sim report</code> from <code>events.jsonl</code> "
         f"({len(run.events)} events"

@@ -75,5 +75,6 @@ def junit_tree(results: Mapping[str, Any]) -> ET.ElementTree:
 def write_junit(results: Mapping[str, Any], path: Path) -> Path:
     """Write ``junit.xml`` atomically (a reader never sees half a file)."""
     root = junit_tree(results).getroot()
+    assert root is not None  # junit_tree always builds a root
     atomic_write(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
     return path

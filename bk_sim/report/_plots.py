@@ -24,7 +24,7 @@ from bk_sim.report._metrics import FaultSpan, Mark, Span
 
 _P = ParamSpec("_P")
 
-_RC: dict[str, Any] = {
+_RC: dict[Any, Any] = {  # matplotlib types its keys as one Literal of every rc name
     "svg.fonttype": "none",
     "svg.hashsalt": "bk-sim-report",
     "font.family": "sans-serif",
@@ -467,4 +467,32 @@ def round_error_plot(rounds: Sequence[Mapping[str, Any]]) -> str:
     ax.set_xlabel("round")
     ax.set_ylabel("max relative error")
     ax.set_title("Aggregate error per round (green passed, red failed)", loc="left")
+    return _svg(fig)
+
+
+@_styled
+def memory_plot(processes: Sequence[Mapping[str, Any]], s_bytes: int) -> str:
+    """RSS of each process over the run (issue 17), with each one's bound drawn dashed."""
+    fig = _figure(10.0, 3.2)
+    ax = fig.add_subplot()
+    s_mib = s_bytes / 2**20
+    for i, p in enumerate(processes):
+        pts = p.get("timeline") or []
+        if not pts:
+            continue
+        color = f"C{i % 10}"
+        ax.plot([t for t, _ in pts], [m for _, m in pts], color=color, lw=1.2, label=p["name"])
+        limit = p.get("limit_x_S")
+        if limit and s_bytes > 1:
+            bound = p["at_rest_bytes"] / 2**20 + limit * s_mib
+            ax.axhline(bound, color=color, lw=0.8, ls="--", alpha=0.6)
+    ax.set_ylabel("RSS, MiB")
+    ax.set_xlabel("seconds since sampling started")
+    ax.set_ylim(bottom=0)
+    ax.set_title(
+        f"Resident memory per process (S = one decoded upload = {s_mib:.1f} MiB; "
+        "dashed: at rest + the 3 x S bound)",
+        loc="left",
+    )
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
     return _svg(fig)

@@ -11,6 +11,7 @@ from typing import Any
 from bk_sim.errors import ReportError
 from bk_sim.files import atomic_write
 from bk_sim.report._compare import Delta, compare_lines, compare_runs
+from bk_sim.report._fa_section import analytics_plots, analytics_section
 from bk_sim.report._html import render_html
 from bk_sim.report._junit import write_junit
 from bk_sim.report._load import RunData, load_run
@@ -63,7 +64,10 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
     plots: dict[str, str] = {}
     notes: dict[str, str] = {}
     rounds = run.results.get("rounds") or []
-    if rounds:
+    analytics = run.results.get("analytics")
+    if analytics is not None:  # FA rounds have no layer errors: their columns instead
+        plots.update(analytics_plots(analytics))
+    elif rounds:
         plots["round_errors"] = _plots.round_error_plot(rounds)
     faults = fault_spans(ev, t0)
     names = leaf_index_by_id(ev)
@@ -164,6 +168,13 @@ def _plots_for(run: RunData) -> tuple[dict[str, str], dict[str, str]]:
             if connects
             else "No notification-transport events in the log."
         )
+    memory = run.results.get("memory") or {}
+    if memory.get("processes"):
+        plots["memory"] = _plots.memory_plot(memory["processes"], int(memory.get("S_bytes") or 1))
+        notes["memory"] = "Peaks (results.json memory): " + "; ".join(
+            f"{p['name']} {p['peak_bytes'] / 2**20:.0f} MiB (+{p['growth_x_S']} x S)"
+            for p in memory["processes"]
+        )
     return plots, notes
 
 
@@ -191,6 +202,7 @@ def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Ren
         lines = compare_lines(base, run, deltas)
     plots, notes = _plots_for(run)
     faults = fault_spans(run.events, run.t0)
+    analytics = run.results.get("analytics")
     page = render_html(
         run,
         names=leaf_index_by_id(run.events),
@@ -199,6 +211,9 @@ def render_run(run_dir: Path | str, compare_to: Path | str | None = None) -> Ren
         notes=notes,
         comparison=comparison,
         faults=faults,
+        rounds_html=None
+        if analytics is None
+        else analytics_section(analytics, run.results.get("rounds") or [], plots),
     )
     html_path = run.dir / HTML
     junit = run.dir / JUNIT

@@ -45,11 +45,36 @@ def headline(results: Mapping[str, Any]) -> str:
     return text + (": " + ", ".join(parts) if parts else "")
 
 
+def _analytics_rounds(
+    rounds: list[Mapping[str, Any]], analytics: list[Mapping[str, Any]]
+) -> list[str]:
+    """Federated analytics: checks made and failed per round instead of layer errors."""
+    verdicts = {a.get("round"): a.get("verdict") or {} for a in analytics}
+    lines = [
+        f"{'round':>5}  {'ok':<4} {'uploads':>7}  {'checks':>7}  {'failed':>6}  "
+        f"{'wall s':>7}  detail"
+    ]
+    for r in rounds:
+        v = verdicts.get(r.get("round")) or {}
+        checks = v.get("checks")
+        failed = len(v.get("findings") or []) if v else None
+        detail = "" if r.get("passed") else (r.get("reason") or "")
+        lines.append(
+            f"{r.get('round')!s:>5}  {'yes' if r.get('passed') else 'NO':<4} "
+            f"{r.get('uploads', 0):>7}  {_num(checks, 'd'):>7}  {_num(failed, 'd'):>6}  "
+            f"{_num(r.get('wall_time_s'), '.2f'):>7}  {detail}"
+        )
+    return lines
+
+
 def summary_lines(results: Mapping[str, Any]) -> list[str]:
     """Lines for the terminal: verdict, a table of rounds, notifications and timings."""
     lines = [("PASSED" if results.get("passed") else "FAILED") + f"  {headline(results)}"]
     rounds = results.get("rounds") or []
-    if rounds:
+    if rounds and results.get("analytics") is not None:
+        lines.append("")
+        lines.extend(_analytics_rounds(rounds, results["analytics"]))
+    elif rounds:
         lines.append("")
         lines.append(
             f"{'round':>5}  {'ok':<4} {'uploads':>7}  {'max abs err':>11}  {'max rel err':>11}  "

@@ -11,6 +11,8 @@ from bk_sim.scenario._loader import load_scenario, parse_override, scenario_from
 from bk_sim.scenario._presets import PRESETS
 from bk_sim.scenario._spec import (
     DTYPES,
+    OWN_IMPLEMENTATION,
+    PROXY_CHAOS,
     STRATEGIES,
     BrokerSpec,
     ChaosExpectSpec,
@@ -22,6 +24,7 @@ from bk_sim.scenario._spec import (
     HttpFaultSpec,
     LayerSpec,
     LeavesSpec,
+    LoadSpec,
     ModelSpec,
     NotificationFaultSpec,
     PayloadSpec,
@@ -38,6 +41,8 @@ from bk_sim.scenario._spec import (
 
 __all__ = [
     "DTYPES",
+    "OWN_IMPLEMENTATION",
+    "PROXY_CHAOS",
     "PRESETS",
     "STRATEGIES",
     "BrokerSpec",
@@ -50,6 +55,7 @@ __all__ = [
     "HttpFaultSpec",
     "LayerSpec",
     "LeavesSpec",
+    "LoadSpec",
     "ModelSpec",
     "NotificationFaultSpec",
     "PayloadSpec",

@@ -28,6 +28,7 @@ from bk_sim.scenario._spec import (
     DISTRIBUTION_KEYS,
     DTYPES,
     LASTING_CHAOS,
+    OWN_IMPLEMENTATION,
     PROXY_CHAOS,
     ChaosFaultSpec,
     FaultsSpec,
@@ -39,6 +40,9 @@ from bk_sim.scenario._spec import (
 )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: A published-client requirement names the branchkey distribution first; the full check
+#: (specifier, no URL, no marker) is bk_sim.published's, before any env is built.
+_PUBLISHED_RE = re.compile(r"^\s*branchkey(\s*[\[(<>=!~;@]|\s*$)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -194,6 +198,9 @@ def _from_data(
         applied.append((".".join(parts), text))
     if "name" not in merged and source is not None:
         merged["name"] = source.stem
+    payload = merged.get("payload")
+    if isinstance(payload, Mapping) and payload.get("kind") == "federated_analytics":
+        merged.setdefault("model", {"preset": "tiny"})  # FA: no model is trained
     try:
         scenario = _build(Scenario, merged, "")
         scenario = _resolve_files(scenario, source)
@@ -369,6 +376,16 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         raise _Problem(
             path, f"expected one of {', '.join(map(str, choices))}; found {_describe(value)}{hint}"
         )
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise _Problem(path, f"expected {_type_name(tp)}; found {_describe(value)}")
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if key_tp is str and not isinstance(key, str):
+                raise _Problem(path, f"expected string keys; found {_describe(key)}")
+            out[key] = _convert(item_tp, item, _join(path, str(key)))
+        return out
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
@@ -444,6 +461,10 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in inner) + " or null"
     if origin is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is dict:
+        item = typing.get_args(tp)[1]
+        plural = {int: "integers", float: "numbers", str: "strings"}.get(item, "values")
+        return f"a mapping of names to {plural}"
     if origin is tuple:
         item = typing.get_args(tp)[0]
         plural = {int: "integers", float: "numbers", str: "strings"}.get(item, "mappings")
@@ -558,6 +579,23 @@ def _check_platform(p: PlatformSpec, path: str) -> None:
             "has no effect without platform.round_timeout_s (a round closes on quorum only "
             "when its timeout passes)",
         )
+
+
+def _check_payload_kind(s: Scenario) -> None:
+    """Federated analytics: faults and settings of the right kind only."""
+    fa = s.payload.kind == "federated_analytics"
+    if fa and s.platform.faults.aggregation is not None:
+        raise _Problem(
+            "platform.faults.aggregation",
+            "applies to federated_learning rounds; use platform.faults.analytics",
+        )
+    if not fa and s.platform.faults.analytics is not None:
+        raise _Problem(
+            "platform.faults.analytics", "applies only to payload.kind 'federated_analytics'"
+        )
+    t = s.payload.tabular
+    if not t.rows_min <= t.rows_median <= t.rows_max:
+        raise _Problem("payload.tabular", "expected rows_min <= rows_median <= rows_max")
 
 
 def _faults_set(f: FaultsSpec) -> bool:
@@ -682,7 +720,43 @@ def _check_scenario(s: Scenario) -> None:
                 "needs platform.round_timeout_s (and a quorum): a round missing an upload "
                 "never closes otherwise",
             )
+    _check_payload_kind(s)
+    _check_implementations(s)
     _check_chaos(s)
+
+
+def _check_implementation_name(value: str, path: str) -> None:
+    if value == OWN_IMPLEMENTATION or _PUBLISHED_RE.match(value):
+        return
+    raise _Problem(
+        path,
+        f"expected {OWN_IMPLEMENTATION!r} or a pip requirement of the published client "
+        f"(e.g. 'branchkey==2.9.0', 'branchkey>=3'); found {_describe(value)}",
+    )
+
+
+def _check_implementations(s: Scenario) -> None:
+    """``client.implementation`` and the mixed fleet's ``leaves.implementations``."""
+    _check_implementation_name(s.client.implementation, "client.implementation")
+    mix = s.leaves.implementations
+    if mix is None:
+        return
+    path = "leaves.implementations"
+    if not mix:
+        raise _Problem(path, "expected at least one implementation; found an empty mapping")
+    if s.client.implementation != OWN_IMPLEMENTATION:
+        raise _Problem(
+            path,
+            f"and client.implementation ({s.client.implementation!r}) both say which client "
+            "the leaves run: give one",
+        )
+    for name, fraction in mix.items():
+        _check_implementation_name(name, _join(path, name))
+        if not 0.0 < fraction <= 1.0:
+            raise _Problem(_join(path, name), f"expected a fraction in (0, 1]; found {fraction!r}")
+    total = sum(mix.values())
+    if abs(total - 1.0) > 1e-6:
+        raise _Problem(path, f"expected fractions that sum to 1; they sum to {total:g}")
 
 
 def _check_chaos(s: Scenario) -> None:

@@ -18,10 +18,16 @@ from typing import Any, Literal
 Mode = Literal["local", "remote"]
 Strategy = Literal["fedavg", "mean", "median", "trimmed_mean"]
 AggregationFault = Literal["unweighted", "drop_leaf", "double_count", "stale"]
+#: Federated analytics (docs/analytics.md): the payload kinds and the platform's FA faults.
+PayloadKind = Literal["federated_learning", "federated_analytics"]
+AnalyticsFault = Literal["mean_of_means", "drop_leaf", "nan_poisoned", "double_count"]
 BrokerProvider = Literal["auto", "external", "local", "process", "testcontainers", "none"]
 Transport = Literal["amqp", "websocket"]
+LeafHostKind = Literal["threads", "event_loop"]
 Distribution = Literal["fixed", "uniform", "lognormal", "list"]
 Compression = Literal["faithful", "fast", "stored"]
+#: The leaf client that is our own (``client.implementation``'s default).
+OWN_IMPLEMENTATION = "bk_sim"
 #: Endpoints the platform's admin faults API knows (``*`` = all leaf endpoints).
 FaultEndpoint = Literal[
     "*", "upload", "download", "download_url", "run", "metrics", "branch_config", "ws_ticket"
@@ -84,6 +90,9 @@ class FaultsSpec:
     aggregation: AggregationFault | None = _f(
         None, "deliberately wrong aggregation (the validator must fail the round)"
     )
+    analytics: AnalyticsFault | None = _f(
+        None, "deliberately wrong analytics combining (federated_analytics payloads only)"
+    )
     http: tuple[HttpFaultSpec, ...] = _f((), "HTTP fault rules (list of mappings)")
     notifications: NotificationFaultSpec = _f(NotificationFaultSpec, "notification faults")
     dedupe: bool = _f(True, "same-digest re-uploads count once (false: a platform bug)")
@@ -100,6 +109,12 @@ class PlatformSpec:
         None, "close a round with >= quorum uploads after this long (null = wait for all)", gt=0.0
     )
     trim_fraction: float = _f(0.1, "fraction cut at each end by `trimmed_mean`", ge=0.0, lt=0.5)
+    max_upload_bytes: int | None = _f(
+        None, "local: the platform's upload limit (null = follows from the model)", ge=1
+    )
+    max_decompressed_bytes: int | None = _f(
+        None, "local: the platform's decoded-archive limit (null = follows from the model)", ge=1
+    )
     faults: FaultsSpec = _f(FaultsSpec, "fault injection (local, or remote with `admin_url`)")
     tls: bool = _f(
         False,
@@ -156,7 +171,9 @@ class DropoutsSpec:
     """Leaves that miss rounds."""
 
     skip_fraction: float = _f(0.0, "fraction of leaf-rounds skipped (no upload)", ge=0.0, le=1.0)
-    die_fraction: float = _f(0.0, "fraction of leaves whose process dies mid-run", ge=0.0, le=1.0)
+    die_fraction: float = _f(
+        0.0, "fraction of leaves whose process is killed mid-run", ge=0.0, le=1.0
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +186,17 @@ class LeavesSpec:
     start_jitter_s: float = _f(0.0, "each leaf starts after a random delay up to this", ge=0.0)
     stragglers: StragglersSpec = _f(StragglersSpec, "late leaves")
     dropouts: DropoutsSpec = _f(DropoutsSpec, "leaves that skip rounds or die")
+    implementations: dict[str, float] | None = _f(
+        None,
+        "mixed fleet: fraction of leaves per client implementation, e.g. "
+        '`{bk_sim: 0.5, "branchkey==2.9.0": 0.5}` (fractions sum to 1; leaves drawn with '
+        "the seed; null = all `client.implementation`)",
+    )
+    host: LeafHostKind = _f(
+        "threads",
+        "`threads`: a thread (and a consumer thread) per leaf; `event_loop`: a process's "
+        "leaves on one event loop (WebSocket consumers keep a thread each)",
+    )
 
     @property
     def effective_processes(self) -> int:
@@ -216,12 +244,32 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TabularSpecFields:
+    """Synthetic tabular columns of each leaf (``payload.kind: federated_analytics``);
+    the scenario's ``seed`` seeds them (see ``bk_sim.synth.TabularSpec``)."""
+
+    columns: int = _f(20, "raw columns per site (kinds cycle float, float, int, bool)", ge=1)
+    rows_median: int = _f(2000, "median rows per site (log-normal row counts)", ge=1)
+    rows_sigma: float = _f(0.5, "sigma of the log-normal row counts", ge=0.0)
+    rows_min: int = _f(50, "fewest rows a site has", ge=1)
+    rows_max: int = _f(20000, "most rows a site has", ge=1)
+    shift: float = _f(1.0, "per-site mean shift, in units of the column's scale", ge=0.0)
+    nan_fraction: float = _f(0.05, "mean NaN fraction of float columns", ge=0.0, lt=0.5)
+    custom_fields: bool = _f(True, "also send custom save_fields entries (sum/min/max/must_match)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class PayloadSpec:
     """How uploads are written."""
 
     compression: Compression = _f(
         "fast", "`faithful` (numpy, zlib 6), `fast` (ISA-L level 1) or `stored`"
     )
+    kind: PayloadKind = _f(
+        "federated_learning",
+        "`federated_learning` (model weights) or `federated_analytics` (tabular statistics)",
+    )
+    tabular: TabularSpecFields = _f(TabularSpecFields, "analytics: the synthetic columns")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +304,11 @@ class ReconnectSpec:
 class ClientSpec:
     """Leaf client settings."""
 
+    implementation: str = _f(
+        "bk_sim",
+        "the leaf client: `bk_sim` (ours) or a pip requirement of the published client "
+        "(`branchkey==2.9.0`, `branchkey>=3`), run in its own cached env",
+    )
     retry: RetrySpec = _f(RetrySpec, "HTTP retries")
     reconnect: ReconnectSpec = _f(ReconnectSpec, "notification reconnects")
 
@@ -462,6 +515,8 @@ def _plain(value: Any) -> Any:
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value

@@ -22,14 +22,18 @@ from bk_sim.client import (
     APIConfig,
     Client,
     ClientEvent,
+    ConsumerFactory,
     RabbitMQConfig,
     RetryConfig,
     WebSocketConfig,
 )
+from bk_sim.engine import LeafPlan, client_event, harness_event, process_rss
 from bk_sim.errors import BkSimError
+from bk_sim.npzstream import return_freed_chunks
 from bk_sim.scenario import Scenario
-from bk_sim.sim._agent import AggregateCache, LeafAgent, LeafPlan
-from bk_sim.sim._eventlog import client_event, harness_event
+from bk_sim.sim._agent import AggregateCache, LeafAgent
+from bk_sim.sim._fa_agent import AnalyticsLeafAgent
+from bk_sim.synth import tabular_spec
 from bk_sim.tls import CA_ENV_VARS
 
 _log = logging.getLogger(__name__)
@@ -52,6 +56,9 @@ class WorkerSpec:
     incarnation: int = 0  # > 0: started again after being killed (chaos)
     #: platform.tls: the run's CA (PEM); leaves use TLS everywhere and trust only it.
     tls_ca: str | None = None
+    #: every leaf here dies in one round (leaves.dropouts.die_fraction): once they all
+    #: have, the process kills itself with SIGKILL, mid-run, as a crashed leaf would
+    dies: bool = False
 
 
 class _QueueObserver:
@@ -70,7 +77,13 @@ def tls_client_env(ca: str) -> dict[str, str]:
     return {name: ca for name in CA_ENV_VARS}
 
 
-def make_client(spec: WorkerSpec, plan: LeafPlan, observer: Any, output_dir: Path) -> Client:
+def make_client(
+    spec: WorkerSpec,
+    plan: LeafPlan,
+    observer: Any,
+    output_dir: Path,
+    consumer_factory: ConsumerFactory | None = None,
+) -> Client:
     """A client configured from the scenario's client settings."""
     sc = spec.scenario.client
     return Client(
@@ -98,6 +111,7 @@ def make_client(spec: WorkerSpec, plan: LeafPlan, observer: Any, output_dir: Pat
         use_websocket=spec.transport == "websocket",
         output_dir=output_dir,
         observer=observer,
+        consumer_factory=consumer_factory,
     )
 
 
@@ -108,6 +122,7 @@ def _leaf_thread(
     cache: AggregateCache,
     work_dir: Path,
     stop: threading.Event,
+    died: Callable[[int], None] | None = None,
 ) -> None:
     def event(kind: str, **fields: Any) -> None:
         put(harness_event(kind, leaf=plan.index, leaf_id=plan.leaf_id, **fields))
@@ -132,28 +147,48 @@ def _leaf_thread(
         _log.exception("leaf %d: unexpected error starting its client", plan.index)
         event("leaf_error", round=0, error=f"unexpected: {type(exc).__name__}: {exc}")
         return
-    event("leaf_started", run_status=client.run_status, run_number=client.run_number)
-    agent = LeafAgent(
-        plan,
-        seed=sc.seed,
-        model=sc.model,
-        rounds=sc.rounds,
-        compression=sc.payload.compression,
-        notification_timeout_s=sc.timeouts.notification_s,
-        client=client,
-        work_dir=leaf_dir,
-        cache=cache,
-        emit=put,
-        stop=stop,
+    # pid and RSS: the process's at-rest memory, the base of the memory bound (issue 17).
+    event(
+        "leaf_started",
+        run_status=client.run_status,
+        run_number=client.run_number,
+        pid=os.getpid(),
+        rss=process_rss(),
+    )
+    common: dict[str, Any] = {
+        "seed": sc.seed,
+        "model": sc.model,
+        "rounds": sc.rounds,
+        "compression": sc.payload.compression,
+        "notification_timeout_s": sc.timeouts.notification_s,
+        "client": client,
+        "work_dir": leaf_dir,
+        "cache": cache,
+        "emit": lambda ev: put(ev.to_dict()),
+        "stop": stop,
+    }
+    agent = (
+        AnalyticsLeafAgent(plan, tabular=tabular_spec(sc), **common)
+        if sc.payload.kind == "federated_analytics"
+        else LeafAgent(plan, **common)
     )
     try:
         agent.run()
+        if agent.died and died is not None:
+            died(plan.index)  # returns only when the run stops before the process is killed
     except Exception as exc:  # noqa: BLE001 - report, never hang the run
         _log.exception("leaf %d: unexpected error", plan.index)
         event("leaf_error", round=-1, error=f"unexpected: {type(exc).__name__}: {exc}")
     finally:
         client.close()
         event("leaf_closed")
+
+
+def die(events: Any) -> None:
+    """SIGKILL this process, after its events (the leaves' ``leaf_died``) are sent."""
+    events.close()
+    events.join_thread()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
@@ -167,9 +202,18 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
         # The client's own CA settings, as for the published client: requests reads
         # REQUESTS_CA_BUNDLE (HTTPS), OpenSSL's default paths SSL_CERT_FILE (AMQPS, WSS).
         os.environ.update(tls_client_env(spec.tls_ca))
+    return_freed_chunks()  # leaves stream their uploads in chunks (issue 17)
     put: Callable[[dict[str, Any]], None] = events.put
     local_stop = threading.Event()
     cache = AggregateCache(spec.aggregates_dir)
+    dead: set[str] = set()
+    dead_lock = threading.Lock()
+
+    def died(index: int) -> None:
+        with dead_lock:
+            dead.add(f"leaf-{index}")
+        local_stop.wait()
+
     # A leaf thread still closing after the stop may write into it while it is removed.
     with tempfile.TemporaryDirectory(
         prefix=f"bk-sim-w{spec.worker}-", ignore_cleanup_errors=True
@@ -177,7 +221,7 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
         threads = [
             threading.Thread(
                 target=_leaf_thread,
-                args=(spec, plan, put, cache, Path(tmp), local_stop),
+                args=(spec, plan, put, cache, Path(tmp), local_stop, died if spec.dies else None),
                 name=f"leaf-{plan.index}",
                 daemon=True,
             )
@@ -188,6 +232,10 @@ def worker_main(spec: WorkerSpec, events: Any, stop: Any) -> None:
         while any(t.is_alive() for t in threads):
             if stop.is_set():
                 local_stop.set()
+            with dead_lock:
+                gone = bool(dead) and all(t.name in dead for t in threads if t.is_alive())
+            if gone and not local_stop.is_set():
+                die(events)
             time.sleep(_STOP_POLL_S)
             if local_stop.is_set():
                 for t in threads:

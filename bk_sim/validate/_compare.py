@@ -83,7 +83,8 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: infinities and NaN become None, shapes become lists."""
-        return _json_safe(asdict(self))
+        safe: dict[str, Any] = _json_safe(asdict(self))
+        return safe
 
 
 def _json_safe(value: Any) -> Any:

@@ -3,7 +3,7 @@
 A FedAvg or mean aggregate is a linear combination of the round's uploads, sum(a_i x_i),
 with a_i the leaf's normalized weight. Given the uploads and the aggregate, least squares
 over a random sample of coordinates recovers every a_i (the synthetic updates are linearly
-independent by construction, see ``bk_sim.sim._synth``). Comparing a_i with the weights the
+independent by construction, see ``bk_sim.synth``). Comparing a_i with the weights the
 strategy expects names the fault:
 
 - stale: the aggregate equals a previous aggregation's (checked first, exactly);
@@ -134,7 +134,7 @@ def forensics(
     effective = {leaf: float(a) for leaf, a in zip(ids, alpha, strict=True)}
     std_errors = {leaf: float(s) for leaf, s in zip(ids, se, strict=True)}
     linear_strategy = _effective_strategy(strategy, n, trim_fraction)
-    base = dict(
+    base: dict[str, Any] = dict(
         effective_weights=effective, residual=residual, coordinates=len(y), std_errors=std_errors
     )
     if linear_strategy is None:

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from bk_sim.chaos import ChaosRun
+from bk_sim.engine import RunResult
 from bk_sim.scenario import scenario_from_dict
-from bk_sim.sim._orchestrator import RunResult, SimulationRun
+from bk_sim.sim import SimulationRun
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]

@@ -184,7 +184,7 @@ def test_an_existing_run_dir_is_refused_in_one_line(tmp_path: Path) -> None:
     taken.mkdir()
     proc = _load([str(SMOKE), "--run-dir", str(taken)], tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr  # was 1 (= a check failed)
-    assert f"cannot create the run folder {taken}: File exists" in proc.stderr
+    assert f"bk-sim: {taken}: the run folder already exists\n" == proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -213,7 +213,7 @@ def test_a_taken_web_or_master_port_is_a_one_line_error_not_a_hang(
 def test_a_worker_without_a_master_gives_up_in_one_line(tmp_path: Path) -> None:
     """Locust raises ConnectionError after its retries (5 minutes; cut short here)."""
     script = (
-        "import locust, sys\n"  # gevent patches first, as python -m bk_sim.load does
+        "import locust, sys\n"  # gevent patches first, as bk-sim load's re-exec does
         "import locust.runners as lr\n"
         "lr.CONNECT_RETRY_COUNT, lr.CONNECT_TIMEOUT = 1, 0.2\n"
         "from bk_sim.cli import main\n"

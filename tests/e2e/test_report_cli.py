@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from tests.support import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "scenarios" / "smoke.yaml"
 CHROMIUM_FLAGS = [
@@ -155,7 +157,8 @@ def test_report_command_rerenders_and_compares(
 
 
 def _chromium() -> str:
-    """Chromium's path, installing Debian's package when missing; skip if it cannot be."""
+    """Chromium's path, installing Debian's package when missing; skip (fail under CI=true)
+    if it cannot be."""
     found = shutil.which("chromium")
     if found:
         return found
@@ -169,7 +172,7 @@ def _chromium() -> str:
         found = shutil.which("chromium")
         if found:
             return found
-    pytest.skip("chromium is not installed and `apt-get install chromium` did not work")
+    unavailable("chromium is not installed and `apt-get install chromium` did not work")
 
 
 class _Page:

@@ -79,6 +79,38 @@ def test_smoke_scenario_passes_end_to_end(management: Any, tmp_path: Path) -> No
     assert not any(t in proc.stdout + proc.stderr for t in tokens)
 
 
+def test_dying_leaves_lose_their_process_and_amqp_url_picks_the_broker(
+    management: Any, tmp_path: Path
+) -> None:
+    """die_fraction: a dying leaf's process is SIGKILLed mid-run (no clean close);
+    --amqp-url / --management-url: the run uses the external broker at those URLs."""
+    reports = tmp_path / "reports"
+    args = [sys.executable, "-m", "bk_sim.cli", "run", str(SMOKE)]
+    for o in (
+        f"report.dir={reports}",
+        "leaves.dropouts.die_fraction=0.25",
+        "rounds=1",  # both die in round 1: one process to kill, and a short run
+        "platform.quorum=6",
+        "platform.round_timeout_s=3",
+    ):
+        args += ["--set", o]
+    args += ["--amqp-url", "amqp://guest:guest@127.0.0.1:5672/"]
+    args += ["--management-url", "http://guest:guest@127.0.0.1:15672/"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = [p.parent for p in reports.glob("*/results.json")]
+    results = _results(run_dir)
+    assert results["scenario"]["broker"]["provider"] == "external"
+    assert results["scenario"]["broker"]["amqp_url"] == "amqp://guest:***@127.0.0.1:5672/"
+    assert results["leaves"]["died_as_planned"] == 2
+    events = _events(run_dir)
+    died = {e["leaf"] for e in events if e["kind"] == "leaf_died"}
+    closed = {e["leaf"] for e in events if e["kind"] == "leaf_closed"}
+    assert len(died) == 2 and not died & closed, "a dying leaf closed its client"
+    killed = [e for e in events if e["kind"] == "worker_exit" and e["exitcode"] == -9]
+    assert killed, "no leaf process was killed"
+
+
 @pytest.mark.parametrize("bug", ["unweighted", "drop_leaf", "double_count"])
 def test_harness_catches_the_platforms_aggregation_bugs(
     management: Any, tmp_path: Path, bug: str

@@ -14,7 +14,7 @@ import pytest
 from bk_sim.broker import process_available
 from bk_sim.chaos import ChaosRun
 from bk_sim.scenario import load_scenario
-from bk_sim.sim._orchestrator import SimulationRun
+from bk_sim.sim import SimulationRun
 
 ROOT = Path(__file__).resolve().parents[2]
 _OK, _WHY = process_available()

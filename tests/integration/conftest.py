@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from bk_sim.broker import ManagementAPI
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.platform import PlatformHandle
+from tests.conftest import PlatformFactory
 
 
 @pytest.fixture(scope="module")
-def platform(
-    management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PlatformHandle]:
+def platform(management: ManagementAPI, platform_factory: PlatformFactory) -> PlatformHandle:
     """A reference platform on the real broker, shared by one test module.
 
-    Modules that need other settings (limits, no broker) define their own ``platform``.
+    Modules that need other settings (limits, no broker) override ``platform`` with
+    ``platform_factory(**settings)``.
     """
-    handle = start_platform(tmp_path_factory.mktemp("platform"))
-    yield handle
-    handle.stop()
+    return platform_factory()

@@ -13,8 +13,8 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -25,7 +25,8 @@ from bk_sim.client import _amqp
 from bk_sim.client._amqp import AmqpConsumer
 from bk_sim.client._backoff import reconnect_delay
 from bk_sim.client._config import Credentials, RabbitMQConfig
-from bk_sim.client._events import ClientEvent, EventSink
+from bk_sim.client._events import EventSink
+from tests.support import Recorder
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -113,46 +114,6 @@ def leaf(management: ManagementAPI, unique: str) -> Iterator[Leaf]:
     finally:
         management.delete_vhost(vhost)
         management.delete_user(creds.id)
-
-
-@dataclass
-class Recorder:
-    """Collects events and messages; ``wait`` blocks until a condition holds."""
-
-    events: list[ClientEvent] = field(default_factory=list)
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    fail_on: Callable[[dict[str, Any]], bool] | None = None
-
-    def on_event(self, event: ClientEvent) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.cond.notify_all()
-
-    def on_message(self, message: dict[str, Any]) -> None:
-        with self.cond:
-            self.messages.append(message)
-            self.cond.notify_all()
-        if self.fail_on is not None and self.fail_on(message):
-            raise RuntimeError("handler failure on purpose")
-
-    def of(self, kind: str) -> list[ClientEvent]:
-        with self.cond:
-            return [e for e in self.events if e.kind == kind]
-
-    def wait(self, what: Callable[[], bool], timeout: float, why: str) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(what, timeout)
-        assert ok, f"timed out after {timeout} s waiting for {why}; events: {self.summary()}"
-
-    def wait_count(self, kind: str, n: int, timeout: float) -> None:
-        self.wait(lambda: len(self.of(kind)) >= n, timeout, f"{n} {kind} event(s)")
-
-    def wait_messages(self, n: int, timeout: float) -> None:
-        self.wait(lambda: len(self.messages) >= n, timeout, f"{n} message(s)")
-
-    def summary(self) -> list[str]:
-        return [f"{e.kind}:{e.attempt}:{e.delay_s}:{e.error}" for e in self.events]
 
 
 def _consumer(
@@ -384,7 +345,7 @@ def test_queue_deleted_then_redeclared_consumes_again(
 
 def test_broker_unreachable_at_start_follows_schedule_and_gives_up() -> None:
     factor, max_delay, attempts = 1.1, 1.25, 3
-    creds = Credentials("leaf-x", "x", "secret", "owner", "tree", "branch")
+    creds = Credentials("leaf-x", "x", "secret", "tree", "branch", "owner")
     rec = Recorder()
     consumer = _consumer(
         creds, rec, port=_closed_port(), attempts=attempts, factor=factor, max_delay=max_delay
@@ -410,7 +371,7 @@ def test_broker_unreachable_at_start_follows_schedule_and_gives_up() -> None:
 
 
 def test_close_during_backoff_is_prompt_and_idempotent() -> None:
-    creds = Credentials("leaf-y", "y", "secret", "owner", "tree", "branch")
+    creds = Credentials("leaf-y", "y", "secret", "tree", "branch", "owner")
     rec = Recorder()
     consumer = _consumer(creds, rec, port=_closed_port(), attempts=0, factor=30, max_delay=60)
     consumer.start()
@@ -427,7 +388,7 @@ def test_close_during_backoff_is_prompt_and_idempotent() -> None:
 def test_close_in_the_middle_of_a_connect_is_prompt() -> None:
     silent = socket.create_server((HOST, 0))  # accepts TCP, never speaks AMQP
     try:
-        creds = Credentials("leaf-z", "z", "secret", "owner", "tree", "branch")
+        creds = Credentials("leaf-z", "z", "secret", "tree", "branch", "owner")
         rec = Recorder()
         consumer = _consumer(creds, rec, port=int(silent.getsockname()[1]), attempts=0)
         consumer.start()
@@ -519,7 +480,7 @@ def test_close_from_inside_on_message_does_not_deadlock(leaf: Leaf) -> None:
 
 
 def test_tls_parameters_are_built_when_ssl_is_set() -> None:
-    creds = Credentials("leaf-t", "t", "secret", "owner", "tree-t", "branch")
+    creds = Credentials("leaf-t", "t", "secret", "tree-t", "branch", "owner")
     cfg = RabbitMQConfig(host="broker.example", port=5671, ssl=True, heartbeat=30)
     consumer = AmqpConsumer(creds, cfg, "broker.example", lambda m: None, EventSink(None, "t"))
     params = consumer._params

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import io
 import json
 import shutil
 import subprocess
@@ -19,10 +20,18 @@ import pytest
 from _fake_platform import FakePlatform, Fault, Socks5Proxy
 
 import bk_sim
-from bk_sim.client import Client, ClientEvent, RetryConfig, RunConfig, WebSocketConfig
+from bk_sim.client import (
+    Client,
+    ConsumerSpec,
+    RetryConfig,
+    RunConfig,
+    WebSocketConfig,
+)
 from bk_sim.errors import (
+    AnalyticsError,
     ApiError,
     AuthError,
+    ClientConfigError,
     ClientError,
     NotFoundError,
     RunBlockedError,
@@ -30,6 +39,7 @@ from bk_sim.errors import (
     UnsafeFileIdError,
     WeightsFormatError,
 )
+from tests.support import Recorder
 
 CREDS = {
     "id": "leaf-6f1c",
@@ -40,26 +50,6 @@ CREDS = {
     "branch_id": "branch-13",
 }
 FAST = RetryConfig(max_retries=3, backoff_factor=0.01, total_timeout=2)
-
-
-class Recorder:
-    """An observer that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[ClientEvent] = []
-        self._lock = threading.Lock()
-
-    def on_event(self, event: ClientEvent) -> None:
-        with self._lock:
-            self.events.append(event)
-
-    def of(self, kind: str, endpoint: str | None = None) -> list[ClientEvent]:
-        with self._lock:
-            return [
-                e
-                for e in self.events
-                if e.kind == kind and (endpoint is None or e.endpoint == endpoint)
-            ]
 
 
 @pytest.fixture()
@@ -181,6 +171,7 @@ def test_upload_speaks_the_contract(platform: FakePlatform, tmp_path: Path) -> N
     assert meta["training_stats"] == {"loss": 0.5} and meta["device_info"] == {"cpu": 2}
     assert meta["custom"] == {"k": "v"}
     assert meta["timestamp"].endswith("+00:00")
+    assert meta["kind"] == "federated_learning"  # undeclared archive = learning
     (req,) = platform.seen("upload")
     assert req.headers["x-bk-file-size"] == str(len(data))
     assert req.headers["x-bk-file-digest"] == digest
@@ -201,6 +192,42 @@ def test_upload_without_optional_metadata_omits_them(
     assert meta["round"] == 3
     assert meta["file_size"] == len(platform.uploads[0].file_bytes)  # required keys win
     assert not {"device_info", "training_stats", "custom"} & set(meta)
+
+
+def test_analytics_upload_declares_its_kind_in_archive_and_metadata(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    client, _ = make_client(platform, tmp_path)
+    with client:
+        path = client.save_analytics(
+            {"age": [30, 40, 50]}, file_path=str(tmp_path / "stats"), nan_policy="raise"
+        )
+        assert path == str(tmp_path / "stats.npz")
+        fields = client.save_fields(
+            {"n_cases": 3, "spacing": np.array([1.0, 0.8])}, file_path=str(tmp_path / "f")
+        )
+        client.file_upload(path)
+        client.file_upload(fields)
+    first, second = platform.uploads
+    assert first.metadata["kind"] == second.metadata["kind"] == "federated_analytics"
+    with np.load(io.BytesIO(first.file_bytes), allow_pickle=False) as npz:
+        assert str(npz["__bk_payload_kind__"]) == "federated_analytics"
+        assert sorted(npz.files) == sorted(
+            ["__bk_payload_kind__", "weighting"]
+            + [f"age_{s}" for s in ("n", "sum", "sumsq", "min", "max", "nan")]
+        )
+        assert npz["weighting"].tolist() == [0.0]
+
+
+def test_a_hand_built_analytics_archive_is_refused_before_any_request(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, __bk_payload_kind__=np.array("federated_analytics"), age_n=np.array(3))
+    client, _ = make_client(platform, tmp_path)
+    with client, pytest.raises(AnalyticsError, match="'age_n' is 0-d"):
+        client.file_upload(bad)
+    assert platform.seen("upload") == []
 
 
 def test_upload_refused_before_any_request_when_run_is_blocked(
@@ -479,7 +506,9 @@ def test_download_is_two_steps_and_lands_the_exact_bytes(
     platform.files["agg-123"] = payload
     client, rec = make_client(platform, tmp_path)
     with client:
-        path = client.file_download("agg-123")
+        downloaded = client.file_download("agg-123")
+    assert isinstance(downloaded, str)  # the published client returns a str
+    path = Path(downloaded)
     assert path == tmp_path / "out" / "agg-123.npz"
     assert path.read_bytes() == payload
     assert [p.name for p in path.parent.iterdir()] == ["agg-123.npz"]  # no temp left
@@ -533,7 +562,7 @@ def test_download_retries_the_blob_get(platform: FakePlatform, tmp_path: Path) -
     platform.inject("download", Fault(status=502), times=2)
     client, _ = make_client(platform, tmp_path)
     with client:
-        assert client.file_download("agg-9").read_bytes() == b"PK-bytes"
+        assert Path(client.file_download("agg-9")).read_bytes() == b"PK-bytes"
     assert len(platform.seen("download_url")) == 1 and len(platform.seen("download")) == 3
 
 
@@ -854,7 +883,7 @@ def test_trusting_the_certificate_works_and_disabling_verification_keeps_working
         with client:
             client.get_branch_config()
             monkeypatch.delenv("REQUESTS_CA_BUNDLE")
-            client.disable_ssl_verification()
+            assert client.disable_ssl_verification() is False
             client.get_branch_config()
         assert len(p.seen("branch_config")) == 2
 
@@ -950,3 +979,83 @@ def test_client_follows_real_amqp_notifications(
     finally:
         management.delete_vhost(vhost)
         management.delete_user(leaf)
+
+
+# --------------------------------------------------------------------------- drop-in API
+
+
+def test_published_positional_construction_and_properties(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    from bk_sim.client import APIConfig, Credentials
+
+    c = CREDS
+    creds = Credentials(
+        c["id"], c["name"], c["session_token"], c["tree_id"], c["branch_id"], c["owner_id"]
+    )
+    out = str(tmp_path / "agg")
+    api = APIConfig(platform.url)
+    with Client(creds, api, None, None, None, FAST, False, out, notifications=False) as client:
+        assert client.output_dir == out and client.use_websocket is False
+        assert (client.tree_id, client.branch_id, client.user_id) == (
+            c["tree_id"],
+            c["branch_id"],
+            c["owner_id"],
+        )
+        assert client.is_initialized
+    with pytest.raises(ClientConfigError, match="keyword-only: pass host="):
+        Client(creds, platform.url, notifications=False)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- consumer_factory
+
+
+class _PluggedConsumer:
+    """A host's own consumer: records its life; the host delivers through spec.on_message."""
+
+    def __init__(self, spec: ConsumerSpec) -> None:
+        self.spec = spec
+        self.calls: list[str] = []
+
+    @property
+    def connected(self) -> bool:
+        return self.calls == ["start"]
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.calls.append("close")
+
+
+def test_a_host_plugs_its_consumer_in_through_consumer_factory(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    made: list[_PluggedConsumer] = []
+
+    def factory(spec: ConsumerSpec) -> _PluggedConsumer:
+        made.append(_PluggedConsumer(spec))
+        return made[-1]
+
+    client, _ = make_client(
+        platform, tmp_path, notifications=True, use_websocket=True, consumer_factory=factory
+    )
+    with client:
+        (consumer,) = made
+        spec = consumer.spec
+        assert spec.transport == "websocket" and spec.credentials == client.credentials
+        assert spec.websocket_url == platform.url.replace("http://", "ws://") + "/api/v1/ws"
+        assert client.notifications_connected
+        spec.on_message({"message_type": "aggregation_status", "body": {"aggregation_id": "a7"}})
+        assert client.get_latest_aggregation_id() == "a7"
+        assert spec.get_ticket()["ticket_id"]  # the client's own ticket call
+    assert consumer.calls == ["start", "close"]
+
+
+def test_a_factory_that_returns_no_consumer_is_a_config_error(
+    platform: FakePlatform, tmp_path: Path
+) -> None:
+    with pytest.raises(ClientConfigError, match="returned int, which has no start"):
+        make_client(platform, tmp_path, notifications=True, consumer_factory=lambda spec: 3)
+    with pytest.raises(ClientConfigError, match="consumer_factory must be callable"):
+        make_client(platform, tmp_path, consumer_factory="amqp")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bk_sim.platform import start_platform
+from tests.conftest import PlatformFactory
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -26,10 +26,13 @@ USERS = 40
 
 @pytest.mark.parametrize("transport", ["amqp", "websocket"])
 def test_forty_users_in_one_process_receive_every_aggregation(
-    management: Any, tmp_path: Path, unique: str, transport: str
+    management: Any,
+    platform_factory: PlatformFactory,
+    tmp_path: Path,
+    unique: str,
+    transport: str,
 ) -> None:
-    handle = start_platform(
-        tmp_path / "platform",
+    handle = platform_factory(
         amqp_url="amqp://guest:guest@127.0.0.1:5672/",
         management_url="http://guest:guest@127.0.0.1:15672/",
     )

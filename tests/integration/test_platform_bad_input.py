@@ -12,8 +12,9 @@ import pytest
 import requests
 
 from bk_sim.broker import ManagementAPI
-from bk_sim.platform import PlatformHandle, start_platform
+from bk_sim.platform import PlatformHandle
 from bk_sim.weights import encode_weights
+from tests.conftest import PlatformFactory
 from tests.integration._platform_support import (
     assert_layers,
     leaf_headers,
@@ -30,16 +31,8 @@ MAX_DECOMPRESSED = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def platform(
-    management: ManagementAPI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PlatformHandle]:
-    handle = start_platform(
-        tmp_path_factory.mktemp("platform"),
-        max_upload_bytes=MAX_UPLOAD,
-        max_decompressed_bytes=MAX_DECOMPRESSED,
-    )
-    yield handle
-    handle.stop()
+def platform(management: ManagementAPI, platform_factory: PlatformFactory) -> PlatformHandle:
+    return platform_factory(max_upload_bytes=MAX_UPLOAD, max_decompressed_bytes=MAX_DECOMPRESSED)
 
 
 def _npz(**arrays: np.ndarray) -> bytes:

@@ -32,9 +32,39 @@ def test_serve_help_names_every_option_and_its_env_var() -> None:
         "--public-url",
         "--max-upload-bytes",
         "--max-decompressed-bytes",
+        "--header-timeout",
+        "--body-timeout",
+        "--keepalive-timeout",
+        "--max-connections",
+        "--max-inflight-bytes",
+        "--max-metrics-per-leaf",
+        "--max-metrics-bytes-per-leaf",
+        "--page-size",
     ):
         assert option in result.output
     assert "BK_SIM_ADMIN_TOKEN" in result.output and "BK_SIM_PORT" in result.output
+    assert "BK_SIM_HEADER_TIMEOUT_S" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--header-timeout", "0"], "header_timeout_s must be > 0"),
+        (["--max-connections", "-1"], "max_connections must be > 0"),
+        (["--body-timeout", "nan"], "body_timeout_s must be > 0"),
+        (["--page-size", "50", "--max-page-size", "10"], "page_size must not exceed"),
+    ],
+)
+def test_serve_with_a_bad_limit_fails_with_a_reason(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["platform", "serve", "--data-dir", str(tmp_path), "--no-amqp", *args],
+        env={"BK_SIM_ADMIN_TOKEN": "t"},
+    )
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
 
 
 def test_serve_without_admin_token_fails_with_a_reason(tmp_path: Path) -> None:
@@ -100,6 +130,7 @@ def test_create_branch_and_run_status(platform: PlatformHandle, tmp_path: Path) 
             "round_timeout_s": 5.0,
             "trim_fraction": 0.1,
             "model_config": {},
+            "field_ops": {},
         }
         assert read_queue(leaves[0], 1)[0]["body"] == {"run_status": "start"}
         result = runner.invoke(

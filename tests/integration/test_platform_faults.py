@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -188,9 +189,13 @@ def test_notification_delay_and_drop(platform: PlatformHandle) -> None:
         for i in range(4):
             b.upload_ok(i, 1.0, model(rng))
         rec = b.wait(1)
-        assert read_queue(b.leaves[0], 0, timeout=0) == []  # not yet
-        time.sleep(1.8)
-        assert all(len(read_queue(leaf, 1)) == 1 for leaf in b.leaves)
+        # Wait for the event (the notice arriving), then check it came no earlier than
+        # the delay after the round closed: no fixed sleep, no "not yet" race.
+        got = read_queue(b.leaves[0], 1, timeout=10)
+        arrived = datetime.now(timezone.utc)
+        assert len(got) == 1
+        assert (arrived - datetime.fromisoformat(rec["closed_at"])).total_seconds() >= 1.5
+        assert all(len(read_queue(leaf, 1)) == 1 for leaf in b.leaves[1:])
         assert read_queue(b.leaves[1], 0, timeout=0) == []
         b.admin.set_faults(b.branch_id, {"seed": 3, "notifications": {"drop_rate": 0.5}})
         for i in range(4):

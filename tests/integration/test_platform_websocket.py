@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,13 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from bk_sim.platform import PlatformHandle, start_platform
+from tests.conftest import PlatformFactory
 from tests.integration._platform_support import leaf_headers, make_branch, model
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformHandle]:
-    handle = start_platform(tmp_path_factory.mktemp("platform"), no_amqp=True)
-    yield handle
-    handle.stop()
+def platform(platform_factory: PlatformFactory) -> PlatformHandle:
+    return platform_factory(no_amqp=True)
 
 
 def _ticket(url: str, leaf: dict[str, str]) -> dict[str, str]:

@@ -64,6 +64,7 @@ def _rtt(sock: socket.socket, payload: bytes = b"ping") -> float:
         chunk = sock.recv(65536)
         assert chunk, "proxy closed the connection"
         got += chunk
+    assert got == payload, got
     return time.perf_counter() - t0
 
 
@@ -137,7 +138,7 @@ def test_blackhole_stalls_without_closing_then_drops_corrupt_streams(
             s.settimeout(3)
             assert s.recv(10) == b""  # its stream lost bytes: closed when the stall ends
             idle.settimeout(3)
-            assert _rtt(idle) < 0.5  # an idle connection lost nothing and keeps working
+            _rtt(idle)  # an idle connection lost nothing and keeps working (echo checked)
 
 
 def test_reset_all_sends_rst(echo: tuple[str, int]) -> None:

@@ -17,17 +17,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
 
-from bk_sim.client._backoff import reconnect_delay
-from bk_sim.client._config import WebSocketConfig
-from bk_sim.client._events import ClientEvent, EventSink
+from bk_sim.client import EventSink, WebSocketConfig, reconnect_delay
 from bk_sim.client._websocket import WebSocketConsumer
 from bk_sim.errors import TransportError
+from tests.support import Recorder
 
 AGG = {"message_type": "aggregation_status", "body": {"aggregation_id": "agg-1"}}
 RUN = {"message_type": "run_status", "body": {"run_status": "pause"}}
@@ -149,38 +147,6 @@ def server() -> Any:
     srv = _WsServer()
     yield srv
     srv.stop()
-
-
-@dataclass
-class Recorder:
-    events: list[ClientEvent] = field(default_factory=list)
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def on_event(self, event: ClientEvent) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.cond.notify_all()
-
-    def on_message(self, message: dict[str, Any]) -> None:
-        with self.cond:
-            self.messages.append(message)
-            self.cond.notify_all()
-
-    def of(self, kind: str) -> list[ClientEvent]:
-        with self.cond:
-            return [e for e in self.events if e.kind == kind]
-
-    def wait(self, what: Callable[[], bool], timeout: float, why: str) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(what, timeout)
-        assert ok, f"timed out after {timeout} s waiting for {why}; events: {self.summary()}"
-
-    def wait_count(self, kind: str, n: int, timeout: float) -> None:
-        self.wait(lambda: len(self.of(kind)) >= n, timeout, f"{n} {kind} event(s)")
-
-    def summary(self) -> list[str]:
-        return [f"{e.kind}:{e.attempt}:{e.delay_s}:{e.error}" for e in self.events]
 
 
 def _consumer(
@@ -389,8 +355,7 @@ def test_close_from_inside_on_message(server: _WsServer) -> None:
 
 _EXIT_SCRIPT = """
 import time
-from bk_sim.client._config import WebSocketConfig
-from bk_sim.client._events import EventSink
+from bk_sim.client import EventSink, WebSocketConfig
 from bk_sim.client._websocket import WebSocketConsumer
 
 def hanging_ticket():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from bk_sim.bench import _aggregate as _bench
 from bk_sim.cli import main
-from bk_sim.platform import _bench
 
 
 def _rows(output: str, section: str) -> list[list[str]]:

@@ -14,6 +14,9 @@ from bk_sim.errors import BrokerError
 
 def test_public_surface_is_pinned() -> None:
     assert bk_sim.broker.__all__ == [
+        "DEFAULT_MANAGEMENT_URL",
+        "ENV_AMQP_URL",
+        "ENV_MANAGEMENT_URL",
         "PROVIDERS",
         "BrokerEndpoints",
         "ManagementAPI",

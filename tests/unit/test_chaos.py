@@ -16,10 +16,10 @@ from bk_sim.chaos import (
     fault_targets,
     judge_chaos,
 )
+from bk_sim.engine import Judgement, LeafPlan, RoundRecord, RoundVerdict
 from bk_sim.errors import BrokerError, ScenarioError
 from bk_sim.scenario import load_scenario, scenario_from_dict
 from bk_sim.scenario._spec import ChaosFaultSpec
-from bk_sim.sim._agent import LeafPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,9 +170,19 @@ def _ev(kind: str, t: float, **fields: Any) -> dict[str, Any]:
     return {"kind": kind, "t": t, **fields}
 
 
-class _Judgement:
-    def __init__(self, rounds: list[dict[str, Any]]) -> None:
-        self.rounds = rounds
+def _Judgement(rounds: list[dict[str, Any]]) -> Judgement:  # noqa: N802
+    return Judgement(
+        rounds=[
+            RoundVerdict(r["round"], None, "fedavg", None, 0, passed=r["passed"]) for r in rounds
+        ]
+    )
+
+
+_ROUND_1_PASSED = _Judgement([{"round": 1, "passed": True}])
+
+
+def _records(records: list[dict[str, Any]] | None) -> list[RoundRecord] | None:
+    return None if records is None else [RoundRecord.from_dict(r) for r in records]
 
 
 def _judge_fixture() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -236,7 +246,7 @@ def _judge_fixture() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
 
 def test_judge_measures_detection_reconnect_and_backoff_per_leaf() -> None:
     sc, events, records = _judge_fixture()
-    checks, section = judge_chaos(sc, events, records, _Judgement([{"round": 1, "passed": True}]))
+    checks, section = judge_chaos(sc, events, _records(records), _ROUND_1_PASSED)
     (fault,) = section["faults"]
     rows = {r["leaf"]: r for r in fault["per_leaf"]}
     assert rows[0]["detect_s"] == pytest.approx(0.01)
@@ -256,7 +266,7 @@ def test_judge_measures_detection_reconnect_and_backoff_per_leaf() -> None:
 
 def test_judge_counts_lost_and_duplicated_notifications_and_names_double_counts() -> None:
     sc, events, records = _judge_fixture()
-    checks, section = judge_chaos(sc, events, records, _Judgement([{"round": 1, "passed": True}]))
+    checks, section = judge_chaos(sc, events, _records(records), _ROUND_1_PASSED)
     n = section["notifications"]
     assert (n["expected"], n["received"], n["lost"], n["duplicates"]) == (2, 1, 1, 1)
     assert n["lost_examples"] == [{"leaf_id": "leaf-b", "aggregation_id": "agg1"}]
@@ -281,7 +291,7 @@ def test_without_round_records_uploads_counted_twice_cannot_pass() -> None:
     events.append(
         _ev("aggregate_notified", 105.0, leaf=0, leaf_id="leaf-a", round=1, aggregation_id="agg1")
     )
-    checks, section = judge_chaos(sc, events, None, _Judgement([{"round": 1, "passed": True}]))
+    checks, section = judge_chaos(sc, events, _records(None), _ROUND_1_PASSED)
     by_name = {c.name: c for c in checks}
     dup = by_name["chaos: at most 0 uploads counted twice"]
     assert not dup.passed and dup.message.startswith("cannot be judged: no round records")
@@ -293,7 +303,7 @@ def test_without_round_records_uploads_counted_twice_cannot_pass() -> None:
 def test_a_leaf_that_never_reconnects_fails_the_reconnect_check() -> None:
     sc, events, records = _judge_fixture()
     events = [e for e in events if not (e["kind"] == "connect" and e.get("leaf") == 1)]
-    checks, _ = judge_chaos(sc, events, records, _Judgement([{"round": 1, "passed": True}]))
+    checks, _ = judge_chaos(sc, events, _records(records), _ROUND_1_PASSED)
     check = next(c for c in checks if c.name.startswith("chaos: every disconnected leaf"))
     assert not check.passed and "never reconnected: leaf 1 (leaf-b)" in check.message
 
@@ -316,7 +326,7 @@ def test_a_killed_and_restarted_leaf_is_owed_only_what_closed_while_it_lived() -
         {"round": 2, "status": "aggregated", "aggregation_id": "r2", "closed_at": 30.0},
         {"round": 3, "status": "aggregated", "aggregation_id": "r3", "closed_at": 50.0},
     ]
-    _, section = judge_chaos(sc, events, records, _Judgement([]))
+    _, section = judge_chaos(sc, events, _records(records), _Judgement([]))
     n = section["notifications"]
     assert (n["expected"], n["lost"]) == (2, 1)  # r1 (alive, never delivered) and r3
     assert n["lost_examples"] == [{"leaf_id": "a", "aggregation_id": "r1"}]
@@ -338,7 +348,7 @@ def test_a_fault_never_injected_fails_the_run() -> None:
             reason="the run ended before its trigger",
         ),
     ]
-    checks, _ = judge_chaos(sc, events, [], _Judgement([{"round": 1, "passed": True}]))
+    checks, _ = judge_chaos(sc, events, _records([]), _ROUND_1_PASSED)
     c = next(c for c in checks if c.name == "chaos: every scheduled fault was injected")
     assert not c.passed and "c: the run ended before its trigger" in c.message
 
@@ -420,10 +430,10 @@ def test_an_external_broker_restarts_only_through_a_command_that_names_it(
 def test_a_connection_fault_that_disconnected_nobody_fails_its_check() -> None:
     sc, events, records = _judge_fixture()
     hit = "chaos: every connection fault disconnected at least one leaf"
-    checks, _ = judge_chaos(sc, events, records, _Judgement([{"round": 1, "passed": True}]))
+    checks, _ = judge_chaos(sc, events, _records(records), _ROUND_1_PASSED)
     assert next(c for c in checks if c.name == hit).passed
     quiet = [e for e in events if e["kind"] not in ("disconnect", "reconnect_wait")]
-    checks, _ = judge_chaos(sc, quiet, records, _Judgement([{"round": 1, "passed": True}]))
+    checks, _ = judge_chaos(sc, quiet, _records(records), _ROUND_1_PASSED)
     check = next(c for c in checks if c.name == hit)
     assert not check.passed and "kill" in check.message
 
@@ -537,7 +547,7 @@ def test_a_retried_upload_kept_in_the_next_round_is_a_double_count() -> None:
         {"round": 2, "uploads": [{"leaf_id": "b", "file_id": "fb2"}]},
         {"round": 3, "uploads": [{"leaf_id": "stranger", "file_id": "zz"}]},
     ]
-    _, section = judge_chaos(sc, events, records, _Judgement([]))
+    _, section = judge_chaos(sc, events, _records(records), _Judgement([]))
     (d,) = section["uploads"]["double_counted"]
     assert (d["round"], d["leaf"], d["unconfirmed_file_id"], d["uploads_recorded"]) == (
         1,
@@ -598,24 +608,65 @@ def test_an_upload_a_killed_leaf_never_saw_answered_is_attributed_to_it() -> Non
     assert len(emitted) == 1
 
 
+class _Workers:
+    """The slots of a run: leaf i in slot i; kill returns a pid."""
+
+    def __init__(self, plans: list[LeafPlan]) -> None:
+        self.plans = plans
+
+    def worker_of(self, leaf_index: int) -> int:
+        return leaf_index
+
+    def leaves_of(self, worker: int) -> list[LeafPlan]:
+        return [self.plans[worker]]
+
+    def kill(self, worker: int) -> int | None:
+        return 4242
+
+
+def test_an_unseen_upload_of_a_restarted_leaf_is_based_on_what_it_had_at_the_kill() -> None:
+    """A leaf killed in round 2 and restarted for round 3 downloads round 3's aggregate
+    before the run ends: its round-2 upload still started from round 1's."""
+    from bk_sim.chaos import ChaosRun
+
+    sc = _scenario([{"kind": "kill_leaf", "round": 2, "restart": True}])
+    plans = _plans(3)
+    records = [
+        {"round": 2, "uploads": [{"leaf_id": "L0", "file_id": "a2", "weighting": 2.5}]},
+    ]
+    run = ChaosRun(sc)
+    emitted: list[dict[str, Any]] = []
+    ctx = _Ctx(plans, records)
+    ctx.workers = _Workers(plans)
+    run._ctx = ctx
+    run._emit = emitted.append
+    run.tracker = PhaseTracker(plans, 3)
+    run.tracker.on_event({"kind": "download", "leaf": 0, "aggregation_id": "agg1", "t": 2.0})
+    run._kill([0], 2)
+    run.tracker.on_event({"kind": "download", "leaf": 0, "aggregation_id": "agg3", "t": 9.0})
+    run.end()
+    (up,) = [e for e in emitted if e["kind"] == "upload"]
+    assert (up["round"], up["file_id"], up["base_aggregation_id"]) == (2, "a2", "agg1")
+
+
 def _die_holding(lock: Any) -> None:
     lock.acquire()
 
 
 def test_a_writer_killed_holding_the_event_queue_lock_does_not_hang_the_others() -> None:
-    import multiprocess as mp
 
-    from bk_sim.sim._orchestrator import WorkerControl
+    from bk_sim.sim import LocalProcessHost
 
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
+    host = LocalProcessHost([])
+    ctx = host.ctx
+    events = host.events
     # A process that dies holding the queue's shared write lock, as a SIGKILLed worker
     # whose feeder thread was writing an event would.
     proc = ctx.Process(target=_die_holding, args=(events._wlock,))
     proc.start()
     proc.join(30)
     assert not events._wlock.acquire(timeout=0.2), "the lock should be left held"
-    WorkerControl(ctx, [], events, None)._unstick_events()
+    host._unstick_events()
     events.put("after the kill")
     assert events.get(timeout=5) == "after the kill"
     events.close()

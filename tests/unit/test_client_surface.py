@@ -15,24 +15,25 @@ from requests.adapters import BaseAdapter
 
 import bk_sim
 import bk_sim.client
-from bk_sim.client import Client, Credentials, RetryConfig
+from bk_sim.client import Client, Credentials, EventSink, RetryConfig, get_metadata
 from bk_sim.client._client import (
     parse_notification,
     safe_download_path,
-    upload_metadata,
     websocket_url,
 )
-from bk_sim.client._events import ClientEvent, EventSink
 from bk_sim.client._http import HttpTransport, error_text, parse_retry_after
+from bk_sim.client._metadata import metadata_dict
 from bk_sim.errors import (
     ApiError,
     AuthError,
+    ClientConfigError,
     NotFoundError,
     TransportError,
     UnsafeFileIdError,
     WeightsFormatError,
 )
 from bk_sim.redact import redact_url
+from tests.support import Recorder
 
 CREDS = Credentials(
     id="leaf-1", name="n", session_token="tok-xyz", owner_id="o", tree_id="t", branch_id="b"
@@ -41,15 +42,33 @@ CREDS = Credentials(
 
 def test_all_is_pinned_and_sorted() -> None:
     assert bk_sim.client.__all__ == [
+        "AGGREGATED_OUTPUT_DIR",
+        "ANALYTICS_BUNDLE_SUFFIXES",
         "APIConfig",
         "Client",
         "ClientEvent",
+        "ConsumerFactory",
+        "ConsumerSpec",
         "Credentials",
+        "EventKind",
+        "EventSink",
+        "NAN_POLICY_OMIT",
+        "NAN_POLICY_RAISE",
+        "NotificationConsumer",
         "Observer",
+        "PAYLOAD_KIND_FEDERATED_ANALYTICS",
+        "PAYLOAD_KIND_FEDERATED_LEARNING",
         "RabbitMQConfig",
         "RetryConfig",
         "RunConfig",
+        "Transport",
         "WebSocketConfig",
+        "amqp_consumer",
+        "attempts_left",
+        "default_consumer",
+        "get_metadata",
+        "reconnect_delay",
+        "websocket_consumer",
     ]
     for name in bk_sim.client.__all__:
         assert getattr(bk_sim.client, name) is not None
@@ -66,6 +85,8 @@ def test_client_has_the_seed_surface() -> None:
         "get_run_details",
         "convert_pytorch_numpy",
         "disable_ssl_verification",
+        "save_fields",
+        "save_analytics",
         "get_latest_aggregation_id",
         "close",
         "__enter__",
@@ -81,6 +102,8 @@ def test_client_has_the_seed_surface() -> None:
         "user_id",
         "session_token",
         "is_initialized",
+        "use_websocket",
+        "output_dir",
     ]
     for name in methods:
         assert callable(getattr(Client, name)), name
@@ -141,28 +164,80 @@ def test_convert_then_save_round_trips(tmp_path: Path) -> None:
     weighting, params = Client.convert_pytorch_numpy(
         [("a", FakeTensor(np.full((3, 2), 0.5, np.float32)))], weighting=7
     )
-    path = Client.save_weights(tmp_path / "m", weighting, params, compression="fast")
-    assert path.name == "m.npz"
+    path = Client.save_weights(str(tmp_path / "m"), weighting, params, compression="fast")
+    assert isinstance(path, str) and path.endswith("m.npz")
     got_w, got = bk_sim.weights.read_weights(path)
     assert got_w == 7.0
     np.testing.assert_array_equal(got[0], params[0])
 
 
-def test_validate_weight_shape(tmp_path: Path) -> None:
-    layers = [np.zeros((4, 3), np.float32), np.zeros(3)]
-    path = Client.save_weights(tmp_path / "w", 1.0, layers)
-    agg = bk_sim.weights.save_layers(tmp_path / "agg.npz", layers)
-    assert Client.validate_weight_shape(path, agg)
-    assert Client.validate_weight_shape(layers, [(4, 3), (3,)])
-    assert Client.validate_weight_shape([("w", FakeTensor(layers[0])), layers[1]], path)
-    assert not Client.validate_weight_shape(layers, [(4, 3), (4,)])
-    assert not Client.validate_weight_shape(layers, [(4, 3)])
-    with pytest.raises(WeightsFormatError, match=r"layer_1 has shape \(3,\), reference has"):
-        Client.validate_weight_shape(path, [(4, 3), (2,)], raise_error=True)
-    with pytest.raises(WeightsFormatError, match="2 layers, reference has 1"):
-        Client.validate_weight_shape(layers, [(4, 3)], raise_error=True)
-    with pytest.raises(WeightsFormatError, match="no such file"):
-        Client.validate_weight_shape(tmp_path / "missing.npz", layers)
+def test_convert_pytorch_numpy_defaults_the_weighting_to_one() -> None:
+    weighting, params = Client.convert_pytorch_numpy([("w", FakeTensor(np.ones(2)))])
+    assert weighting == 1 and len(params) == 1
+
+
+def test_validate_weight_shape_checks_an_open_file_and_rewinds_it(tmp_path: Path) -> None:
+    path = Client.save_weights(str(tmp_path / "w"), 1.0, [np.zeros((4, 3), np.float32)])
+    with open(path, "rb") as f:
+        assert Client.validate_weight_shape(f) is True
+        assert f.tell() == 0
+        assert f.read(2) == b"PK"  # still readable from the start for the upload
+
+
+def test_validate_weight_shape_refuses_what_is_not_an_open_file(tmp_path: Path) -> None:
+    path = Client.save_weights(str(tmp_path / "w"), 1.0, [np.zeros(2)])
+    f = open(path, "rb")  # noqa: SIM115 - closed on purpose below
+    f.close()
+    with pytest.raises(WeightsFormatError, match="cannot read and rewind"):
+        Client.validate_weight_shape(f)
+    with pytest.raises(WeightsFormatError, match="cannot read and rewind"):
+        Client.validate_weight_shape(tmp_path / "missing.npz")
+    assert Client.validate_weight_shape(path)  # a path is accepted too
+
+
+def _npz(tmp_path: Path, name: str, **arrays: Any) -> Path:
+    target = tmp_path / f"{name}.npz"
+    np.savez(target, **arrays)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"layer_0": np.ones(2)}, "no 'weighting'"),
+        ({"weighting": np.ones(2), "layer_0": np.ones(2)}, "exactly one value"),
+        ({"weighting": np.ones(1)}, "no layer_"),
+        (
+            {"__bk_payload_kind__": np.array("federated_analytics"), "weighting": np.zeros(1)},
+            "no named fields",
+        ),
+        (
+            {"__bk_payload_kind__": np.array("federated_analytics"), "layer_0": np.ones(1)},
+            "positional layer name",
+        ),
+        ({"__bk_payload_kind__": np.array("federated_analytics"), "x": np.array(3.0)}, "0-d"),
+        ({"__bk_payload_kind__": np.array("gossip"), "x": np.ones(1)}, "must be one of"),
+    ],
+)
+def test_validate_weight_shape_refuses_by_kind(
+    tmp_path: Path, arrays: dict[str, np.ndarray], message: str
+) -> None:
+    path = _npz(tmp_path, "bad", **arrays)
+    with open(path, "rb") as f, pytest.raises(WeightsFormatError, match=message):
+        Client.validate_weight_shape(f)
+
+
+def test_validate_weight_shape_accepts_an_analytics_archive(tmp_path: Path) -> None:
+    path = _npz(
+        tmp_path,
+        "fa",
+        __bk_payload_kind__=np.array("federated_analytics"),
+        weighting=np.zeros(1),
+        age_n=np.array([3]),
+        site=np.array(["a"]),
+    )
+    with open(path, "rb") as f:
+        assert Client.validate_weight_shape(f) is True
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -212,15 +287,42 @@ def test_safe_file_ids_land_in_the_output_dir(tmp_path: Path) -> None:
 
 def test_upload_metadata_holds_the_contract_keys() -> None:
     when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-    meta = upload_metadata(file_size=10, file_digest="sha256=x", timestamp=when, custom={"a": 1})
+    meta = metadata_dict(
+        file_size=10,
+        file_digest="sha256=x",
+        kind="federated_analytics",
+        timestamp=when,
+        custom={"a": 1},
+    )
     assert meta == {
         "client_version": bk_sim.__version__,
         "timestamp": "2026-01-02T03:04:05+00:00",
         "file_size": 10,
         "file_digest": "sha256=x",
+        "kind": "federated_analytics",
         "custom": {"a": 1},
     }
     json.dumps(meta)
+
+
+def test_get_metadata_is_a_json_string_in_the_published_order() -> None:
+    meta = json.loads(get_metadata(False, 10, "sha256=x", "federated_learning", {"gpu": 1}))
+    assert meta == {
+        "client_version": bk_sim.__version__,
+        "file_size": 10,
+        "file_digest": "sha256=x",
+        "kind": "federated_learning",
+        "device_info": {"gpu": 1},
+    }
+    assert "kind" not in json.loads(get_metadata())  # omitted when unknown
+    assert "timestamp" in json.loads(get_metadata())
+
+
+def test_get_metadata_refuses_2_9_0_positional_device_info() -> None:
+    with pytest.raises(ClientConfigError, match="2.9.0 took device_info in this position"):
+        get_metadata(True, 10, "sha256=x", {"gpu": "A100"})
+    with pytest.raises(ClientConfigError, match="kind must be None or one of"):
+        get_metadata(kind="federated_gossip")
 
 
 @pytest.mark.parametrize(
@@ -289,14 +391,6 @@ class Scripted(BaseAdapter):
 
     def close(self) -> None:
         pass
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[ClientEvent] = []
-
-    def on_event(self, event: ClientEvent) -> None:
-        self.events.append(event)
 
 
 def transport(
@@ -496,3 +590,34 @@ def test_a_refused_authorization_header_never_shows_the_token() -> None:
         t.request("GET", t.url("/x"), endpoint="x")
     assert "tok-SECRET" not in str(info.value) and info.value.__cause__ is None
     assert info.value.__suppress_context__
+
+
+# --------------------------------------------------------------------------- drop-in API
+
+
+def test_credentials_take_the_published_positional_order() -> None:
+    creds = Credentials("leaf", "name", "tok", "tree", "branch", "owner")
+    assert (creds.tree_id, creds.branch_id, creds.owner_id) == ("tree", "branch", "owner")
+
+
+def test_retry_strategy_waits_the_documented_times_not_urllib3s() -> None:
+    from urllib3.util.retry import RequestHistory
+
+    cfg = RetryConfig(max_retries=4, backoff_factor=1.0, max_backoff=3.0)
+    strategy = cfg.get_retry_strategy()
+    waits = []
+    for n in range(1, 5):
+        history = tuple(RequestHistory("GET", "/x", None, 503, None) for _ in range(n))
+        waits.append(strategy.new(history=history).get_backoff_time())
+    assert waits == [1.0, 2.0, 3.0, 3.0]  # urllib3 itself: 0, 2, 4, 8
+    assert strategy.total == 4 and 503 in strategy.status_forcelist
+
+
+def test_create_session_mounts_the_strategy_for_both_schemes() -> None:
+    session = RetryConfig(max_retries=2).create_session()
+    try:
+        for prefix in ("http://", "https://"):
+            retries = session.get_adapter(prefix + "h").max_retries  # type: ignore[attr-defined]
+            assert retries.total == 2 and retries.new().get_backoff_time() == 0.0
+    finally:
+        session.close()

@@ -33,7 +33,7 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def serve() -> click.Command:
     # No skip: the platform CLI exists, and a broken import must fail these checks.
-    from bk_sim.platform._cli import platform
+    from bk_sim.cli._platform import platform
 
     command = platform.commands.get("serve")
     assert command is not None, "bk-sim platform has no serve command"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bk_sim.scenario import LayerSpec, ModelSpec, WeightingSpec
-from bk_sim.sim._synth import leaf_update, leaf_weightings
+from bk_sim.synth import leaf_update, leaf_weightings
 from bk_sim.validate import Forensics, forensics, reference_aggregate
 
 MODEL = ModelSpec(

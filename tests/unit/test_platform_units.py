@@ -188,10 +188,21 @@ def test_public_surface_is_pinned() -> None:
     import bk_sim.platform
 
     assert bk_sim.platform.__all__ == [
+        "AGGREGATION_STRATEGIES",
+        "DEFAULT_AMQP_URL",
+        "DEFAULT_MAX_DECOMPRESSED_BYTES",
+        "DEFAULT_MAX_UPLOAD_BYTES",
+        "READ_THREADS",
+        "Upload",
+        "aggregate",
+        "streaming_average",
         "AdminClient",
+        "Limits",
         "PlatformConfig",
         "PlatformHandle",
         "build_app",
+        "limit_options",
+        "parse_field_ops",
         "serve",
         "start_platform",
     ]

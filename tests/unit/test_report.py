@@ -503,7 +503,7 @@ def test_ctrl_c_exits_2_not_clicks_1(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("bk_sim.report._cli.render_run", interrupted)
+    monkeypatch.setattr("bk_sim.cli._report.render_run", interrupted)
     out = CliRunner().invoke(main, ["report", str(write_run(tmp_path))])
     assert out.exit_code == 2, out.output
     assert out.output.strip() == "bk-sim: interrupted"
@@ -517,7 +517,7 @@ def test_an_unexpected_error_exits_2_with_its_traceback(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("bk_sim.report._cli.render_run", broken)
+    monkeypatch.setattr("bk_sim.cli._report.render_run", broken)
     out = CliRunner().invoke(main, ["report", str(write_run(tmp_path))])
     assert out.exit_code == 2, out.output
     assert "Traceback" in out.output and "RuntimeError: boom" in out.output

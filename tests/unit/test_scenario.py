@@ -394,14 +394,6 @@ def test_presets_have_the_promised_shapes() -> None:
     assert any(np.dtype(d).kind == "i" for _, d in cnn) and any(d == "float32" for _, d in cnn)
 
 
-def test_readme_scenarios_table_is_generated_from_the_dataclasses() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert scenario_schema_doc() in readme, (
-        "README's Scenarios table is stale: paste the output of "
-        "`python -c 'from bk_sim.scenario import scenario_schema_doc as d; print(d())'`"
-    )
-
-
 def test_fault_spec_mirrors_the_platform_faults_api() -> None:
     import dataclasses
     import typing

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from bk_sim import weights
+from bk_sim.engine import Judgement, RoundRecord, judge
 from bk_sim.scenario import scenario_from_dict
-from bk_sim.sim._checks import Judgement, judge
-from bk_sim.sim._synth import leaf_update, leaf_weightings
+from bk_sim.synth import leaf_update, leaf_weightings
 from bk_sim.validate import reference_aggregate
 
 N = 3
@@ -44,8 +44,8 @@ def _events(*, done: tuple[int, ...] = tuple(range(N))) -> list[dict[str, Any]]:
     return out
 
 
-def _records(uploads: range = range(N)) -> list[dict[str, Any]]:
-    return [
+def _records(uploads: range = range(N)) -> list[RoundRecord]:
+    raw = [
         {
             "round": 1,
             "status": "aggregated",
@@ -57,6 +57,7 @@ def _records(uploads: range = range(N)) -> list[dict[str, Any]]:
             ],
         }
     ]
+    return [RoundRecord.from_dict(r) for r in raw]
 
 
 def _write_aggregate(d: Path, layers: list[np.ndarray]) -> Path:
@@ -99,8 +100,8 @@ def test_an_aggregated_round_with_no_uploads_fails_the_round_not_the_judge(
     """A platform recording an aggregate of nothing is a failed check (exit 1), not a crash."""
     j = judge(SC, _events(), _records(uploads=range(0)), _correct(tmp_path / "aggs"))
     (row,) = j.rounds
-    assert row["passed"] is False
-    assert row["reason"].startswith("no reference for the uploads the platform recorded")
+    assert row.passed is False
+    assert (row.reason or "").startswith("no reference for the uploads the platform recorded")
     assert not _check(j, "round 1: aggregate correct").passed
 
 
@@ -111,9 +112,10 @@ def test_a_wrong_aggregate_no_leaf_explains_keeps_the_comparisons_reason(tmp_pat
     layers[0][0, 0] += 1.0
     _write_aggregate(d, layers)
     (row,) = judge(SC, _events(), _records(), d).rounds
-    assert row["passed"] is False
-    assert row["reason"].startswith("layer_0: 1 of 512 values differ by more than")
-    assert row["reason"].endswith(row["forensics"]["summary"])
+    assert row.passed is False
+    assert row.reason is not None and row.forensics is not None
+    assert row.reason.startswith("layer_0: 1 of 512 values differ by more than")
+    assert row.reason.endswith(row.forensics["summary"])
 
 
 def test_a_duplicate_notification_is_reported_and_a_lost_one_fails(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from bk_sim.scenario import (
     ModelSpec,
     WeightingSpec,
 )
-from bk_sim.sim._synth import initial_model, leaf_update, leaf_weightings
+from bk_sim.synth import initial_model, leaf_update, leaf_weightings
 
 
 def _preset(name: str) -> ModelSpec:
@@ -47,7 +47,7 @@ def test_same_inputs_give_identical_bytes_in_another_process() -> None:
     code = (
         "import hashlib, numpy as np\n"
         "from bk_sim.scenario import LayerSpec, ModelSpec, PRESETS\n"
-        "from bk_sim.sim._synth import leaf_update\n"
+        "from bk_sim.synth import leaf_update\n"
         "m = ModelSpec(layers=tuple(LayerSpec(shape=s, dtype=d) for s, d in PRESETS['small']))\n"
         "h = hashlib.sha256()\n"
         "for x in leaf_update(11, 3, 2, None, m):\n"

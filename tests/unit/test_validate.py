@@ -10,7 +10,7 @@ import pytest
 
 from bk_sim.errors import AggregationError
 from bk_sim.scenario import LayerSpec, ModelSpec, WeightingSpec
-from bk_sim.sim._synth import leaf_update, leaf_weightings
+from bk_sim.synth import leaf_update, leaf_weightings
 from bk_sim.validate import compare, reference_aggregate, tolerance_for
 
 
