@@ -566,6 +566,7 @@ class _Ctx:
         self.branch_id = "b"
         self._records = records
         self.admin = self
+        self.platform = None  # no local platform process (kill_platform)
 
     def rounds(self, branch: str) -> list[dict[str, Any]]:
         return self._records
