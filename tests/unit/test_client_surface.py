@@ -61,6 +61,7 @@ def test_all_is_pinned_and_sorted() -> None:
         "RabbitMQConfig",
         "RetryConfig",
         "RunConfig",
+        "SharedAmqpLoop",
         "Transport",
         "WebSocketConfig",
         "amqp_consumer",

@@ -205,6 +205,7 @@ def test_public_surface_is_pinned() -> None:
         "parse_field_ops",
         "serve",
         "start_platform",
+        "validate_stored",
     ]
 
 
