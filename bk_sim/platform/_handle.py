@@ -185,6 +185,7 @@ def start_platform(
     verifies the platform against (a run's own CA).
 
     ``limits``: timeouts, connection cap, bytes in flight, quotas (``Limits``).
+
     ``port=0`` picks a free port (see ``handle.url``); the log is
     ``<data_dir>/platform.log``. Raises ``PlatformError`` with the log's tail if it fails.
     """
@@ -206,4 +207,6 @@ def start_platform(
         args += ["--max-decompressed-bytes", str(max_decompressed_bytes)]
     if limits is not None:
         args += limits.as_args()
-    return PlatformHandle(path, args, env, token, host, port, startup_timeout)
+    if tls_cert is not None or tls_key is not None:
+        args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+    return PlatformHandle(path, args, env, token, host, port, startup_timeout, tls_ca)
