@@ -695,6 +695,12 @@ def _check_scenario(s: Scenario) -> None:
             "leaves.processes",
             f"expected at most leaves.count ({count}); found {s.leaves.processes}",
         )
+    if s.platform.tls and s.leaves.host != "threads":
+        # The event-loop host's shared AMQP loop is not wired for the run's CA yet.
+        raise _Problem(
+            "platform.tls",
+            f"needs leaves.host 'threads' (TLS runs are not ported to {s.leaves.host!r})",
+        )
     if s.platform.quorum is not None and s.platform.quorum > count:
         raise _Problem(
             "platform.quorum", f"expected at most leaves.count ({count}); found {s.platform.quorum}"
