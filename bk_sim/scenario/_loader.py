@@ -701,6 +701,13 @@ def _check_scenario(s: Scenario) -> None:
             "platform.tls",
             f"needs leaves.host 'threads' (TLS runs are not ported to {s.leaves.host!r})",
         )
+    published = {s.client.implementation, *(s.leaves.implementations or {})} - {OWN_IMPLEMENTATION}
+    if s.platform.tls and published:
+        # A published client's leaf processes are not given the run's CA yet.
+        raise _Problem(
+            "platform.tls",
+            f"needs bk-sim's own client (TLS runs are not ported to {sorted(published)[0]!r})",
+        )
     if s.platform.quorum is not None and s.platform.quorum > count:
         raise _Problem(
             "platform.quorum", f"expected at most leaves.count ({count}); found {s.platform.quorum}"

@@ -21,3 +21,10 @@ def test_tls_smoke_asks_for_tls_on_the_local_platform() -> None:
 def test_tls_with_the_event_loop_host_is_refused_with_its_key() -> None:
     with pytest.raises(ScenarioError, match=r"platform\.tls: needs leaves\.host 'threads'"):
         load_scenario(SCENARIOS / "tls_smoke.yaml", overrides=["leaves.host=event_loop"])
+
+
+def test_tls_with_a_published_client_is_refused_with_its_key() -> None:
+    with pytest.raises(ScenarioError, match=r"platform\.tls: needs bk-sim's own client"):
+        load_scenario(
+            SCENARIOS / "tls_smoke.yaml", overrides=["client.implementation=branchkey==2.9.0"]
+        )
