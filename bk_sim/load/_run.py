@@ -110,6 +110,11 @@ def check_load_spec(sc: Scenario) -> None:
             "runs bk_sim's client inside the gevent-patched load process, and a published "
             "client needs its own env and process; measure it with bk-sim run or bk-sim chaos"
         )
+    if sc.platform.tls:
+        raise ScenarioError(
+            f"{where}: platform.tls: bk-sim load does not run over TLS yet (its users are not "
+            "given the run's CA); use bk-sim run or bk-sim chaos for TLS scenarios"
+        )
     if spec.wait_max_s < spec.wait_min_s:
         raise ScenarioError(
             f"{where}: load.wait_max_s: expected a number >= load.wait_min_s "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,28 @@ def test_tls_with_a_published_client_is_refused_with_its_key() -> None:
         load_scenario(
             SCENARIOS / "tls_smoke.yaml", overrides=["client.implementation=branchkey==2.9.0"]
         )
+
+
+def test_load_refuses_a_tls_scenario_naming_why(tmp_path: Path) -> None:
+    """Through the CLI: importing the load package's run module imports Locust (gevent)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bk_sim.cli",
+            "load",
+            str(SCENARIOS / "load_smoke.yaml"),
+            "--set",
+            "platform.tls=true",
+            "--set",
+            f"report.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "platform.tls: bk-sim load does not run over TLS" in last
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
