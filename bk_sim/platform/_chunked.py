@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bk_sim.errors import AggregationError, WeightsFormatError
+from bk_sim.npzstream import NpzMember as Member
 from bk_sim.npzstream import NpzWriter
 from bk_sim.platform._aggregate import (
     BLOCK_BYTES,
@@ -38,7 +39,7 @@ from bk_sim.platform._aggregate import (
     _check_strategy,
     _int_bounds,
 )
-from bk_sim.platform._zipstream import Member, iter_chunks, read_members
+from bk_sim.platform._zipstream import iter_chunks, read_members
 
 __all__ = ["aggregate_to_file"]
 

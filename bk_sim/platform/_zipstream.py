@@ -20,7 +20,6 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -28,6 +27,7 @@ import numpy as np
 from isal import isal_zlib
 
 from bk_sim.errors import WeightsFormatError
+from bk_sim.npzstream import NpzMember as Member  # one description of a member
 from bk_sim.weights import WeightsInfo
 
 #: Decoded bytes handed out (and checked) at a time.
@@ -44,22 +44,6 @@ _INFLATE_ERRORS: tuple[type[BaseException], ...] = (
     zlib.error,
     cast("type[BaseException]", isal_zlib.error),
 )
-
-
-@dataclass(frozen=True)
-class Member:
-    """One ``.npy`` member: where its bytes are and what array its header declares."""
-
-    key: str
-    method: int
-    data_offset: int
-    compressed_size: int
-    size: int
-    crc: int
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    fortran: bool
-    header_len: int
 
 
 def _entry_count(f: BinaryIO, file_size: int) -> int | None:
